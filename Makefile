@@ -1,0 +1,28 @@
+# `make install` puts the CPU build of PyTorch in first, so pip never pulls CUDA wheels.
+# GPU users: `make install TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`
+# (or install torch yourself first and run `make install TORCH=`).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install:
+	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(TORCH); fi
+	$(PIP) install -q -e ".[dev]"
+
+demo:
+	align train method=dpo
+
+test:
+	$(PYTHON) -m pytest -q -x --durations=15
+
+lint:
+	$(PYTHON) -m ruff check align_cli tests scripts
+	$(PYTHON) -m ruff format --check align_cli tests scripts
+
+bench:
+	$(PYTHON) scripts/bench.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache build *.egg-info
