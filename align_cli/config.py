@@ -1,0 +1,118 @@
+"""Typed schemas for our own config keys, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` lists `align_schema` first in its defaults, so every composed config is
+checked against these dataclasses: a typo such as `model.nme_or_path=x` or a string where an
+int belongs fails when the config is composed, before anything is loaded. `method` and
+`reward` stay open: `method.args` belongs to TRL's config dataclasses, which check it
+themselves (see `methods.base.MethodContext.trl_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _resource_dir(name: str) -> Path:
+    """`conf/` and `data_samples/` ship inside the package; a source checkout has them at the top."""
+    installed = PACKAGE_DIR / name
+    return installed if installed.is_dir() else PACKAGE_DIR.parent / name
+
+
+CONF_DIR = _resource_dir("conf")
+SAMPLES_DIR = _resource_dir("data_samples")
+
+
+@dataclass
+class ModelConfig:
+    """Which model and tokenizer to start from."""
+
+    name_or_path: str = "tiny"  # "tiny", a hub id or a local directory (e.g. a run folder)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+    chat_template: str | None = None  # a Jinja template string or a file path overriding the tokenizer's
+    max_length: int = 512  # prompt + response tokens; longer rows are truncated by the trainer
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset is and how to read it."""
+
+    name: str = "sample"
+    path: str | None = (
+        None  # file (json/jsonl/csv/parquet), directory, or hub dataset id; null: the method's sample
+    )
+    format: str = "auto"  # auto: detected from the columns; or one of the formats in data/formats.py
+    subset: str | None = None  # hub dataset configuration name
+    split: str = "train"
+    eval_split: str | None = None  # a split of the same dataset used for evaluation
+    eval_ratio: float = 0.1  # held out from `split` when eval_split is null (0 disables evaluation)
+    columns: dict[str, str] = field(default_factory=dict)  # our column name -> the name in your file
+    max_samples: int | None = None
+    system: str | None = None  # a system prompt added to every conversational prompt
+
+
+@dataclass
+class PeftSettings:
+    """LoRA settings (`peft=none` or `peft=lora`)."""
+
+    method: str = "none"  # none | lora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    modules_to_save: list[str] | None = None
+
+
+@dataclass
+class QuantConfig:
+    """Weight quantization with bitsandbytes (`quant=none|4bit|8bit`)."""
+
+    bits: int | None = None  # null, 4 or 8
+    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto: bfloat16 where supported, else float32
+
+
+@dataclass
+class AlignConfig:
+    """The root of every composed config."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    method: Any = None
+    reward: Any = None
+    seed: int = 42
+    output_dir: str | None = None  # null: Hydra's run directory
+    resume: Any = False  # false, true (the run folder's last checkpoint) or a checkpoint path
+    debug: bool = False  # show full tracebacks
+    plot: bool = True
+
+
+def register() -> None:
+    """Registers the schema; safe to call more than once."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="align_schema", node=AlignConfig)
+    if not OmegaConf.has_resolver("samples"):
+        # `${samples:dpo.jsonl}` -> the absolute path of a shipped sample file.
+        OmegaConf.register_new_resolver("samples", lambda name: str(SAMPLES_DIR / name))
+
+
+# Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn
+# their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
+# method yaml does not list. `++` adds or overrides, so the user never needs to know which.
+OPEN_PREFIXES = ("method.args.",)
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """Rewrites `method.args.k=v` to `++method.args.k=v` (other overrides pass unchanged)."""
+    return [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]

@@ -1,0 +1,28 @@
+"""The method registry: `method=<name>` -> the module whose `build(ctx)` returns a trainer.
+
+An explicit table of import strings, so `align --help` imports nothing heavy and a reader
+sees every method in one place. `tests/test_config.py` checks it matches conf/method/*.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import AlignError
+
+REGISTRY: dict[str, str] = {
+    "sft": "align_cli.methods.sft",
+    "rm": "align_cli.methods.rm",
+    "ppo": "align_cli.methods.ppo",
+    "dpo": "align_cli.methods.dpo",
+    "kto": "align_cli.methods.kto",
+    "grpo": "align_cli.methods.grpo",
+}
+
+
+def load_method(name: str) -> ModuleType:
+    """Imports a method module by its registry name."""
+    if name not in REGISTRY:
+        raise AlignError(f"unknown method '{name}': choose one of {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name])

@@ -1,0 +1,108 @@
+"""What every method builder receives: `MethodContext`.
+
+`train.py` fills it (config already typed, data already converted) and a method's
+`build(ctx)` turns it into a trainer. Methods never read config groups or files themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import modeling
+from ..config import ModelConfig, PeftSettings, QuantConfig
+from ..errors import AlignError, nearest
+
+# Our defaults for every TrainingArguments-derived config; a method's own defaults and then
+# the user's `method.args` override them.
+RUN_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 1,
+    "report_to": "none",
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "disable_tqdm": False,
+}
+
+
+def _precision_defaults(model_cfg: ModelConfig, valid: set[str]) -> dict[str, Any]:
+    """bf16 mixed precision and activation checkpointing where they help: on a GPU.
+
+    TRL turns both on by default, which fails (bf16) or only slows things down (checkpointing)
+    on a CPU.
+    """
+    import torch
+
+    gpu = torch.cuda.is_available()
+    out: dict[str, Any] = {}
+    if "bf16" in valid:
+        out["bf16"] = bool(gpu and torch.cuda.is_bf16_supported() and model_cfg.dtype != "float32")
+    if "gradient_checkpointing" in valid and not gpu:
+        out["gradient_checkpointing"] = False
+    return out
+
+
+@dataclass
+class MethodContext:
+    """Everything a method needs, as plain values and loaded objects."""
+
+    method: dict[str, Any]
+    args: dict[str, Any]
+    model_cfg: ModelConfig
+    quant_cfg: QuantConfig
+    peft_cfg: PeftSettings
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any = None
+    reward: dict[str, Any] | None = None
+    output_dir: str = "outputs/run"
+    callbacks: list = field(default_factory=list)
+    seed: int = 42
+
+    def trl_config(self, cls: type, **defaults: Any):
+        """Builds a TRL/transformers config dataclass: our run defaults < `defaults` < method.args.
+
+        Raises:
+            AlignError: an unknown key in method.args (named, with the nearest valid keys), or a
+                value the config class rejects.
+        """
+        valid = {f.name for f in dataclasses.fields(cls) if f.init}
+        for key in self.args:
+            if key not in valid:
+                raise AlignError(
+                    f"method.args.{key} is not a {cls.__name__} option{nearest(key, valid)}; "
+                    f"see the {cls.__name__} documentation for the valid keys"
+                )
+        values: dict[str, Any] = {k: v for k, v in RUN_DEFAULTS.items() if k in valid}
+        values.update(_precision_defaults(self.model_cfg, valid))
+        values.update(output_dir=self.output_dir, seed=self.seed)
+        if "max_length" in valid:
+            values["max_length"] = self.model_cfg.max_length
+        if self.eval_dataset is not None and "eval_strategy" in valid:
+            values.update(eval_strategy="steps", eval_steps=0.25)
+        values.update(defaults)
+        values.update(self.args)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AlignError(f"method.args: {cls.__name__} rejected the settings: {first}") from None
+
+    def load_model(self, kind: str = "causal_lm", path: str | None = None, quantize: bool = True):
+        """Loads the configured model (or `path`) with the run's quantization."""
+        if self.quant_cfg.bits and self.peft_cfg.method == "none" and quantize:
+            raise AlignError(
+                f"quant={self.quant_cfg.bits}bit needs peft=lora: quantized weights cannot be trained directly"
+            )
+        return modeling.load_model(
+            self.model_cfg,
+            self.quant_cfg if quantize else None,
+            kind=kind,
+            path=path,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def lora(self, task_type: str = "CAUSAL_LM"):
+        """The LoRA config for `peft=lora`, or None."""
+        return modeling.lora_config(self.peft_cfg, task_type)

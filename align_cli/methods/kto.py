@@ -1,0 +1,26 @@
+"""Kahneman-Tversky Optimization (seed section 3.2) with TRL's KTOTrainer.
+
+    align train method=kto [method.args.desirable_weight=1.0] [peft=lora]
+
+Data (`kto`): the seed's `instruction`/`input`/`output`/`kto_tag` (true = desirable), or
+TRL's `prompt`/`completion`/`label`. One answer and a binary label per row; no pairs needed.
+The reference model is a frozen copy, or the base with adapters disabled under LoRA.
+"""
+
+from __future__ import annotations
+
+SUMMARY_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "eval_rewards/margins"]
+
+
+def build(ctx):
+    from trl import KTOConfig, KTOTrainer
+
+    return KTOTrainer(
+        model=ctx.load_model(),
+        args=ctx.trl_config(KTOConfig),
+        train_dataset=ctx.train_dataset,
+        eval_dataset=ctx.eval_dataset,
+        processing_class=ctx.tokenizer,
+        peft_config=ctx.lora(),
+        callbacks=ctx.callbacks,
+    )

@@ -1,0 +1,26 @@
+"""Supervised fine-tuning (the seed's 监督微调 stage) with TRL's SFTTrainer.
+
+    align train method=sft [data.path=my.jsonl] [peft=lora] [quant=4bit]
+
+Data (`sft`): alpaca `instruction`/`input`/`output` (+ `system`, `history`), chat `messages`,
+sharegpt `conversations`, or TRL's `prompt`/`completion`. The loss covers the answer tokens
+only for prompt/completion rows (TRL's completion-only loss).
+"""
+
+from __future__ import annotations
+
+SUMMARY_KEYS = ["mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"]
+
+
+def build(ctx):
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(
+        model=ctx.load_model(),
+        args=ctx.trl_config(SFTConfig),
+        train_dataset=ctx.train_dataset,
+        eval_dataset=ctx.eval_dataset,
+        processing_class=ctx.tokenizer,
+        peft_config=ctx.lora(),
+        callbacks=ctx.callbacks,
+    )

@@ -1,0 +1,286 @@
+"""Model and tokenizer loading: the tiny offline model, hub ids, local folders, LoRA and k-bit.
+
+`model.name_or_path=tiny` builds a deterministic Qwen2-architecture model of about 200k
+parameters with the tokenizer shipped in `align_cli/assets/tiny_tokenizer/`, caches it under
+`$ALIGN_CACHE` (default `~/.cache/align`) and loads it like any other local folder, so the
+demo and the tests go through the same code path as a real model, with no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import PACKAGE_DIR, ModelConfig, PeftSettings, QuantConfig
+from .errors import AlignError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TINY_TOKENIZER_DIR = PACKAGE_DIR / "assets" / "tiny_tokenizer"
+# Small enough to train hundreds of steps a minute on 2 CPU cores, big enough to learn the
+# sample preferences. Changing it changes the cache key, so old caches are never reused.
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
+
+
+def build_tiny_model() -> Path:
+    """Builds (once) the tiny offline causal LM and returns its folder."""
+    tokenizer_bytes = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
+    key = hashlib.sha256(json.dumps(TINY_CONFIG, sort_keys=True).encode() + tokenizer_bytes).hexdigest()[:12]
+    target = cache_dir() / f"tiny-qwen2-{key}"
+    if (target / "config.json").exists():
+        return target
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **TINY_CONFIG,
+    )
+    # A private generator keeps the weights identical across runs without touching the
+    # global RNG the caller may have seeded.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so concurrent processes (DDP ranks, parallel tests)
+    # never see a half-written folder.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with path syntax is meant to be local.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def resolve_model_path(model_cfg: ModelConfig, path: str | None = None) -> str:
+    """Returns a loadable local folder or hub id; `tiny` builds the offline model.
+
+    Raises:
+        AlignError: a local-looking path that does not exist.
+    """
+    path = path or model_cfg.name_or_path
+    if path == "tiny":
+        return str(build_tiny_model())
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        if not any(os.path.exists(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
+            raise AlignError(
+                f"model path '{path}' is a folder without config.json or adapter_config.json: "
+                "point model.name_or_path at a saved model, a run folder, or a hub id"
+            )
+        return expanded
+    if os.path.exists(expanded) or _looks_local(path):
+        raise AlignError(
+            f"model path '{path}' does not exist: use model=tiny, a hub id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct, or an existing folder"
+        )
+    return path
+
+
+def _hub_error(path: str, err: Exception) -> AlignError:
+    return AlignError(
+        f"could not load model '{path}': {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+        "(no local folder by that name; loading from the hub needs network access and a valid id)"
+    )
+
+
+def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer, with a pad token and (if configured) an overriding chat template."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_cfg, path)
+    source = path
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        source = _adapter_base(path) or path  # an adapter folder saved without its tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise _hub_error(source, err) from None
+    if tokenizer.pad_token is None:
+        # Padding is masked out everywhere, so reusing EOS is safe and avoids resizing embeddings.
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_cfg.chat_template:
+        template = model_cfg.chat_template
+        if os.path.isfile(os.path.expanduser(template)):
+            template = Path(os.path.expanduser(template)).read_text(encoding="utf-8")
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _adapter_base(path: str) -> str | None:
+    adapter_cfg = os.path.join(path, "adapter_config.json")
+    if os.path.exists(adapter_cfg) and not os.path.exists(os.path.join(path, "config.json")):
+        with open(adapter_cfg, encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path")
+    return None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise AlignError(
+            f"model.dtype={name!r} is not valid: use auto, float32, bfloat16 or float16"
+        ) from None
+
+
+def check_bitsandbytes() -> None:
+    """Raises a one-line AlignError when bitsandbytes cannot run here."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a native library that fails to load
+        raise AlignError(
+            f"quant=4bit/8bit needs bitsandbytes, which cannot be loaded here ({type(err).__name__}: {err}); "
+            "install it with `pip install bitsandbytes` or use quant=none"
+        ) from None
+
+
+def bnb_config(quant_cfg: QuantConfig):
+    """The BitsAndBytesConfig for `quant=4bit|8bit`, or None."""
+    if not quant_cfg.bits:
+        return None
+    if quant_cfg.bits not in (4, 8):
+        raise AlignError(f"quant.bits={quant_cfg.bits} is not valid: use null, 4 or 8")
+    check_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if quant_cfg.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant_cfg.quant_type not in ("nf4", "fp4"):
+        raise AlignError(f"quant.quant_type={quant_cfg.quant_type!r} is not valid: use nf4 or fp4")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.quant_type,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant_cfg.compute_dtype),
+    )
+
+
+def load_model(
+    model_cfg: ModelConfig,
+    quant_cfg: QuantConfig | None = None,
+    kind: str = "causal_lm",
+    path: str | None = None,
+    num_labels: int = 1,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """Loads a causal LM or a sequence-classification model (`kind="seq_cls"`).
+
+    A folder holding only a LoRA adapter (a `peft=lora` run folder) loads its base model and
+    merges the adapter, so later stages start from what that run trained.
+
+    Args:
+        model_cfg: the model settings; `path` overrides `model_cfg.name_or_path`.
+        quant_cfg: bitsandbytes quantization, or None.
+        kind: "causal_lm" or "seq_cls".
+        path: a model path or hub id to load instead of the configured one.
+        num_labels: outputs of the classification head (reward models use 1).
+        pad_token_id: written into the config (sequence classification finds the last token with it).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(model_cfg, path)
+    quant = bnb_config(quant_cfg) if quant_cfg is not None else None
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "dtype": torch_dtype(model_cfg.dtype),
+    }
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if kind == "seq_cls":
+        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
+    elif kind == "causal_lm":
+        cls = AutoModelForCausalLM
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+
+    base = _adapter_base(path)
+    try:
+        if base is not None:
+            if quant is not None:
+                raise AlignError(
+                    f"'{path}' holds a LoRA adapter; quantized loading needs a full model: load it with "
+                    "quant=none, or merge the adapter into its base first"
+                )
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path).merge_and_unload()
+        else:
+            model = cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _hub_error(base or path, err) from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def lora_config(peft_cfg: PeftSettings, task_type: str = "CAUSAL_LM"):
+    """A peft.LoraConfig for `peft=lora`, None for `peft=none`."""
+    if peft_cfg.method == "none":
+        return None
+    if peft_cfg.method != "lora":
+        raise AlignError(f"peft.method={peft_cfg.method!r} is not valid: use none or lora")
+    from peft import LoraConfig
+
+    targets = peft_cfg.target_modules
+    if not isinstance(targets, str):
+        targets = list(targets)
+    return LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        modules_to_save=list(peft_cfg.modules_to_save) if peft_cfg.modules_to_save else None,
+        task_type=task_type,
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
