@@ -181,5 +181,8 @@ def _hydra_entry() -> None:
 
 def main(argv: list[str]) -> None:
     """Entry for `align train ...`: Hydra reads the overrides from sys.argv."""
+    if {"--help", "-h"} & set(argv) and not any(a.startswith("method=") for a in argv):
+        # Help composes the config, and `method` has no default: show it for the demo's method.
+        argv = [*argv, "method=dpo"]
     sys.argv = ["align train", *schema.normalize_overrides(argv)]
     _hydra_entry()

@@ -15,12 +15,19 @@ from __future__ import annotations
 SUMMARY_KEYS = ["rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins"]
 
 
+def config_class():
+    """The TRL config dataclass that `method.args` fills."""
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
 def build(ctx):
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     return DPOTrainer(
         model=ctx.load_model(),
-        args=ctx.trl_config(DPOConfig),
+        args=ctx.trl_config(config_class()),
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
         processing_class=ctx.tokenizer,

@@ -12,12 +12,19 @@ from __future__ import annotations
 SUMMARY_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "eval_rewards/margins"]
 
 
+def config_class():
+    """The TRL config dataclass that `method.args` fills."""
+    from trl import KTOConfig
+
+    return KTOConfig
+
+
 def build(ctx):
-    from trl import KTOConfig, KTOTrainer
+    from trl import KTOTrainer
 
     return KTOTrainer(
         model=ctx.load_model(),
-        args=ctx.trl_config(KTOConfig),
+        args=ctx.trl_config(config_class()),
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
         processing_class=ctx.tokenizer,

@@ -12,12 +12,19 @@ from __future__ import annotations
 SUMMARY_KEYS = ["mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"]
 
 
+def config_class():
+    """The TRL config dataclass that `method.args` fills."""
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
 def build(ctx):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     return SFTTrainer(
         model=ctx.load_model(),
-        args=ctx.trl_config(SFTConfig),
+        args=ctx.trl_config(config_class()),
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
         processing_class=ctx.tokenizer,
