@@ -96,6 +96,39 @@ class AlignConfig:
     plot: bool = True
 
 
+def run_stamp() -> str:
+    """The run folder's time stamp, identical in every process of one `torchrun` launch.
+
+    Each rank composes its own config; `${now:}` could straddle a second between ranks and
+    split one run over two folders. Ranks of one launch share a parent process (torchrun's
+    agent), so the first rank writes the stamp to a file keyed by that parent and the others
+    read it. Multi-node runs must set `hydra.run.dir` to a shared path anyway.
+    """
+    import os
+    import tempfile
+    import time
+
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return stamp
+    key = f"{os.getppid()}-{os.environ.get('MASTER_PORT', '')}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    path = Path(tempfile.gettempdir()) / f"align-run-stamp-{key}"
+    try:
+        if path.exists() and time.time() - path.stat().st_mtime > 120:
+            path.unlink()  # left by an earlier launch whose agent had the same pid
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, stamp.encode())
+        os.close(fd)
+        return stamp
+    except FileExistsError:
+        for _ in range(100):
+            text = path.read_text().strip()
+            if text:
+                return text
+            time.sleep(0.05)
+    return stamp
+
+
 def register() -> None:
     """Registers the schema; safe to call more than once."""
     from hydra.core.config_store import ConfigStore
@@ -105,6 +138,8 @@ def register() -> None:
     if not OmegaConf.has_resolver("samples"):
         # `${samples:dpo.jsonl}` -> the absolute path of a shipped sample file.
         OmegaConf.register_new_resolver("samples", lambda name: str(SAMPLES_DIR / name))
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 
 
 # Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn

@@ -40,6 +40,13 @@ def _precision_defaults(model_cfg: ModelConfig, valid: set[str]) -> dict[str, An
         out["bf16"] = bool(gpu and torch.cuda.is_bf16_supported() and model_cfg.dtype != "float32")
     if "gradient_checkpointing" in valid and not gpu:
         out["gradient_checkpointing"] = False
+    accelerator = (
+        gpu or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
+    if "use_cpu" in valid and not accelerator:
+        # Without it, accelerate ignores torchrun's environment on a CPU-only machine and each
+        # process trains alone; with it, `torchrun --nproc_per_node N` is real DDP over gloo.
+        out["use_cpu"] = True
     return out
 
 
