@@ -15,7 +15,7 @@ demo:
 	align train method=dpo
 
 test:
-	$(PYTHON) -m pytest -q -x --durations=15
+	$(PYTHON) -m pytest -q --durations=15
 
 lint:
 	$(PYTHON) -m ruff check align_cli tests scripts
