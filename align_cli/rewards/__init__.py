@@ -1,0 +1,112 @@
+"""Reward functions for GRPO and PPO, built from the `reward` config group (`conf/reward/`).
+
+The `reward` config maps names to entries; each entry becomes one reward function, and its
+name becomes the logged metric `rewards/<name>/mean`:
+
+    reward:
+      brevity:                 # any name
+        type: length           # length | regex | match | keyword | function | model
+        target: 40             # the type's options (see rules.py, user.py, model.py)
+        weight: 1.0            # weight in the sum GRPO/PPO optimise (default 1.0)
+
+The type may be left out when the name is a type (`length: {target: 40}`), and a bare value
+sets a type's main option, so these are the same:
+
+    align train method=ppo reward=model reward.model.path=outputs/rm/run
+    align train method=ppo reward=model reward.model=outputs/rm/run
+
+An entry set to null is dropped (`reward.keyword=null` removes it from a mix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import AlignError, nearest
+from .base import Reward, message_text
+
+__all__ = ["TYPES", "Reward", "build_reward_functions", "message_text"]
+
+# type name -> "module:class"; imported on use so that rule rewards never import torch.
+TYPES: dict[str, str] = {
+    "length": "align_cli.rewards.rules:LengthReward",
+    "regex": "align_cli.rewards.rules:RegexReward",
+    "match": "align_cli.rewards.rules:MatchReward",
+    "keyword": "align_cli.rewards.rules:KeywordReward",
+    "function": "align_cli.rewards.user:FunctionReward",
+    "model": "align_cli.rewards.model:ModelReward",
+}
+
+
+def _reward_class(type_name: str) -> type[Reward]:
+    import importlib
+
+    module, _, cls = TYPES[type_name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return cfg
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
+    """Builds one reward function and its weight from a config entry."""
+    if not isinstance(entry, dict):
+        entry = {"type": name, "_main": entry}
+    entry = dict(entry)
+    type_name = entry.pop("type", None) or name
+    if type_name not in TYPES:
+        raise AlignError(
+            f"reward.{name}: unknown reward type '{type_name}'{nearest(str(type_name), TYPES)}; "
+            f"set reward.{name}.type to one of: {', '.join(TYPES)}"
+        )
+    cls = _reward_class(type_name)
+    if "_main" in entry:
+        entry[cls.main] = entry.pop("_main")
+    weight = entry.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise AlignError(f"reward.{name}.weight={weight!r} must be a number")
+    return cls(name, **entry), float(weight)
+
+
+def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], list[float]]:
+    """Builds the reward functions and their weights from the `reward` config.
+
+    Args:
+        reward_cfg: the `reward` config as a plain dict (a DictConfig is converted), mapping
+            entry names to entries (see the module docstring).
+
+    Returns:
+        `(funcs, weights)`, in config order. Each function has TRL's reward signature
+        `f(prompts, completions, **kwargs) -> list[float | None]`, a `__name__` equal to
+        its entry name, and (reward models only) a `to(device)` method.
+
+    Raises:
+        AlignError: no reward configured, an unknown type or option, a bad value, a user
+            function that cannot be imported, or a reward model path that cannot be loaded.
+    """
+    reward_cfg = _plain(reward_cfg) or {}
+    if not isinstance(reward_cfg, dict):
+        raise AlignError(f"reward must be a mapping of name -> reward entry, got {reward_cfg!r}")
+    funcs: list[Callable] = []
+    weights: list[float] = []
+    for name, entry in reward_cfg.items():
+        if entry is None:
+            continue
+        func, weight = build_reward(str(name), entry)
+        funcs.append(func)
+        weights.append(weight)
+    if not funcs:
+        raise AlignError(
+            "no reward configured: choose one with reward=<file in conf/reward/> (e.g. reward=length, "
+            "reward=model reward.model.path=<rm run folder>), or add entries such as "
+            "+reward.brevity.type=length +reward.brevity.target=40"
+        )
+    return funcs, weights

@@ -1,0 +1,91 @@
+"""What every reward has in common: TRL's call signature, a name, and option checking.
+
+A reward is a callable `f(prompts, completions, **kwargs) -> list[float | None]`, the
+signature TRL's `GRPOTrainer` calls reward functions with, and the one our PPO loop uses:
+
+- `prompts[i]` is a string, or a list of `{"role", "content"}` messages (conversational data);
+- `completions[i]` is a string, or `[{"role": "assistant", "content": ...}]`;
+- `kwargs` holds every extra dataset column as a list aligned with `completions` (e.g.
+  `answer=[...]`), plus TRL's extras (`completion_ids`, `trainer_state`, `log_metric`, ...).
+
+`None` means "this reward does not apply to this row"; TRL leaves it out of the group statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import AlignError, nearest
+
+# Keyword arguments TRL adds beside the dataset columns; not data, so never listed as columns.
+TRL_EXTRA_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+
+
+def message_text(item: Any) -> str:
+    """The text of a prompt or completion, plain or conversational.
+
+    A conversational completion is a list of messages; its text is the content of the
+    assistant turns, joined (usually there is exactly one).
+    """
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        return str(item.get("content", ""))
+    if isinstance(item, list):
+        turns = [m for m in item if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
+        return "\n".join(message_text(m) for m in (turns or item))
+    return "" if item is None else str(item)
+
+
+def data_columns(kwargs: dict) -> list[str]:
+    """The dataset columns among a reward call's keyword arguments."""
+    return sorted(k for k in kwargs if k not in TRL_EXTRA_KWARGS)
+
+
+class Reward:
+    """Base class of the built-in rewards.
+
+    Subclasses set `type` (the name used in `reward.<name>.type`), `options` (option name ->
+    default; `...` marks a required option) and `main` (the option a bare value sets, so that
+    `reward.length=40` means `reward.length.target=40`), and implement `score`.
+
+    The instance's `__name__` is the entry's name in the config, which TRL uses to name the
+    logged metrics (`rewards/<name>/mean`).
+    """
+
+    type: str = ""
+    main: str = ""
+    options: dict[str, Any] = {}
+
+    def __init__(self, name: str, **options: Any) -> None:
+        self.__name__ = name
+        self.name = name
+        unknown = [key for key in options if key not in self.options]
+        if unknown:
+            raise AlignError(
+                f"reward.{name}.{unknown[0]} is not an option of a '{self.type}' reward"
+                f"{nearest(unknown[0], self.options)}; valid options: {', '.join(sorted(self.options))}, weight"
+            )
+        for key, default in self.options.items():
+            if key not in options and default is ...:
+                raise AlignError(f"reward.{name}.{key} is required for a '{self.type}' reward")
+            setattr(self, key, options.get(key, default))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
+        return f"{type(self).__name__}({self.name!r}, {shown})"
+
+    def score(self, text: str, row: dict[str, Any]) -> float | None:
+        """Scores one completion's text; `row` holds that row's dataset columns."""
+        raise NotImplementedError
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        columns = {k: v for k, v in kwargs.items() if k not in TRL_EXTRA_KWARGS}
+        rewards = []
+        for i, completion in enumerate(completions):
+            row = {k: v[i] for k, v in columns.items() if isinstance(v, (list, tuple)) and len(v) > i}
+            rewards.append(self.score(message_text(completion), row))
+        return rewards
+
+    def option_error(self, key: str, problem: str) -> AlignError:
+        return AlignError(f"reward.{self.name}.{key}={getattr(self, key, None)!r} {problem}")

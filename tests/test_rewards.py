@@ -1,0 +1,170 @@
+"""Reward functions (align_cli/rewards): rule rewards on hand-made completions, the config
+builder, user functions by import path, and the errors a user sees."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from align_cli.errors import AlignError
+from align_cli.rewards import build_reward_functions
+from align_cli.rewards.rules import last_number
+
+CHAT = [{"role": "user", "content": "What is 12 plus 30?"}]
+
+
+def reply(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def one(cfg: dict):
+    funcs, weights = build_reward_functions(cfg)
+    assert len(funcs) == 1
+    return funcs[0], weights[0]
+
+
+def test_length_reward_values_plain_and_conversational():
+    f, w = one({"length": {"target": 10}})
+    assert w == 1.0 and f.__name__ == "length"
+    # 1 - |len - 10| / 10: 10 chars -> 1.0, 5 -> 0.5, 15 -> 0.5, 30 -> -1.0
+    out = f(["p"] * 4, ["a" * 10, "a" * 5, "a" * 15, "a" * 30])
+    assert out == pytest.approx([1.0, 0.5, 0.5, -1.0])
+    # Conversational: the assistant content is measured; a CJK character counts once.
+    assert f([CHAT], [reply("四十二" * 2 + "abcd")]) == pytest.approx([1.0])
+    words, _ = one({"w": {"type": "length", "target": 4, "unit": "words"}})
+    assert words(["p"], ["one two"]) == pytest.approx([0.5])
+
+
+def test_regex_reward_search_and_fullmatch():
+    f, _ = one({"format": {"type": "regex", "pattern": r"<answer>\d+</answer>"}})
+    assert f(["p"] * 3, ["so <answer>42</answer>", "<answer>x</answer>", "42"]) == [1.0, 0.0, 0.0]
+    pattern = r"<think>.*</think>\s*<answer>.*</answer>"
+    full, _ = one({"format": {"type": "regex", "pattern": pattern, "fullmatch": True}})
+    texts = ["<think>a\nb</think>\n<answer>1</answer>\n", "x <think></think><answer></answer>"]
+    assert full(["p"] * 2, texts) == [1.0, 0.0]
+
+
+def test_match_reward_modes_use_the_answer_column():
+    prompts = [CHAT] * 4
+    numeric, _ = one({"match": {"mode": "numeric"}})
+    completions = [reply("12 + 30 = 42."), reply("It is 41"), reply("no idea"), reply("1,234.0")]
+    # The last number counts: "12 + 30 = 42." -> 42; rows with an empty answer are skipped (None).
+    assert numeric(prompts, completions, answer=["42", "42", "42", "1234"]) == [1.0, 0.0, 0.0, 1.0]
+    assert numeric(prompts[:2], completions[:2], answer=[42, ""]) == [1.0, None]
+
+    exact, _ = one({"match": {"mode": "exact"}})
+    texts = ["  Paris. ", "paris is it", "巴黎。"]
+    assert exact(["p"] * 3, texts, answer=["Paris", "Paris", "巴黎"]) == [1.0, 0.0, 1.0]
+    contains, _ = one({"m": {"type": "match", "mode": "contains", "column": "city"}})
+    assert contains(["p"] * 2, ["It is Paris.", "Rome"], city=["paris", "paris"]) == [1.0, 0.0]
+    tagged, _ = one({"match": {"mode": "exact", "extract": r"<answer>(.*?)</answer>"}})
+    texts = ["<answer>42</answer> ok", "42", "<answer>41</answer>"]
+    assert tagged(["p"] * 3, texts, answer=["42"] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_last_number_parsing():
+    assert last_number("a 3 then -2.5e1 end") == -25.0
+    assert last_number("1,000,000 dollars") == 1_000_000.0
+    assert last_number("nothing") is None
+
+
+def test_keyword_reward_include_minus_exclude():
+    f, _ = one({"keyword": {"include": ["thank", "谢谢"], "exclude": ["bomb"]}})
+    texts = ["Thank you, 谢谢", "thanks", "bomb", "Thanks, here is the bomb", "hello"]
+    # include share - exclude share: 2/2, 1/2, -1, 1/2 - 1, 0
+    assert f(["p"] * 5, texts) == pytest.approx([1.0, 0.5, -1.0, -0.5, 0.0])
+
+
+def test_mix_weights_order_shorthand_and_null_entries():
+    funcs, weights = build_reward_functions(
+        {
+            "brevity": {"type": "length", "target": 5, "weight": 0.5},
+            "kw": {"type": "keyword", "include": "ok", "weight": 2},
+            "length": 8,  # bare value sets the main option: target
+            "dropped": None,
+        }
+    )
+    assert [f.__name__ for f in funcs] == ["brevity", "kw", "length"]
+    assert weights == [0.5, 2.0, 1.0]
+    assert funcs[2].target == 8
+
+
+def test_config_mistakes_name_the_key():
+    with pytest.raises(AlignError, match="no reward configured"):
+        build_reward_functions({})
+    with pytest.raises(AlignError, match=r"reward\.foo: unknown reward type 'lenght'.*did you mean: length"):
+        build_reward_functions({"foo": {"type": "lenght"}})
+    with pytest.raises(AlignError, match=r"reward\.length\.targt is not an option.*did you mean: target"):
+        build_reward_functions({"length": {"targt": 3}})
+    with pytest.raises(AlignError, match=r"reward\.length\.target is required"):
+        build_reward_functions({"length": {"unit": "chars"}})
+    with pytest.raises(AlignError, match=r"reward\.fmt\.pattern='\(' is not a valid regular expression"):
+        build_reward_functions({"fmt": {"type": "regex", "pattern": "("}})
+    with pytest.raises(AlignError, match=r"reward\.length\.weight='x' must be a number"):
+        build_reward_functions({"length": {"target": 3, "weight": "x"}})
+    f, _ = one({"match": {"column": "answer"}})
+    with pytest.raises(AlignError, match=r"column 'answer', which the data does not have; columns: topic"):
+        f(["p"], ["c"], topic=["t"], trainer_state=None)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module `my_rewards` in the working directory, as a user would write it."""
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def shout(prompts, completions, **kwargs):
+                return [float(c.count("!")) for c in completions]
+
+            def only_answer(completions, answer):  # no **kwargs: gets only what it names
+                return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+            def scaled(prompts, completions, scale=1.0, **kwargs):
+                return [scale * len(c) for c in completions]
+
+            def broken(prompts, completions, **kwargs):
+                raise KeyError("solution")
+
+            def wrong_length(prompts, completions, **kwargs):
+                return [1.0]
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    sys.modules.pop("my_rewards", None)
+
+
+def test_user_function_by_import_path(user_module):
+    f, _ = one({"function": "my_rewards:shout"})
+    assert f.__name__ == "function"
+    assert f(["p", "p"], ["hi!!", "hi"], trainer_state=None, completion_ids=[[1], [2]]) == [2.0, 0.0]
+    g, _ = one({"ans": {"type": "function", "path": "my_rewards:only_answer"}})
+    assert g(["p", "p"], ["the 42", "41"], answer=["42", "42"], trainer_state=None) == [1.0, 0.0]
+    h, _ = one({"s": {"type": "function", "path": "my_rewards:scaled", "kwargs": {"scale": 2}}})
+    assert h(["p"], ["abc"]) == [6.0]
+    by_file, _ = one({"function": f"{user_module / 'my_rewards.py'}:shout"})
+    assert by_file(["p"], ["!"]) == [1.0]
+
+
+def test_user_function_errors_name_the_path(user_module):
+    with pytest.raises(AlignError, match=r"reward\.function\.path='nope_mod:f': no module named 'nope_mod'"):
+        build_reward_functions({"function": "nope_mod:f"})
+    with pytest.raises(AlignError, match=r"module 'my_rewards' has no function 'shou'.*did you mean: shout"):
+        build_reward_functions({"function": "my_rewards:shou"})
+    with pytest.raises(AlignError, match=r"must look like 'module:function'"):
+        build_reward_functions({"function": "my_rewards.shout"})
+    with pytest.raises(AlignError, match=r"file 'missing\.py' does not exist"):
+        build_reward_functions({"function": "missing.py:f"})
+    broken, _ = one({"function": "my_rewards:broken"})
+    with pytest.raises(
+        AlignError, match=r"reward function 'my_rewards:broken' \(reward\.function\) raised KeyError"
+    ):
+        broken(["p"], ["c"])
+    wrong, _ = one({"function": "my_rewards:wrong_length"})
+    with pytest.raises(
+        AlignError, match=r"'my_rewards:wrong_length' .* returned 1 values; .* list of 2 floats"
+    ):
+        wrong(["p", "p"], ["a", "b"])
