@@ -1,0 +1,114 @@
+"""Group Relative Policy Optimization (seed section 3.3) with TRL's GRPOTrainer.
+
+    align train method=grpo reward=length                     # a rule reward, sample prompts
+    align train method=grpo reward=match method.advantage=rank       # `answer` column of the sample
+    align train method=grpo reward=model reward.model.path=outputs/rm/<run> peft=lora
+
+Data (`prompt`): the seed's `instruction`/`input`, or TRL's `prompt` (plain or conversational).
+Every other column (e.g. `answer`) is kept and reaches the reward functions as a keyword
+argument.
+
+For each prompt x the policy samples a group of K = `method.args.num_generations`
+completions, the rewards (`reward=`, see align_cli/rewards) score them, and each completion's
+advantage says how it compares with its group; no value model (critic) is trained.
+`method.advantage` picks how:
+
+- `zscore` (TRL's default): A_i = (r_i - mean(r)) / std(r) over the group's weighted rewards;
+- `rank` (the seed's form): A_i = (rank(r_i) - mean rank) / std(rank), ranks 1..K, ties
+  sharing their average rank and an all-tied group getting 0 (align_cli/rewards/advantage.py).
+  Only the order of the rewards matters, so reward scale and outliers do not.
+
+The policy then follows TRL's clipped objective, with a KL penalty to the starting model
+when `method.args.beta` > 0 (with `peft=lora` the reference is the model with adapters off).
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from ..errors import AlignError
+from ..rewards import build_reward_functions
+from ..rewards.advantage import rank_advantages
+
+SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
+ADVANTAGES = ("zscore", "rank")
+# TRL options that only shape the z-score advantage; with `rank` they would be silently ignored.
+ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
+
+
+class RankAdvantageGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose advantages are the seed's within-group rank transform.
+
+    TRL computes advantages inside `_generate_and_score_completions`; we let it run (so its
+    reward metrics and logs stay about the raw rewards), keep the gathered per-function
+    rewards it scored, and replace the advantages it returns with rank advantages of their
+    weighted sum.
+    """
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # (N_all, F): gathered from every process, groups of K consecutive rows.
+        self._gathered_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        per_func = self._gathered_rewards_per_func  # (N_all, F)
+        weights = self.reward_weights.to(per_func.device)  # (F,)
+        rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_all,)
+        # A completion no reward function scored stays out of its group's ranking (advantage 0).
+        rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
+        group = self.num_generations if self.model.training else self.num_generations_eval
+        advantages = rank_advantages(rewards, group)  # (N_all,)
+        local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start : start + local].to(output["advantages"])
+        # The completions table logs advantages too; show the ones actually used.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        return output
+
+
+def build(ctx):
+    advantage = ctx.method.get("advantage", "zscore")
+    if advantage not in ADVANTAGES:
+        raise AlignError(
+            f"method.advantage={advantage!r} is not valid: use zscore (TRL's) or rank (the seed's)"
+        )
+    if "reward_weights" in ctx.args:
+        raise AlignError(
+            "method.args.reward_weights: set each reward's weight in the reward config instead "
+            "(e.g. reward.length.weight=0.5)"
+        )
+    if advantage == "rank":
+        for key in ZSCORE_ONLY_ARGS:
+            if key in ctx.args:
+                raise AlignError(
+                    f"method.args.{key} only shapes the zscore advantage; method.advantage=rank ranks the "
+                    "weighted reward sum within each group, so remove it or use method.advantage=zscore"
+                )
+    if not ctx.reward:
+        raise AlignError(
+            "method=grpo needs a reward: add reward=length (or keyword, match, format, function, model, mix; "
+            "see conf/reward/)"
+        )
+    funcs, weights = build_reward_functions(ctx.reward)
+    trainer_cls = RankAdvantageGRPOTrainer if advantage == "rank" else GRPOTrainer
+    trainer = trainer_cls(
+        model=ctx.load_model(),
+        reward_funcs=funcs,
+        args=ctx.trl_config(GRPOConfig, reward_weights=weights),
+        train_dataset=ctx.train_dataset,
+        eval_dataset=ctx.eval_dataset,
+        processing_class=ctx.tokenizer,
+        peft_config=ctx.lora(),
+        callbacks=ctx.callbacks,
+    )
+    # Reward models are our callables, not modules TRL would place: put them beside the policy.
+    for func in funcs:
+        if hasattr(func, "to"):
+            func.to(trainer.accelerator.device)
+    return trainer
