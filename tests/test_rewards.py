@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from align_cli.errors import AlignError
-from align_cli.rewards import build_reward_functions
+from align_cli.rewards import build_reward_functions, check_columns
 from align_cli.rewards.rules import last_number
 
 CHAT = [{"role": "user", "content": "What is 12 plus 30?"}]
@@ -104,7 +104,15 @@ def test_config_mistakes_name_the_key():
         build_reward_functions({"fmt": {"type": "regex", "pattern": "("}})
     with pytest.raises(AlignError, match=r"reward\.length\.weight='x' must be a number"):
         build_reward_functions({"length": {"target": 3, "weight": "x"}})
+    with pytest.raises(AlignError, match=r"reward\.model\.path is required: set reward\.model\.path="):
+        build_reward_functions({"model": {"path": "???", "weight": 1.0}})  # conf/reward/model.yaml as is
     f, _ = one({"match": {"column": "answer"}})
+    # Checked before training against the dataset's columns, and again at call time.
+    with pytest.raises(
+        AlignError, match=r"reward\.match reads the column 'answer', which x\.jsonl does not .*: topic"
+    ):
+        check_columns([f], ["prompt", "topic"], "x.jsonl")
+    check_columns([f], ["prompt", "answer"])
     with pytest.raises(AlignError, match=r"column 'answer', which the data does not have; columns: topic"):
         f(["p"], ["c"], topic=["t"], trainer_state=None)
 

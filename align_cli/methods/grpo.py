@@ -28,7 +28,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import AlignError
-from ..rewards import build_reward_functions
+from ..rewards import build_reward_functions, check_columns
 from ..rewards.advantage import rank_advantages
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
@@ -96,6 +96,7 @@ def build(ctx):
             "see conf/reward/)"
         )
     funcs, weights = build_reward_functions(ctx.reward)
+    check_columns(funcs, ctx.train_dataset.column_names, "the training data")
     trainer_cls = RankAdvantageGRPOTrainer if advantage == "rank" else GRPOTrainer
     trainer = trainer_cls(
         model=ctx.load_model(),

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import AlignError, nearest
 from .base import Reward, message_text
 
-__all__ = ["TYPES", "Reward", "build_reward_functions", "message_text"]
+__all__ = ["TYPES", "Reward", "build_reward_functions", "check_columns", "message_text"]
 
 # type name -> "module:class"; imported on use so that rule rewards never import torch.
 TYPES: dict[str, str] = {
@@ -70,6 +70,9 @@ def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
     cls = _reward_class(type_name)
     if "_main" in entry:
         entry[cls.main] = entry.pop("_main")
+    for key, value in entry.items():
+        if value == "???":  # a mandatory value the chosen conf/reward file leaves to the user
+            raise AlignError(f"reward.{name}.{key} is required: set reward.{name}.{key}=<value>")
     weight = entry.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise AlignError(f"reward.{name}.weight={weight!r} must be a number")
@@ -110,3 +113,25 @@ def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], lis
             "+reward.brevity.type=length +reward.brevity.target=40"
         )
     return funcs, weights
+
+
+def check_columns(funcs: list[Callable], columns: list[str], source: str = "the data") -> None:
+    """Fails before training when a reward reads a dataset column the data does not have.
+
+    Args:
+        funcs: reward functions from `build_reward_functions`.
+        columns: the training dataset's columns.
+        source: how to name the data in the message (e.g. its path).
+
+    Raises:
+        AlignError: naming the reward, the column and the columns there are.
+    """
+    for func in funcs:
+        for column in getattr(func, "columns", ()):
+            if column not in columns:
+                name = getattr(func, "__name__", "?")
+                extra = sorted(c for c in columns if c != "prompt")
+                raise AlignError(
+                    f"reward.{name} reads the column '{column}', which {source} does not have; other columns: "
+                    f"{', '.join(extra) or '(none)'} (set reward.{name}.column, or add the column to the data)"
+                )

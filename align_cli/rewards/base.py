@@ -47,7 +47,8 @@ class Reward:
 
     Subclasses set `type` (the name used in `reward.<name>.type`), `options` (option name ->
     default; `...` marks a required option) and `main` (the option a bare value sets, so that
-    `reward.length=40` means `reward.length.target=40`), and implement `score`.
+    `reward.length=40` means `reward.length.target=40`), and implement `score`. `columns`
+    names the dataset columns a reward reads, so a missing one fails before training.
 
     The instance's `__name__` is the entry's name in the config, which TRL uses to name the
     logged metrics (`rewards/<name>/mean`).
@@ -56,6 +57,7 @@ class Reward:
     type: str = ""
     main: str = ""
     options: dict[str, Any] = {}
+    columns: tuple[str, ...] = ()  # dataset columns the reward reads (checked before training)
 
     def __init__(self, name: str, **options: Any) -> None:
         self.__name__ = name

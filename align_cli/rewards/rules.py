@@ -115,6 +115,7 @@ class MatchReward(Reward):
                 raise self.option_error("extract", f"is not a valid regular expression: {err}") from None
             if self.extractor.groups < 1:
                 raise self.option_error("extract", "needs one (group) around the part to compare")
+        self.columns = (str(self.column),)
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         if self.column not in kwargs:
