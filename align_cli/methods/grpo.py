@@ -37,6 +37,11 @@ ADVANTAGES = ("zscore", "rank")
 ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
 
 
+def config_class():
+    """The TRL config dataclass that `method.args` fills."""
+    return GRPOConfig
+
+
 class RankAdvantageGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose advantages are the seed's within-group rank transform.
 
@@ -101,7 +106,7 @@ def build(ctx):
     trainer = trainer_cls(
         model=ctx.load_model(),
         reward_funcs=funcs,
-        args=ctx.trl_config(GRPOConfig, reward_weights=weights),
+        args=ctx.trl_config(config_class(), reward_weights=weights),
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
         processing_class=ctx.tokenizer,
