@@ -32,8 +32,10 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_metrics(metrics_path: Path, out_path: Path, max_panels: int = 6) -> Path | None:
-    """Plots the loss and the other logged scalar curves against the step."""
+def plot_metrics(
+    metrics_path: Path, out_path: Path, priority: list[str] | None = None, max_panels: int = 6
+) -> Path | None:
+    """Plots logged scalar curves against the step: losses, then `priority` keys, then the rest."""
     records = read_metrics(metrics_path)
     if not records:
         return None
@@ -48,9 +50,12 @@ def plot_metrics(metrics_path: Path, out_path: Path, max_panels: int = 6) -> Pat
         for key in rec:
             if key not in skip and not key.endswith(("_runtime", "_per_second")) and key not in keys:
                 keys.append(key)
-    # Losses first: they are what a reader looks for.
+    # The training loss, then the method's key metrics: what a reader looks for first.
+    wanted = ["loss", *(priority or [])]
     order = {k: i for i, k in enumerate(keys)}
-    keys = sorted(keys, key=lambda k: (0 if "loss" in k else 1, order[k]))[:max_panels]
+    keys = sorted(keys, key=lambda k: (wanted.index(k) if k in wanted else len(wanted), order[k]))[
+        :max_panels
+    ]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)

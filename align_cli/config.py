@@ -149,5 +149,27 @@ OPEN_PREFIXES = ("method.args.",)
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
-    """Rewrites `method.args.k=v` to `++method.args.k=v` (other overrides pass unchanged)."""
-    return [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]
+    """Prepares command-line overrides for Hydra.
+
+    - `method.args.k=v` becomes `++method.args.k=v`;
+    - a method yaml's `default_reward: <option>` becomes `reward=<option>` when the command
+      line chooses no reward (Hydra cannot let one group's option pick another's default), so
+      `align train method=grpo` runs as is and `--cfg job` shows the reward really used.
+    """
+    out = [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]
+    methods = [o.split("=", 1)[1] for o in out if o.startswith("method=")]
+    if len(methods) == 1 and not any(o.lstrip("+~").startswith("reward") for o in out):
+        default = _method_default_reward(methods[0])
+        if default:  # placed first: Hydra's parser takes no override after `--cfg job`
+            out.insert(0, f"reward={default}")
+    return out
+
+
+def _method_default_reward(name: str) -> str | None:
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if "," in name or not path.is_file():  # a sweep over methods, or an unknown one: Hydra reports it
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("default_reward:"):
+            return line.split(":", 1)[1].split("#", 1)[0].strip() or None
+    return None

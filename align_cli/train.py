@@ -155,7 +155,7 @@ def train(cfg: DictConfig) -> RunResult:
         with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump({"method": method["name"], "metrics": metrics}, f, indent=2)
         if cfg.get("plot", True):
-            plot_metrics(Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.png")
+            plot_metrics(Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.png", keys)
         print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
     else:
         metrics = {}

@@ -84,6 +84,8 @@ def test_method_args_override_without_plus():
         "seed=1",
         "+x=1",
     ]
+    assert normalize_overrides(["method=grpo"]) == ["reward=length", "method=grpo"]
+    assert normalize_overrides(["method=grpo", "reward=keyword"]) == ["method=grpo", "reward=keyword"]
     cfg = compose(["method=dpo", "method.args.max_steps=3", "method.args.beta=0.5"])
     assert cfg.method.args.max_steps == 3 and cfg.method.args.beta == 0.5
 

@@ -296,7 +296,7 @@ def test_bad_reward_functions_are_named(tmp_path, monkeypatch, user_modules):
     ):
         grpo("reward=function", "reward.function.path=grpo_bad_rewards:explode")
     with pytest.raises(AlignError, match=r"method=grpo needs a reward"):
-        grpo()
+        grpo("reward=none")  # method=grpo alone gets its default_reward
     with pytest.raises(AlignError, match=r"method\.advantage='ranks' is not valid"):
         grpo("reward=length", "method.advantage=ranks")
     with pytest.raises(AlignError, match=r"method\.args\.scale_rewards only shapes the zscore advantage"):
