@@ -88,7 +88,10 @@ def read_and_convert(
 def _to_dataset(rows: list[dict]) -> Dataset:
     from datasets import Dataset
 
-    return Dataset.from_list(rows)
+    # Dataset.from_list takes its columns from the first row only: an optional column (e.g.
+    # `margin`) that the first row lacks would vanish. Give every row every column (None if absent).
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
 
 
 def load_datasets(

@@ -12,7 +12,7 @@ Data, by mode (`method.format` follows `method.mode`, see conf/method/rm.yaml):
 - pointwise (`pointwise`): `prompt`/`completion`/`score` (the seed's example) or
   `instruction`/`input`/`output`/`score`. Loss: MSE between r(x,y) and the score, after the
   optional normalisation `method.normalize` (none | minmax | zscore, fitted on the train split;
-  the fitted map is stored in the model config as `score_normalization`).
+  the fit is written to `score_normalization.json` in the run folder and to the model config).
 - listwise (`listwise`): `instruction`/`input`/`responses` best first, or TRL-style
   `prompt`/`completions` (+ optional `ranking`, 0 = best), K ≥ 2 responses, K may vary.
   Loss: per prompt, the mean over its C(K,2) ordered pairs of −log σ(r(x,y_better) −
@@ -92,40 +92,76 @@ def _fill_missing_margins(dataset):
     return dataset.map(lambda row: {"margin": 0.0 if row["margin"] is None else float(row["margin"])})
 
 
-def build(ctx):
+def _restore_head_dtype(model) -> None:
+    """Puts the trainable copy of the score head back in the dtype the model computes in.
+
+    Under quantization RewardTrainer casts every trainable parameter to bfloat16 (QLoRA's
+    recipe). LoRA layers cast their input to match, but PEFT's trainable copy of the score head
+    (`modules_to_save`) is a plain Linear, so on a float32 base (any CPU run) the forward fails
+    with a dtype mismatch. Giving the head back its original dtype fixes that and keeps the
+    reward head at full precision; it runs before the optimizer exists.
+    """
+    for module in model.modules():
+        original = getattr(module, "original_module", None)
+        copies = getattr(module, "modules_to_save", None)
+        if original is None or copies is None:
+            continue
+        dtype = next(original.parameters()).dtype
+        for copy in copies.values():
+            for param in copy.parameters():
+                if param.dtype != dtype and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+
+
+def _normalized_scores(ctx, train, evaluation):
+    """Fits `method.normalize` on the train scores and maps both splits; writes the fit down."""
     from .rm_losses import fit_normalizer
+
+    normalizer = fit_normalizer(train["score"], str(ctx.method.get("normalize", "none")))
+    if normalizer.method != "none":
+        log.info("rm: scores normalised with %s", normalizer.as_dict())
+        train = train.map(lambda row: {"score": normalizer(row["score"])})
+        if evaluation is not None:
+            evaluation = evaluation.map(lambda row: {"score": normalizer(row["score"])})
+    # In the run folder (also beside a LoRA adapter, which has no config.json of its own), so
+    # rewards can be mapped back to the original score scale: score = reward * scale + shift.
+    os.makedirs(ctx.output_dir, exist_ok=True)
+    with open(os.path.join(ctx.output_dir, "score_normalization.json"), "w", encoding="utf-8") as f:
+        json.dump(normalizer.as_dict(), f)
+    return train, evaluation, normalizer
+
+
+def build(ctx):
     from .rm_trainer import ListwiseRewardTrainer, PointwiseRewardTrainer, RewardTrainer
 
     mode = check_mode(ctx.method)
     args = ctx.trl_config(config_class())
     train, evaluation = ctx.train_dataset, ctx.eval_dataset
-    model = ctx.load_model(kind="seq_cls")
+    # Everything that can be wrong with the settings or data fails before the model loads.
+    normalize = str(ctx.method.get("normalize", "none"))
+    if mode != "pointwise" and normalize != "none":
+        raise AlignError(
+            f"method.normalize={normalize} rescales pointwise scores; method.mode={mode} has none "
+            "(use method.mode=pointwise or drop method.normalize)"
+        )
+    if mode == "pointwise" and args.center_rewards_coefficient is not None:
+        raise AlignError(
+            "method.args.center_rewards_coefficient pulls rewards toward 0, against the scores the "
+            "pointwise loss fits; use method.normalize=zscore to center the targets instead"
+        )
     if mode == "pairwise":
         trainer_cls = RewardTrainer
         train, evaluation = _fill_missing_margins(train), _fill_missing_margins(evaluation)
     elif mode == "pointwise":
         trainer_cls = PointwiseRewardTrainer
-        if args.center_rewards_coefficient is not None:
-            raise AlignError(
-                "method.args.center_rewards_coefficient pulls rewards toward 0, against the scores the "
-                "pointwise loss fits; use method.normalize=zscore to center the targets instead"
-            )
-        normalizer = fit_normalizer(train["score"], str(ctx.method.get("normalize", "none")))
-        if normalizer.method != "none":
-            train = train.map(lambda row: {"score": normalizer(row["score"])})
-            if evaluation is not None:
-                evaluation = evaluation.map(lambda row: {"score": normalizer(row["score"])})
-            log.info("rm: scores normalised with %s", normalizer.as_dict())
-        # Saved in config.json (full models), so a user can map rewards back to the score scale.
-        model.config.score_normalization = normalizer.as_dict()
-        if ctx.peft_cfg.method != "none":
-            os.makedirs(ctx.output_dir, exist_ok=True)
-            with open(os.path.join(ctx.output_dir, "score_normalization.json"), "w", encoding="utf-8") as f:
-                json.dump(normalizer.as_dict(), f)
+        train, evaluation, normalizer = _normalized_scores(ctx, train, evaluation)
     else:
         trainer_cls = ListwiseRewardTrainer
 
-    return trainer_cls(
+    model = ctx.load_model(kind="seq_cls")
+    if mode == "pointwise":
+        model.config.score_normalization = normalizer.as_dict()  # saved in config.json too
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train,
@@ -134,3 +170,5 @@ def build(ctx):
         peft_config=ctx.lora("SEQ_CLS"),
         callbacks=ctx.callbacks,
     )
+    _restore_head_dtype(trainer.model)
+    return trainer

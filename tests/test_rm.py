@@ -1,0 +1,173 @@
+"""Reward models: each mode learns the samples (held-out metrics), saves a loadable model,
+works with LoRA and 4-bit, and reports bad rows by file and line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from align_cli.errors import AlignError
+from align_cli.testing import compose
+from align_cli.train import train
+
+SHORT = ["method.args.max_steps=3", "method.args.per_device_train_batch_size=4", "plot=false"]
+
+
+def rm_run(tmp_path, mode: str, *overrides: str):
+    return train(compose(["method=rm", f"method.mode={mode}", *overrides], tmp_path))
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def scores_of(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    with torch.no_grad():
+        return model.eval()(**batch).logits.squeeze(-1)
+
+
+# mode -> (held-out thresholds; chance is 0.5 for pair accuracy, 0 for correlations, ~0.36 for top-1)
+LEARNS = {
+    "pairwise": {"eval_accuracy": 0.9, "eval_margin": 0.5},
+    "pointwise": {"eval_accuracy": 0.8, "eval_pearson": 0.7, "eval_spearman": 0.7},
+    "listwise": {"eval_accuracy": 0.8, "eval_kendall_tau": 0.6, "eval_top1_accuracy": 0.6},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(LEARNS))
+def test_mode_learns_the_samples_and_saves_a_reward_model(mode, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = rm_run(tmp_path, mode, "data.eval_ratio=0.2", "plot=false")
+    metrics = result.metrics
+    for key, threshold in LEARNS[mode].items():
+        assert metrics[key] >= threshold, (key, metrics)
+    assert metrics["train_loss"] < 0.5 * metrics["train_loss_first"], metrics
+    if mode == "pointwise":
+        # Better than predicting the mean score of the held-out rows.
+        assert metrics["eval_mse"] < 0.5 * float(np.var(result.trainer.eval_dataset["score"])), metrics
+
+    # Evaluated during training, not only at the end, and summarised.
+    evals = [r for r in records(tmp_path) if "eval_accuracy" in r]
+    assert len(evals) >= 3 and evals[-1]["eval_accuracy"] >= evals[0]["eval_accuracy"]
+    summary = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert all(key in summary for key in LEARNS[mode])
+
+    # A one-output sequence classifier with its tokenizer, chat template and pad token id.
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.chat_template and (tmp_path / "chat_template.jinja").exists()
+    texts = ["<|im_start|>user\nhi<|im_end|>\n", "你好,世界!" * 3]
+    torch.testing.assert_close(
+        scores_of(model, tokenizer, texts), scores_of(result.trainer.model, tokenizer, texts)
+    )
+
+
+@pytest.mark.parametrize("mode", sorted(LEARNS))
+def test_qlora_trains_only_adapters_and_the_head(mode, tmp_path):
+    import bitsandbytes as bnb
+
+    from align_cli.config import ModelConfig
+    from align_cli.modeling import load_model
+
+    result = rm_run(tmp_path, mode, "peft=lora", "peft.r=4", "quant=4bit", *SHORT)
+    model = result.trainer.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "score.modules_to_save" in n for n in trainable), trainable
+    head = dict(model.named_parameters())["base_model.model.score.modules_to_save.default.weight"]
+    original = dict(model.named_parameters())["base_model.model.score.original_module.weight"]
+    assert not torch.equal(head, original), "the reward head never trained"
+    assert result.trainer.state.global_step == 3
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    # The path PPO / GRPO take (reward.model.path=<run folder>): base + adapter, merged.
+    reloaded = load_model(ModelConfig(name_or_path=str(tmp_path)), kind="seq_cls")
+    assert reloaded.config.num_labels == 1
+    torch.testing.assert_close(
+        reloaded.score.weight, head.detach().to(reloaded.score.weight.dtype), msg="score head not saved"
+    )
+
+
+def test_lora_adapter_reloads_with_transformers(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = rm_run(tmp_path, "pointwise", "peft=lora", "peft.r=4", "method.normalize=zscore", *SHORT)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["A good answer.", "不知道。"]
+    torch.testing.assert_close(
+        scores_of(reloaded, tokenizer, texts), scores_of(result.trainer.model, tokenizer, texts)
+    )
+    # The fitted normalisation travels with the run folder.
+    norm = json.loads((tmp_path / "score_normalization.json").read_text())
+    assert norm["method"] == "zscore" and norm["scale"] > 0
+
+
+def test_pairwise_margin_column_rows_without_one_mean_zero(tmp_path):
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": "A full, helpful answer.", "rejected": "No."}
+        | ({"margin": 1.0} if i % 2 else {})
+        for i in range(8)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = rm_run(tmp_path / "run", "pairwise", f"data.path={path}", "data.eval_ratio=0", *SHORT)
+    assert result.trainer.train_dataset["margin"] == [0.0, 1.0] * 4
+
+
+def write_rows(path, rows) -> str:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_listwise_row_with_one_response_names_file_and_line(tmp_path):
+    path = write_rows(
+        tmp_path / "ranked.jsonl",
+        [
+            {"instruction": "Q1", "input": "", "responses": ["good", "bad"]},
+            {"instruction": "Q2", "input": "", "responses": ["only one"]},
+        ],
+    )
+    with pytest.raises(AlignError, match=r"ranked\.jsonl:2: .*at least 2 responses"):
+        rm_run(tmp_path / "run", "listwise", f"data.path={path}")
+
+
+def test_non_numeric_score_names_file_and_line(tmp_path):
+    path = write_rows(
+        tmp_path / "scored.jsonl",
+        [
+            {"prompt": "Q1", "completion": "A", "score": 0.5},
+            {"prompt": "Q2", "completion": "B", "score": 1},
+            {"prompt": "Q3", "completion": "C", "score": "high"},
+        ],
+    )
+    with pytest.raises(AlignError, match=r"scored\.jsonl:3: column 'score' must be a number, got 'high'"):
+        rm_run(tmp_path / "run", "pointwise", f"data.path={path}")
+
+
+def test_configuration_mistakes_are_named(tmp_path):
+    with pytest.raises(AlignError, match=r"method\.mode=listwize is not pairwise, pointwise or listwise"):
+        rm_run(tmp_path / "a", "listwize")
+    with pytest.raises(AlignError, match="center_rewards_coefficient"):
+        rm_run(tmp_path / "b", "pointwise", "method.args.center_rewards_coefficient=0.01")
+    with pytest.raises(AlignError, match=r"method\.normalize='l2'.*zscore"):
+        rm_run(tmp_path / "c", "pointwise", "method.normalize=l2")
+
+
+def test_trl_style_ranking_is_reordered_best_first():
+    from align_cli.config import SAMPLES_DIR, DataConfig
+    from align_cli.data import load_datasets
+
+    train_ds, _ = load_datasets(
+        DataConfig(eval_ratio=0), "listwise", conversational=False, sample="rm_listwise_trl.jsonl"
+    )
+    raw = json.loads((SAMPLES_DIR / "rm_listwise_trl.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    best_first = [c for _, c in sorted(zip(raw["ranking"], raw["completions"], strict=True))]
+    assert train_ds[0]["completions"] == best_first
