@@ -139,7 +139,9 @@ class _ScoredRewardTrainer(RewardTrainer):
         if args.max_length is not None:
             before = len(dataset)
             dataset = dataset.filter(
-                lambda ex: max(self._lengths(ex)) <= args.max_length, num_proc=args.dataset_num_proc
+                lambda ex: max(self._lengths(ex)) <= args.max_length,
+                num_proc=args.dataset_num_proc,
+                desc=f"Filtering {dataset_name} >{args.max_length} tokens",
             )
             dropped = before - len(dataset)
             if dropped:
@@ -178,20 +180,34 @@ class _ScoredRewardTrainer(RewardTrainer):
         rewards = self.rewards(model, inputs)
         loss, better, worse = self.loss_and_pairs(rewards, inputs)
         if self.model.training:
-            with torch.no_grad():
-                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-                self._total_train_tokens += tokens // self._tp_size
-                metrics = self._metrics["train"]
-                metrics["num_tokens"] = [self._total_train_tokens]
-                metrics["mean_reward"].append(self.accelerator.gather(rewards.detach()).mean().item())
-                if len(better):
-                    diff = better - worse
-                    metrics["accuracy"].append(self._mean_across((diff > 0).float().mean()))
-                    metrics["margin"].append(self._mean_across(diff.mean()))
+            self._log_batch(inputs, rewards.detach(), better - worse)
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
-    def _mean_across(self, value: torch.Tensor) -> float:
-        return self.accelerator.gather_for_metrics(value.detach()).mean().item()
+    def _log_batch(self, inputs, rewards: torch.Tensor, diff: torch.Tensor) -> None:
+        """Training metrics of this batch, averaged over processes.
+
+        Only scalars are gathered, and every process gathers the same ones even when its batch
+        has no pairs (NaN then): processes hold different numbers of sequences (K varies), and
+        a collective call skipped on one process would hang the others.
+        """
+        nan = torch.tensor(float("nan"), device=rewards.device)
+        stats = torch.stack(
+            [
+                inputs["attention_mask"].sum().float(),
+                rewards.mean(),
+                (diff > 0).float().mean() if len(diff) else nan,
+                diff.mean() if len(diff) else nan,
+            ]
+        )
+        gathered = self.accelerator.gather(stats[None, :])  # (processes, 4)
+        tokens, mean_reward, accuracy, margin = gathered[:, 0].sum(), *gathered[:, 1:].nanmean(dim=0)
+        self._total_train_tokens += int(tokens.item()) // self._tp_size
+        metrics = self._metrics["train"]
+        metrics["num_tokens"] = [self._total_train_tokens]
+        metrics["mean_reward"].append(mean_reward.item())
+        if not torch.isnan(accuracy):
+            metrics["accuracy"].append(accuracy.item())
+            metrics["margin"].append(margin.item())
 
     # -- evaluation ------------------------------------------------------------------------
 
