@@ -171,3 +171,36 @@ def test_trl_style_ranking_is_reordered_best_first():
     raw = json.loads((SAMPLES_DIR / "rm_listwise_trl.jsonl").read_text(encoding="utf-8").splitlines()[0])
     best_first = [c for _, c in sorted(zip(raw["ranking"], raw["completions"], strict=True))]
     assert train_ds[0]["completions"] == best_first
+
+
+def test_collators_keep_each_prompts_responses_together():
+    from align_cli.methods.rm_trainer import ListwiseCollator, PointwiseCollator
+
+    batch = ListwiseCollator(pad_token_id=0)(
+        [{"ranked_ids": [[5, 6, 7], [8]]}, {"ranked_ids": [[1], [2, 3], [4]]}]
+    )
+    assert list(batch)[0] == "group_sizes" and batch["group_sizes"].tolist() == [2, 3]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [1, 0, 0], [2, 3, 0], [4, 0, 0]]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 1, 1, 2, 1]
+    batch = PointwiseCollator(pad_token_id=9, pad_to_multiple_of=4)(
+        [{"input_ids": [1, 2], "score": 0.5}, {"input_ids": [3], "score": 1}]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 9, 9], [3, 9, 9, 9]] and batch["scores"].tolist() == [
+        0.5,
+        1.0,
+    ]
+
+
+def test_responses_are_laid_out_as_trl_lays_out_chosen_and_rejected():
+    from transformers import AutoTokenizer
+
+    from align_cli.methods.rm_trainer import tokenize_response
+    from align_cli.modeling import TINY_TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    chat = tokenize_response(
+        tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}]
+    )
+    assert tok.decode(chat) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    plain = tokenize_response(tok, "Hi. ", "Hello")
+    assert tok.decode(plain) == "Hi. Hello" + tok.eos_token  # EOS appended, as RewardTrainer does

@@ -27,9 +27,8 @@ Every mode evaluates on the held-out split (logged during training and in summar
 The run folder holds a sequence-classification model with one output, with its tokenizer
 and chat template and `pad_token_id` in its config (with `peft=lora`: an adapter that also
 saves the score head). `reward.model.path=<run folder>` uses it in PPO and GRPO;
-`AutoModelForSequenceClassification.from_pretrained(<run folder>)` loads a full model, and
-`peft.AutoPeftModelForSequenceClassification.from_pretrained(<run folder>, num_labels=1)` an
-adapter.
+`AutoModelForSequenceClassification.from_pretrained(<run folder>)` loads it (add
+`num_labels=1` for an adapter: its base model's config does not say one output).
 """
 
 from __future__ import annotations
