@@ -194,8 +194,8 @@ def test_collators_keep_each_prompts_responses_together():
 def test_responses_are_laid_out_as_trl_lays_out_chosen_and_rejected():
     from transformers import AutoTokenizer
 
-    from align_cli.methods.rm_trainer import tokenize_response
     from align_cli.modeling import TINY_TOKENIZER_DIR
+    from align_cli.rewards.model import tokenize_response
 
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
     chat = tokenize_response(

@@ -23,6 +23,7 @@ import torch
 from trl import RewardTrainer
 
 from ..errors import AlignError
+from ..rewards.model import tokenize_response
 from .rm_losses import listwise_loss, pointwise_loss, ranked_pairs
 from .rm_metrics import PAD_RANK, listwise_metrics, pointwise_metrics
 
@@ -84,23 +85,6 @@ class ListwiseCollator:
             "input_ids": pad_right(ids, self.pad_token_id, self.pad_to_multiple_of),
             "attention_mask": pad_right([[1] * len(s) for s in ids], 0, self.pad_to_multiple_of),
         }
-
-
-def tokenize_response(tokenizer, prompt, response) -> list[int]:
-    """Token ids of prompt + response, laid out as TRL's RewardTrainer lays out chosen/rejected.
-
-    Conversational rows go through the chat template; plain text gets the EOS token appended,
-    so a reward model trained in any mode reads the same layout.
-    """
-    if isinstance(prompt, list):
-        return list(
-            tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"]
-        )
-    eos = tokenizer.eos_token or ""
-    text = prompt + response
-    if eos and not text.endswith(eos):
-        text += eos
-    return list(tokenizer(text=text)["input_ids"])
 
 
 class _ScoredRewardTrainer(RewardTrainer):

@@ -23,6 +23,24 @@ def _as_messages(item: Any, role: str) -> list[dict]:
     return [{"role": role, "content": "" if item is None else str(item)}]
 
 
+def tokenize_response(tokenizer, prompt, response) -> list[int]:
+    """Token ids of prompt + response, laid out as TRL's RewardTrainer lays out chosen/rejected.
+
+    Conversational rows go through the chat template; plain text gets the EOS token appended.
+    Training (every `method=rm` mode) and scoring (this reward) both use this one function, so a
+    reward model always reads the layout it was trained on.
+    """
+    if isinstance(prompt, list):
+        return list(
+            tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"]
+        )
+    eos = tokenizer.eos_token or ""
+    text = prompt + response
+    if eos and not text.endswith(eos):
+        text += eos
+    return list(tokenizer(text=text)["input_ids"])
+
+
 class ModelReward(Reward):
     """Scores (prompt, completion) pairs with a reward model's single logit.
 
@@ -65,35 +83,32 @@ class ModelReward(Reward):
         self.model.to(device)
         return self
 
-    def texts(self, prompts: list, completions: list) -> list[str]:
-        """The strings the reward model reads: prompt + completion, chat-formatted when conversational."""
-        conversational = isinstance(prompts[0], list) if prompts else False
-        if conversational and self.tokenizer.chat_template:
-            return [
-                self.tokenizer.apply_chat_template(
-                    _as_messages(p, "user") + _as_messages(c, "assistant"), tokenize=False
-                )
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-        return [message_text(p) + message_text(c) for p, c in zip(prompts, completions, strict=True)]
+    def input_ids(self, prompts: list, completions: list) -> list[list[int]]:
+        """What the reward model reads for each pair, truncated from the left to max_length."""
+        conversational = bool(prompts) and isinstance(prompts[0], list) and bool(self.tokenizer.chat_template)
+        out = []
+        for p, c in zip(prompts, completions, strict=True):
+            if conversational:
+                ids = tokenize_response(self.tokenizer, _as_messages(p, "user"), _as_messages(c, "assistant"))
+            else:
+                ids = tokenize_response(self.tokenizer, message_text(p), message_text(c))
+            out.append(ids[-self.max_length :])
+        return out
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         import torch
 
-        texts = self.texts(prompts, completions)
+        rows = self.input_ids(prompts, completions)
         device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
         scores: list[float | None] = []
-        for start in range(0, len(texts), int(self.batch_size)):
-            batch = self.tokenizer(
-                texts[start : start + int(self.batch_size)],
-                return_tensors="pt",
-                padding=True,
-                padding_side="right",
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=False,
-            ).to(device)
+        for start in range(0, len(rows), int(self.batch_size)):
+            chunk = rows[start : start + int(self.batch_size)]
+            width = max(len(r) for r in chunk)
+            # Right padding: sequence classification reads the last non-pad token.
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
             with torch.inference_mode():
-                logits = self.model(**batch).logits  # (batch, 1)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (batch, 1)
             scores.extend(logits[:, 0].float().tolist())
         return scores
