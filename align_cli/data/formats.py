@@ -176,6 +176,8 @@ def check_messages(msgs: Any, key: str) -> list[dict]:
             )
         if not isinstance(m["content"], str):
             raise RowError(f"column '{key}' message {i}: content must be a string")
+        if m["role"] in ("user", "assistant") and not m["content"].strip():
+            raise RowError(f"column '{key}' message {i} ({m['role']}) is empty")
     return msgs
 
 
