@@ -338,6 +338,7 @@ def _diverged(
         previous = last_checkpoint(output_dir)
         where = f"; the last good checkpoint is {previous}" if previous else "; no checkpoint was saved"
     lr = args.get("learning_rate", getattr(trainer.args, "learning_rate", None))
+    lr = f"{lr:g}" if isinstance(lr, (int, float)) else lr
     return (
         f"{key} became {value} at step {step}{where}: lower method.args.learning_rate (now {lr}) "
         "or check the data and method.args"
