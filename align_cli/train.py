@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,35 @@ def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings
         ) from None
 
 
+def check_method_args(
+    module, method: dict, args: dict, model_cfg, quant_cfg, peft_cfg, output_dir: str, seed: int
+):
+    """Builds the method's trainer config once up front, so a typo in method.args fails now.
+
+    Raises:
+        AlignError: an unknown key (named, with the nearest valid ones) or a rejected value.
+    """
+    if not hasattr(module, "config_class"):
+        return
+    from .methods.base import MethodContext
+
+    ctx = MethodContext(
+        method=method,
+        args=args,
+        model_cfg=model_cfg,
+        quant_cfg=quant_cfg,
+        peft_cfg=peft_cfg,
+        tokenizer=None,
+        train_dataset=None,
+        output_dir=output_dir,
+        seed=seed,
+    )
+    # Quietly: the trainer builds this config again and shows its deprecation warnings then.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx.trl_config(module.config_class())
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """Runs one training job described by a composed config.
 
@@ -208,6 +238,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None
     output_dir = resolve_output_dir(cfg)
     resume_from = check_run_folder(output_dir, cfg.get("resume"))
+    check_method_args(module, method, args, model_cfg, quant_cfg, peft_cfg, output_dir, int(cfg.seed))
     preflight_quant(quant_cfg, peft_cfg)
 
     # The tokenizer is cheap and decides whether prompts become chat messages; the data is
