@@ -64,7 +64,7 @@ class GracefulStop(TrainerCallback):
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:

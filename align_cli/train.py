@@ -650,7 +650,8 @@ def _hydra_entry() -> None:
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 # One bad job (a diverging learning rate...) does not stop the sweep.
                 job_dir = HydraConfig.get().runtime.output_dir
-                print(f"align: error: {job_dir}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+                job = HydraConfig.get().job.num
+                print(f"align: error: job {job}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
                 _FAILED_JOBS.append(job_dir)
                 return
             fail(err)
