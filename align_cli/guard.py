@@ -3,8 +3,9 @@
 - `GracefulStop`: SIGINT/SIGTERM finish the current optimizer step, save a checkpoint and
   stop training; `align` then exits 130 (SIGINT) or 143 (SIGTERM). A second signal stops at
   once, without saving.
-- `LossGuard`: a training loss that is NaN or infinite stops the run before the optimizer
-  applies it; the last good state is saved as a checkpoint and the error names the step.
+- `LossGuard`: a training loss (or gradient) that is NaN or infinite stops the run before the
+  optimizer applies it; the state the step started from is saved as a checkpoint and the
+  error names the step.
 - `find_checkpoint` / `last_checkpoint`: what `resume=true` or `resume=<path>` continues from.
 
 Both guards are transformers `TrainerCallback`s (the loss guard also wraps the trainer's
@@ -95,27 +96,41 @@ class GracefulStop(TrainerCallback):
 
 
 class NonFiniteLoss(Exception):
-    """Raised from inside the training loop when the loss is NaN or infinite."""
+    """Raised from inside the training loop when the loss, gradients or outputs are NaN or infinite.
 
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss became {value} at step {step}")
+    Attributes:
+        step: the step that failed (the optimizer has not applied it).
+        what: what became non-finite, e.g. "loss became nan".
+    """
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"{what} at step {step}")
         self.step = step
-        self.value = value
+        self.what = what
+
+
+# torch's complaint when sampling from NaN/inf probabilities (GRPO/PPO generate before the loss).
+_NON_FINITE_ERROR = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
 
 
 class LossGuard(TrainerCallback):
-    """Stops training on a NaN or infinite loss, before the optimizer applies its gradients.
+    """Stops training on a NaN or infinite loss or gradient, before the optimizer applies it.
 
     `attach(trainer)` wraps `trainer.training_step` (it returns the micro-batch loss, after the
-    backward pass and before the optimizer step); a non-finite loss raises `NonFiniteLoss`,
+    backward pass and before the optimizer step): a non-finite loss raises `NonFiniteLoss`,
     which leaves the model and optimizer as they were after the previous step. transformers
     would otherwise replace the NaN by an average in the logs (`logging_nan_inf_filter`) and
-    step anyway. Trainers with their own loop that never calls `training_step` are still
-    covered by `on_log`: a logged training loss that is not finite stops them (after the fact).
+    step anyway. A finite loss can still have overflowing gradients: `on_pre_optimizer_step`
+    checks them too (except under fp16, whose grad scaler skips such steps by design). Methods
+    that generate first (GRPO) fail inside generation when the weights have blown up; that
+    error is reported the same way. Trainers with their own loop that never calls
+    `training_step` are still covered by `on_log`: a logged training loss that is not finite
+    stops them (after the fact).
     """
 
     def __init__(self):
         self.bad: tuple[int, str, float] | None = None  # (step, key, value) seen by on_log
+        self._trainer = None
 
     def attach(self, trainer) -> None:
         original = getattr(trainer, "training_step", None)
@@ -123,15 +138,39 @@ class LossGuard(TrainerCallback):
             return
 
         def training_step(*args, **kwargs):
-            loss = original(*args, **kwargs)
+            step = trainer.state.global_step + 1
+            try:
+                loss = original(*args, **kwargs)
+            except RuntimeError as err:
+                if _NON_FINITE_ERROR.search(str(err)):
+                    first = str(err).strip().splitlines()[0]
+                    raise NonFiniteLoss(step, f"the model's outputs became inf or nan ({first})") from err
+                raise
             if isinstance(loss, torch.Tensor):
                 finite = bool(torch.isfinite(loss.detach()).all())
                 if _all_ranks_max(0.0 if finite else 1.0, loss.device):
-                    value = loss.detach().float().mean().item()
-                    raise NonFiniteLoss(trainer.state.global_step + 1, value if not finite else math.nan)
+                    value = loss.detach().float().mean().item() if not finite else math.nan
+                    raise NonFiniteLoss(step, f"loss became {value}")
             return loss
 
         trainer.training_step = training_step  # an instance attribute shadows the method
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None or getattr(args, "fp16", False):
+            return control
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:  # DeepSpeed keeps its own gradients
+            return control
+        try:
+            device = grads[0].device
+            # One norm per tensor, gathered on one device: a single sync for the whole check.
+            norms = torch.stack([g.detach().float().norm().to(device) for g in grads])
+            finite = bool(torch.isfinite(norms).all())
+        except (RuntimeError, TypeError, NotImplementedError):  # sharded gradients (FSDP): skip
+            return control
+        if _all_ranks_max(0.0 if finite else 1.0, device):
+            raise NonFiniteLoss(state.global_step + 1, "gradients became inf or nan")
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key, value in (logs or {}).items():

@@ -9,7 +9,7 @@ wrong group option, key or value is one line (`align: error: ...`) instead of Hy
 and picks a run folder no other run uses. `train()` then checks everything cheap (resume,
 quantization, tokenizer, the whole dataset) before any model weights are loaded, and guards
 the run (see guard.py): SIGINT/SIGTERM save a checkpoint and stop, a NaN loss stops after
-saving the last good state.
+saving the state the failed step started from.
 """
 
 from __future__ import annotations
@@ -215,7 +215,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
 
     Raises:
         AlignError: any user mistake, found before model weights are loaded where possible;
-            a loss that became NaN or infinite (after saving the last good state).
+            a loss that became NaN or infinite (after saving the state the failed step started
+            from, when its weights are finite).
         TrainingInterrupted: SIGINT/SIGTERM stopped training after saving a checkpoint.
     """
     from . import modeling
@@ -292,10 +293,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         try:
             trainer.train(resume_from_checkpoint=resume_from)
         except NonFiniteLoss as err:
-            raise AlignError(_diverged(trainer, err.step, err.value, args, output_dir)) from None
+            raise AlignError(_diverged(trainer, err.step, err.what, args, output_dir)) from None
         if loss_guard.bad is not None:
             step, key, value = loss_guard.bad
-            raise AlignError(_diverged(trainer, step, value, args, output_dir, key=key, saved=False))
+            raise AlignError(_diverged(trainer, step, f"{key} became {value}", args, output_dir, saved=False))
         if stop.stopped_at is not None:
             raise TrainingInterrupted(_interrupted(stop, output_dir), stop.signum)
         # A signal after the last step: skip the final evaluation, but save the finished model.
@@ -353,27 +354,31 @@ def _interrupted(stop, output_dir: str) -> str:
     )
 
 
-def _diverged(
-    trainer, step: int, value: float, args: dict, output_dir: str, key: str = "loss", saved=True
-) -> str:
-    """Saves the last good state (when the weights are still finite) and says what happened."""
+def _diverged(trainer, step: int, what: str, args: dict, output_dir: str, saved: bool = True) -> str:
+    """Saves the state the failed step started from (if its weights are finite); says what happened.
+
+    Args:
+        trainer: the trainer, stopped inside step `step`.
+        step: the step whose loss, gradients or outputs were not finite; not applied.
+        what: e.g. "loss became nan".
+        args: method.args (for the learning rate in the hint).
+        output_dir: the run folder.
+        saved: False when the bad step was already applied (seen in the logs, after the fact):
+            only an earlier checkpoint is named then.
+    """
     from .guard import last_checkpoint, params_finite
 
-    where = ""
     good = trainer.state.global_step
     if saved and good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
-        # The optimizer has not applied the bad step: the state is the one after step `good`.
+        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
         trainer._save_checkpoint(trainer.model, trial=None)
-        where = f"; saved the last good state (step {good}) to {output_dir}/checkpoint-{good}"
+        where = f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
     else:
         previous = last_checkpoint(output_dir)
-        where = f"; the last good checkpoint is {previous}" if previous else "; no checkpoint was saved"
+        where = f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"
     lr = args.get("learning_rate", getattr(trainer.args, "learning_rate", None))
     lr = f"{lr:g}" if isinstance(lr, (int, float)) else lr
-    return (
-        f"{key} became {value} at step {step}{where}: lower method.args.learning_rate (now {lr}) "
-        "or check the data and method.args"
-    )
+    return f"{what} at step {step}{where}: lower method.args.learning_rate (now {lr}) or check the data"
 
 
 # --------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 - A run interrupted by SIGINT at step k saves checkpoint-k; `resume=true` continues it and
   ends with the same weights as a run that was never interrupted (same seed, LoRA dropout
   on, an epoch boundary crossed after the resume point).
-- A loss that becomes NaN stops the run naming the step, after saving the last good state,
-  which can be resumed.
+- A loss that becomes NaN stops the run naming the step, after saving the state that step
+  started from (the optimizer never applies the NaN), which can be resumed.
 - SIGTERM to a real `align train` process: checkpoint, exit 143, one line that says how to continue.
 """
 
@@ -64,6 +64,18 @@ class NanAt(TrainerCallback):
             self.hooked = True
 
 
+class InfGradAt(TrainerCallback):
+    """From step `step` on, one weight's gradient is infinite while the loss stays finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step - 1:
+            param = next(p for p in model.parameters() if p.requires_grad)
+            param.register_hook(lambda grad: grad * float("inf"))
+
+
 def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -98,9 +110,11 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((run / "summary.json").read_text())["metrics"]["global_step"] == 6
 
 
-def test_nan_loss_stops_naming_the_step_after_saving_the_last_good_state(tmp_path):
+def test_nan_loss_stops_naming_the_step_after_saving_the_state_before_it(tmp_path):
     run = tmp_path / "nan"
-    with pytest.raises(AlignError, match=r"loss became nan at step 3; saved the last good state \(step 2\)"):
+    with pytest.raises(
+        AlignError, match=r"loss became nan at step 3; saved the state it started from \(step 2\)"
+    ):
         train(compose(RUN, run), callbacks=[NanAt(3)])
     checkpoint = run / "checkpoint-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
@@ -114,6 +128,13 @@ def test_nan_loss_stops_naming_the_step_after_saving_the_last_good_state(tmp_pat
     resumed = train(compose([*RUN, f"resume={checkpoint}"], run))
     assert resumed.trainer.state.global_step == 6
     assert all(torch.isfinite(p).all() for p in resumed.trainer.model.parameters())
+
+
+def test_infinite_gradients_never_reach_the_weights(tmp_path):
+    run = tmp_path / "inf"
+    with pytest.raises(AlignError, match=r"gradients became inf or nan at step 3; saved .*\(step 2\)"):
+        train(compose(RUN, run), callbacks=[InfGradAt(3)])
+    assert (run / "checkpoint-2" / "trainer_state.json").exists()
 
 
 def test_absurd_learning_rate_diverges_and_stops(tmp_path):
