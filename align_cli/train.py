@@ -291,7 +291,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     stop.install()
     try:
         try:
-            trainer.train(resume_from_checkpoint=resume_from)
+            # No keyword when starting fresh: a custom trainer's train() may not take it.
+            trainer.train(resume_from_checkpoint=resume_from) if resume_from else trainer.train()
         except NonFiniteLoss as err:
             raise AlignError(_diverged(trainer, err.step, err.what, args, output_dir)) from None
         if loss_guard.bad is not None:

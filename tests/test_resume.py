@@ -104,7 +104,10 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
     lora = [n for n in got if "lora_" in n]
     assert lora and all(not torch.equal(got[n], 0 * got[n]) for n in lora if "lora_B" in n)  # trained
     for name, tensor in expected.items():
-        assert torch.equal(got[name], tensor), name
+        if torch.cuda.is_available():  # some CUDA backward kernels accumulate in any order
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(got[name], tensor), name
     # Every step logged once, the first three by the interrupted run, the rest after resuming.
     assert logged_steps(run) == [1, 2, 3, 4, 5, 6]
     assert json.loads((run / "summary.json").read_text())["metrics"]["global_step"] == 6
