@@ -160,8 +160,8 @@ def test_an_unfinished_run_is_not_restarted_over(tmp_path):
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     """Runs started in the same second get their own folders (mkdir is the lock)."""
     monkeypatch.chdir(tmp_path)
-    frozen = time.localtime()
-    monkeypatch.setattr(time, "localtime", lambda *a: frozen)
+    frozen, strftime = time.localtime(), time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, t=None: strftime(fmt, t or frozen))
     dirs = [next(a for a in prepare(["method=dpo"]) if a.startswith("hydra.run.dir=")) for _ in range(3)]
     assert len(set(dirs)) == 3, dirs
     assert dirs[1] == dirs[0] + "_1" and dirs[2] == dirs[0] + "_2"
