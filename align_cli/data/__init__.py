@@ -95,6 +95,10 @@ def convert(
             origins.append(origin)
         except RowError as err:
             found.add(f"{origin}: {err} ({fmt.name} format)")
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            # A shape no check anticipated (e.g. `history` that is not a list of pairs): still
+            # a problem of this row, not a crash.
+            found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
     if problems is None:
         found.raise_if_any(raw.source)
     return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows))
