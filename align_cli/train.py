@@ -294,6 +294,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             # No keyword when starting fresh: a custom trainer's train() may not take it.
             trainer.train(resume_from_checkpoint=resume_from) if resume_from else trainer.train()
         except NonFiniteLoss as err:
+            _close_progress_bars(trainer)
             raise AlignError(_diverged(trainer, err.step, err.what, args, output_dir)) from None
         if loss_guard.bad is not None:
             step, key, value = loss_guard.bad
@@ -327,7 +328,18 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             )
     finally:
         stop.uninstall()
+        _close_progress_bars(trainer)
     return RunResult(output_dir=output_dir, metrics=metrics, trainer=trainer)
+
+
+def _close_progress_bars(trainer) -> None:
+    """Closes the training bar an exception left open, so it does not redraw after our message."""
+    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
+                setattr(callback, name, None)
 
 
 def _resume_command(output_dir: str) -> str:
