@@ -177,6 +177,22 @@ def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings
         ) from None
 
 
+def check_method_format(method: dict) -> str:
+    """The method's standard data format (formats.py), or an AlignError saying why there is none.
+
+    A method yaml may derive `format` from another key (rm: `method.mode`) and put the reason
+    there when that key is wrong.
+    """
+    from .data.formats import STANDARD_FORMATS
+
+    fmt = str(method.get("format", ""))
+    if fmt not in STANDARD_FORMATS:
+        raise AlignError(
+            f"method={method.get('name')} has no valid data format: {fmt or 'format is not set'}"
+        )
+    return fmt
+
+
 def check_method_args(
     module, method: dict, args: dict, model_cfg, quant_cfg, peft_cfg, output_dir: str, seed: int
 ):
@@ -232,6 +248,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
     args = method.pop("args", None) or {}
     module = load_method(method["name"])
+    check_method_format(method)
     model_cfg = typed(cfg, "model", schema.ModelConfig)
     data_cfg = typed(cfg, "data", schema.DataConfig)
     peft_cfg = typed(cfg, "peft", schema.PeftSettings)

@@ -165,11 +165,12 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
-    from .train import typed
+    from .train import check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
-    if not method or "format" not in method:
+    if not method:
         raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
+    check_method_format(method)
     model_cfg = typed(cfg, "model", schema.ModelConfig)
     data_cfg = typed(cfg, "data", schema.DataConfig)
     tokenizer = modeling.load_tokenizer(model_cfg)

@@ -146,17 +146,17 @@ CASES = [
         1,
     ),
     (
-        ["data", "validate", "method=rm", "method.format=pointwise", "data.path={tmp}/score.jsonl"],
+        ["data", "validate", "method=rm", "method.mode=pointwise", "data.path={tmp}/score.jsonl"],
         "score.jsonl:1: column 'score' must be a number, got 'high'",
         1,
     ),
     (
-        ["data", "validate", "method=rm", "method.format=listwise", "data.path={tmp}/responses.jsonl"],
+        ["data", "validate", "method=rm", "method.mode=listwise", "data.path={tmp}/responses.jsonl"],
         "responses.jsonl:1: column 'responses' must hold at least 2 responses, got 1",
         1,
     ),
     (
-        ["data", "validate", "method=rm", "method.format=listwise", "data.path={tmp}/not_list.jsonl"],
+        ["data", "validate", "method=rm", "method.mode=listwise", "data.path={tmp}/not_list.jsonl"],
         "not_list.jsonl:1: column 'responses' must be a list of strings, got str",
         1,
     ),
@@ -167,6 +167,11 @@ CASES = [
     ),
     (["data", "validate", "method=kto", "data.path={tmp}/kto_tag.jsonl"], "1 problem in", 1),
     (["data", "validate", "method=nope"], "unknown method 'nope'", 1),
+    (
+        ["data", "validate", "method=rm", "method.mode=foo"],
+        "method=rm has no valid data format: method.mode=foo is not pairwise, pointwise or listwise",
+        1,
+    ),
 ]
 
 
