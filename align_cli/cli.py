@@ -31,6 +31,17 @@ examples:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _dispatch(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (composing, reading data, loading a model): nothing to save.
+        if any(a.lstrip("+").lower() in ("debug=true", "debug=1") for a in argv):
+            raise
+        print("\nalign: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
@@ -40,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
 
         train_main(rest)
     elif command == "data":
-        if not rest or rest[0] in ("-h", "--help"):
-            print("usage: align data validate method=<name> [data=<name>] [data.path=<file>] [key=value ...]")
+        if not rest or rest[0] in ("-h", "--help") or {"-h", "--help"} & set(rest[1:]):
+            print(DATA_USAGE)
             return
         if rest[0] != "validate":
             _fail(f"unknown data command '{rest[0]}': use `align data validate`")
@@ -52,6 +63,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"align {__version__}")
     else:
         _fail(f"unknown command '{command}': use train, data validate or version (see align --help)")
+
+
+DATA_USAGE = """usage: align data validate method=<name> [data=<name>] [data.path=<file>] [key=value ...]
+
+Reads the whole dataset the way `align train` would and reports every problem with its file
+and line (missing or mistyped columns, empty texts, identical chosen and rejected, malformed
+JSON, prompts longer than model.max_length), then a summary: rows, columns, detected input
+format, token-length percentiles. Exits 0 when the data is ready to train on, 1 otherwise.
+
+examples:
+  align data validate method=kto data.path=my_feedback.jsonl
+  align data validate method=dpo data=ultrafeedback model=qwen2.5-0.5b
+"""
 
 
 def _fail(message: str) -> None:

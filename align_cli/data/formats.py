@@ -176,6 +176,8 @@ def check_messages(msgs: Any, key: str) -> list[dict]:
             )
         if not isinstance(m["content"], str):
             raise RowError(f"column '{key}' message {i}: content must be a string")
+        if m["role"] in ("user", "assistant") and not m["content"].strip():
+            raise RowError(f"column '{key}' message {i} ({m['role']}) is empty")
     return msgs
 
 
@@ -396,7 +398,9 @@ def detect(standard: str, columns: set[str], requested: str, source: str) -> Inp
         if all(c in columns for c in fmt.required):
             return fmt
     # Does the file match another method's data? Say so: it is the most common mistake.
-    other = next((f for f in INPUT_FORMATS if all(c in columns for c in f.required)), None)
+    # The most specific match: alpaca_kto rather than alpaca for instruction/output/kto_tag.
+    matches = [f for f in INPUT_FORMATS if all(c in columns for c in f.required)]
+    other = max(matches, key=lambda f: len(f.required)) if matches else None
     hint = f"; these columns look like {other.standard} data ({other.name})" if other else ""
     wanted = " or ".join("[" + ", ".join(f.required) + "]" for f in candidates)
     raise AlignError(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AlignError
+from .problems import Problems
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -41,7 +42,14 @@ def _read_text(path: Path) -> str:
         raise AlignError(f"{path}: cannot read the file ({err.strerror})") from None
 
 
-def read_jsonl(path: Path) -> Rows:
+def _row_problem(problems: Problems | None, message: str) -> None:
+    """Stops at the first bad row, or notes it and reads on when collecting."""
+    if problems is None:
+        raise AlignError(message)
+    problems.add(message)
+
+
+def read_jsonl(path: Path, problems: Problems | None = None) -> Rows:
     out = Rows(source=str(path))
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -49,9 +57,13 @@ def read_jsonl(path: Path) -> Rows:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise AlignError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            _row_problem(problems, f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})")
+            continue
         if not isinstance(row, dict):
-            raise AlignError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            _row_problem(
+                problems, f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}"
+            )
+            continue
         out.rows.append(row)
         out.origins.append(f"{path}:{lineno}")
     return out
@@ -79,14 +91,14 @@ def _object_lines(text: str) -> list[int]:
     return lines
 
 
-def read_json(path: Path) -> Rows:
+def read_json(path: Path, problems: Problems | None = None) -> Rows:
     text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         # A .json file holding JSON lines is common; read it as such.
         if err.msg == "Extra data":
-            return read_jsonl(path)
+            return read_jsonl(path, problems)
         raise AlignError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     if isinstance(data, dict):
         # {"train": [...]} or {"data": [...]}: take the single list inside.
@@ -101,23 +113,31 @@ def read_json(path: Path) -> Rows:
     for i, row in enumerate(data):
         where = f"{path}:{lines[i] if i < len(lines) else 1}"
         if not isinstance(row, dict):
-            raise AlignError(f"{where}: each element must be a JSON object, got {type(row).__name__}")
+            _row_problem(problems, f"{where}: each element must be a JSON object, got {type(row).__name__}")
+            continue
         out.rows.append(row)
         out.origins.append(where)
     return out
 
 
-def read_csv(path: Path) -> Rows:
+def read_csv(path: Path, problems: Problems | None = None) -> Rows:
     out = Rows(source=str(path))
     reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
     for row in reader:
         # DictReader's line_num is the physical line just read (quoted newlines included).
-        out.rows.append({k: v for k, v in row.items() if k is not None})
+        if None in row:  # more values than header columns: usually an unquoted comma
+            _row_problem(
+                problems,
+                f"{path}:{reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} values for "
+                f"{len(reader.fieldnames or [])} header columns (quote values that contain commas)",
+            )
+            continue
+        out.rows.append(dict(row))
         out.origins.append(f"{path}:{reader.line_num}")
     return out
 
 
-def read_parquet(path: Path) -> Rows:
+def read_parquet(path: Path, problems: Problems | None = None) -> Rows:
     import pyarrow.parquet as pq
 
     try:
@@ -131,13 +151,13 @@ def read_parquet(path: Path) -> Rows:
 READERS = {"json": read_json, "jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet}
 
 
-def read_file(path: Path) -> Rows:
+def read_file(path: Path, problems: Problems | None = None) -> Rows:
     kind = EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise AlignError(
             f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .csv or .parquet"
         )
-    return READERS[kind](path)
+    return READERS[kind](path, problems)
 
 
 def read_hub(name: str, subset: str | None, split: str) -> Rows:
@@ -156,22 +176,31 @@ def read_hub(name: str, subset: str | None, split: str) -> Rows:
     return Rows(rows=rows, origins=[f"{name}[{split}] row {i}" for i in range(len(rows))], source=name)
 
 
-def read_any(path: str, subset: str | None = None, split: str = "train") -> Rows:
+def read_any(
+    path: str, subset: str | None = None, split: str = "train", problems: Problems | None = None
+) -> Rows:
     """Reads a file, every supported file in a folder, or a hub dataset id.
+
+    Args:
+        path: a file, a folder or a hub dataset id.
+        subset: the hub dataset's configuration name.
+        split: the hub dataset's split.
+        problems: where to note bad rows (malformed JSON lines...) and read on; None stops at
+            the first.
 
     Raises:
         AlignError: the path does not exist (and is not a hub id), or a file is unreadable.
     """
     p = Path(os.path.expanduser(path))
     if p.is_file():
-        return read_file(p)
+        return read_file(p, problems)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS)
         if not files:
             raise AlignError(f"data.path '{path}': the folder holds no .json, .jsonl, .csv or .parquet file")
         out = Rows(source=str(p))
         for f in files:
-            out.extend(read_file(f))
+            out.extend(read_file(f, problems))
         return out
     if path.startswith((".", "/", "~")) or p.suffix.lower() in EXTENSIONS or path.count("/") > 1:
         raise AlignError(f"data.path '{path}' does not exist")

@@ -1,0 +1,265 @@
+"""Guards around every training run, whatever the method: nothing trained is lost.
+
+- `GracefulStop`: SIGINT/SIGTERM finish the current optimizer step, save a checkpoint and
+  stop training; `align` then exits 130 (SIGINT) or 143 (SIGTERM). A second signal stops at
+  once, without saving.
+- `LossGuard`: a training loss (or gradient) that is NaN or infinite stops the run before the
+  optimizer applies it; the state the step started from is saved as a checkpoint and the
+  error names the step.
+- `find_checkpoint` / `last_checkpoint`: what `resume=true` or `resume=<path>` continues from.
+
+Both guards are transformers `TrainerCallback`s (the loss guard also wraps the trainer's
+`training_step`), so they work for every method: each builds a `transformers.Trainer` subclass.
+Under torch.distributed every rank takes the same decision at the same step (a tiny
+all-reduce), so no rank waits forever in a collective the others left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import AlignError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _all_ranks_max(value: float, device) -> float:
+    """The maximum of `value` over all ranks (the value itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class GracefulStop(TrainerCallback):
+    """Turns SIGINT/SIGTERM into "save a checkpoint at the end of this step, then stop".
+
+    `install()` / `uninstall()` set and restore the signal handlers (main thread only: Python
+    delivers signals there). `signum` is the signal received, `stopped_at` the step whose
+    checkpoint was saved.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            # Second signal: the user does not want to wait. Restore the default behaviour and
+            # deliver it again (SIGINT raises KeyboardInterrupt, SIGTERM ends the process).
+            self.uninstall()
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        # os.write, not print: a signal can land while the main thread is inside a print to the
+        # same stream (progress bars), and the buffered writer is not reentrant.
+        name = signal.Signals(signum).name
+        os.write(
+            2,
+            f"\nalign: {name} received: saving a checkpoint at the end of this step "
+            f"(send it again to stop without saving)\n".encode(),
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        received = int(_all_ranks_max(self.signum or 0, args.device))
+        if received:
+            self.signum = received  # another rank may have got it first
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+class NonFiniteLoss(Exception):
+    """Raised from inside the training loop when the loss, gradients or outputs are NaN or infinite.
+
+    Attributes:
+        step: the step that failed (the optimizer has not applied it).
+        what: what became non-finite, e.g. "loss became nan".
+    """
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"{what} at step {step}")
+        self.step = step
+        self.what = what
+
+
+# torch's complaint when sampling from NaN/inf probabilities (GRPO/PPO generate before the loss).
+_NON_FINITE_ERROR = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+
+
+class LossGuard(TrainerCallback):
+    """Stops training on a NaN or infinite loss or gradient, before the optimizer applies it.
+
+    `attach(trainer)` wraps `trainer.training_step` (it returns the micro-batch loss, after the
+    backward pass and before the optimizer step): a non-finite loss raises `NonFiniteLoss`,
+    which leaves the model and optimizer as they were after the previous step. transformers
+    would otherwise replace the NaN by an average in the logs (`logging_nan_inf_filter`) and
+    step anyway. A finite loss can still have overflowing gradients: `on_pre_optimizer_step`
+    checks them too (except under fp16, whose grad scaler skips such steps by design). Methods
+    that generate first (GRPO) fail inside generation when the weights have blown up; that
+    error is reported the same way. Trainers with their own loop that never calls
+    `training_step` are still covered by `on_log`: a logged training loss that is not finite
+    stops them (after the fact).
+    """
+
+    def __init__(self):
+        self.bad: tuple[int, str, float] | None = None  # (step, key, value) seen by on_log
+        self._trainer = None
+
+    def attach(self, trainer) -> None:
+        original = getattr(trainer, "training_step", None)
+        if original is None:
+            return
+
+        def training_step(*args, **kwargs):
+            step = trainer.state.global_step + 1
+            try:
+                loss = original(*args, **kwargs)
+            except RuntimeError as err:
+                if _NON_FINITE_ERROR.search(str(err)):
+                    first = str(err).strip().splitlines()[0]
+                    raise NonFiniteLoss(step, f"the model's outputs became inf or nan ({first})") from err
+                raise
+            if isinstance(loss, torch.Tensor):
+                finite = bool(torch.isfinite(loss.detach()).all())
+                if _all_ranks_max(0.0 if finite else 1.0, loss.device):
+                    value = loss.detach().float().mean().item() if not finite else math.nan
+                    raise NonFiniteLoss(step, f"loss became {value}")
+            return loss
+
+        trainer.training_step = training_step  # an instance attribute shadows the method
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None or getattr(args, "fp16", False):
+            return control
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:  # DeepSpeed keeps its own gradients
+            return control
+        try:
+            device = grads[0].device
+            # One norm per tensor, gathered on one device: a single sync for the whole check.
+            norms = torch.stack([g.detach().float().norm().to(device) for g in grads])
+            finite = bool(torch.isfinite(norms).all())
+        except (RuntimeError, TypeError, NotImplementedError):  # sharded gradients (FSDP): skip
+            return control
+        if _all_ranks_max(0.0 if finite else 1.0, device):
+            raise NonFiniteLoss(state.global_step + 1, "gradients became inf or nan")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, value in (logs or {}).items():
+            if (
+                "loss" in key
+                and not key.startswith(("eval", "test"))
+                and isinstance(value, float)
+                and not math.isfinite(value)
+            ):
+                self.bad = (state.global_step, key, value)
+                control.should_training_stop = True
+        return control
+
+
+def params_finite(model) -> bool:
+    """Whether every parameter is finite (a NaN step may already have reached the weights)."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The highest `checkpoint-<step>` folder that was saved completely, or None.
+
+    transformers writes `trainer_state.json` last, so a checkpoint cut short (power loss,
+    SIGKILL) lacks it and is skipped.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        return None
+    steps = []
+    for child in run.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            steps.append((int(match.group(1)), child))
+    return str(max(steps)[1]) if steps else None
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        return int(json.load(f)["global_step"])
+
+
+def find_checkpoint(resume, output_dir: str) -> str | None:
+    """What `resume=` continues from: None (start fresh), or a checkpoint folder.
+
+    Args:
+        resume: false/None, true (the last checkpoint of `output_dir`), or a path: a
+            checkpoint folder, or a run folder (its last checkpoint).
+        output_dir: this run's folder.
+
+    Raises:
+        AlignError: nothing to resume from, naming what was looked at and what would work.
+    """
+    if resume is None or resume is False or str(resume).strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    if resume is True or str(resume).strip().lower() in ("true", "yes", "1", "last"):
+        found = last_checkpoint(output_dir)
+        if found is None:
+            raise AlignError(
+                f"resume=true: {output_dir} holds no complete checkpoint-<step> folder; name the run to "
+                "continue with hydra.run.dir=<run folder> (or output_dir=<run folder>), or pass "
+                "resume=<checkpoint folder>"
+            )
+        return found
+    path = os.path.expanduser(str(resume))
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return path
+    found = last_checkpoint(path)
+    if found is not None:  # a run folder: its last checkpoint
+        return found
+    if not os.path.exists(path):
+        raise AlignError(f"resume={resume}: no such folder")
+    raise AlignError(
+        f"resume={resume}: not a checkpoint (no trainer_state.json) and holds no checkpoint-<step> folder"
+    )
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Drops metrics.jsonl records logged after `step`: the resumed run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    # The interrupted segment's end-of-training record (train_runtime...) goes too.
+    kept = [
+        line
+        for line in lines
+        if json.loads(line).get("step", 0) <= step and "train_runtime" not in json.loads(line)
+    ]
+    if len(kept) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
