@@ -66,7 +66,8 @@ def test_multirun_makes_one_folder_per_value(tmp_path):
     betas = []
     for run in runs:
         assert (run / "summary.json").exists() and (run / "model.safetensors").exists()
-        betas.append(float(run.name.split("beta=")[1].split(",")[0]))
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        betas.append(float(overrides.split("method.args.beta=")[1].split()[0]))
     assert betas == [0.1, 0.5]
 
 

@@ -86,8 +86,11 @@ def test_method_args_override_without_plus():
     ]
     assert normalize_overrides(["method=grpo"]) == ["reward=length", "method=grpo"]
     assert normalize_overrides(["method=grpo", "reward=keyword"]) == ["method=grpo", "reward=keyword"]
-    cfg = compose(["method=dpo", "method.args.max_steps=3", "method.args.beta=0.5"])
+    cfg = compose(
+        ["method=dpo", "method.args.max_steps=3", "method.args.beta=0.5", "data.columns.prompt=question"]
+    )
     assert cfg.method.args.max_steps == 3 and cfg.method.args.beta == 0.5
+    assert cfg.data.columns.prompt == "question"
 
 
 def test_hydra_override_grammar():
