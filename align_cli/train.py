@@ -193,9 +193,7 @@ def check_method_format(method: dict) -> str:
     return fmt
 
 
-def check_method_args(
-    module, method: dict, args: dict, model_cfg, quant_cfg, peft_cfg, output_dir: str, seed: int
-):
+def check_method_args(module, ctx) -> None:
     """Builds the method's trainer config once up front, so a typo in method.args fails now.
 
     Raises:
@@ -203,19 +201,6 @@ def check_method_args(
     """
     if not hasattr(module, "config_class"):
         return
-    from .methods.base import MethodContext
-
-    ctx = MethodContext(
-        method=method,
-        args=args,
-        model_cfg=model_cfg,
-        quant_cfg=quant_cfg,
-        peft_cfg=peft_cfg,
-        tokenizer=None,
-        train_dataset=None,
-        output_dir=output_dir,
-        seed=seed,
-    )
     # Quietly: the trainer builds this config again and shows its deprecation warnings then.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -256,7 +241,20 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None
     output_dir = resolve_output_dir(cfg)
     resume_from = check_run_folder(output_dir, cfg.get("resume"))
-    check_method_args(module, method, args, model_cfg, quant_cfg, peft_cfg, output_dir, int(cfg.seed))
+    # Filled in as the run goes: the tokenizer and data come after the cheap checks.
+    ctx = MethodContext(
+        method=method,
+        args=args,
+        model_cfg=model_cfg,
+        quant_cfg=quant_cfg,
+        peft_cfg=peft_cfg,
+        tokenizer=None,
+        train_dataset=None,
+        reward=reward,
+        output_dir=output_dir,
+        seed=int(cfg.seed),
+    )
+    check_method_args(module, ctx)
     preflight_quant(quant_cfg, peft_cfg)
 
     # The tokenizer is cheap and decides whether prompts become chat messages; the data is
@@ -284,20 +282,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         elif os.path.exists(metrics_path):
             os.remove(metrics_path)  # left by a run that died before its first checkpoint
     stop, loss_guard = GracefulStop(), LossGuard()
-    ctx = MethodContext(
-        method=method,
-        args=args,
-        model_cfg=model_cfg,
-        quant_cfg=quant_cfg,
-        peft_cfg=peft_cfg,
-        tokenizer=tokenizer,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        reward=reward,
-        output_dir=output_dir,
-        callbacks=[MetricsFileCallback(metrics_path), stop, loss_guard, *(callbacks or [])],
-        seed=int(cfg.seed),
-    )
+    ctx.tokenizer, ctx.train_dataset, ctx.eval_dataset = tokenizer, train_ds, eval_ds
+    ctx.callbacks = [MetricsFileCallback(metrics_path), stop, loss_guard, *(callbacks or [])]
     trainer = module.build(ctx)
     handler = getattr(trainer, "callback_handler", None)
     for callback in ctx.callbacks if handler is not None else []:

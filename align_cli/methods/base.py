@@ -110,6 +110,22 @@ class MethodContext:
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
+    def trl_trainer(self, trainer_cls: type, config_cls: type, **kwargs: Any):
+        """A TRL trainer built the usual way: our model, config, data, tokenizer, LoRA, callbacks.
+
+        SFT, DPO and KTO need nothing else; `kwargs` go to the trainer as they are.
+        """
+        return trainer_cls(
+            model=self.load_model(),
+            args=self.trl_config(config_cls),
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            processing_class=self.tokenizer,
+            peft_config=self.lora(),
+            callbacks=self.callbacks,
+            **kwargs,
+        )
+
     def lora(self, task_type: str = "CAUSAL_LM"):
         """The LoRA config for `peft=lora`, or None."""
         return modeling.lora_config(self.peft_cfg, task_type)

@@ -25,12 +25,4 @@ def config_class():
 def build(ctx):
     from trl import DPOTrainer
 
-    return DPOTrainer(
-        model=ctx.load_model(),
-        args=ctx.trl_config(config_class()),
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        peft_config=ctx.lora(),
-        callbacks=ctx.callbacks,
-    )
+    return ctx.trl_trainer(DPOTrainer, config_class())

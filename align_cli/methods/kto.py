@@ -22,12 +22,4 @@ def config_class():
 def build(ctx):
     from trl import KTOTrainer
 
-    return KTOTrainer(
-        model=ctx.load_model(),
-        args=ctx.trl_config(config_class()),
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        peft_config=ctx.lora(),
-        callbacks=ctx.callbacks,
-    )
+    return ctx.trl_trainer(KTOTrainer, config_class())
