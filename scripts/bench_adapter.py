@@ -1,0 +1,582 @@
+"""Thin-adapter benchmark: `align train` against the same training written directly on TRL.
+
+    python3 scripts/bench_adapter.py                      # sft, dpo, kto; 3 rounds each
+    python3 scripts/bench_adapter.py --methods dpo --rounds 5 --no-doc
+
+For each method, both sides train the same tiny model folder on the same rows with the same
+TRL config values, as separate processes, alternating align, TRL, align, TRL, ...:
+
+- align: `python -m align_cli.cli train method=<m> model.name_or_path=<folder> ...`, the real
+  command (composition, data conversion, run folder, summary and plot included).
+- TRL: DIRECT_SCRIPT below, written to a temporary file. It imports nothing from align: it
+  reads align's converted rows from JSONL with `datasets`, loads the model folder with
+  transformers, builds SFTConfig/DPOConfig/KTOConfig from the values a warm-up align run
+  saved in its `training_args.bin` (every value that differs from the class default, except
+  output_dir), and calls SFTTrainer/DPOTrainer/KTOTrainer, evaluate and save_model.
+
+Honesty checks (the run stops if one fails): the TRL side's saved config equals align's
+field for field (output paths aside), and both sides reach the same training loss.
+
+Reported per method, median per side: training-loop throughput (samples/s over the time
+spent in Trainer.train(); transformers' `train_samples_per_second`) and its ratio align/TRL;
+whole-process wall time and start-up (wall time minus the training loop), and the difference.
+Both are also given in CPU time (samples per CPU-second; process CPU time minus the loop's),
+which other jobs on a shared machine disturb far less than wall-clock time. Targets: ratio
+>= 0.97 and at most 1 s of extra start-up. The table goes to stdout and to the `adapter`
+section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's align_cli, not an installed copy
+
+from bench import machine_info, update_section  # noqa: E402  (scripts/ is on sys.path)
+
+# method -> (trainer class, config class) in trl.
+TRL_CLASSES = {
+    "sft": ("SFTTrainer", "SFTConfig"),
+    "dpo": ("DPOTrainer", "DPOConfig"),
+    "kto": ("KTOTrainer", "KTOConfig"),
+}
+# Enough steps that the training loop (~8 s each on one idle core) outweighs timing noise,
+# while the whole benchmark (3 methods x 7 processes) stays around 6 minutes on 2 cores.
+DEFAULT_STEPS = {"sft": 200, "dpo": 80, "kto": 100}
+RATIO_TARGET = 0.97
+STARTUP_TARGET_S = 1.0
+
+DIRECT_SCRIPT = '''\
+"""The training that `align train` runs, written directly against TRL (nothing from align).
+
+    python direct.py spec.json
+"""
+import json
+import sys
+
+import torch
+import trl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+with open(sys.argv[1], encoding="utf-8") as f:
+    spec = json.load(f)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return Dataset.from_list([json.loads(line) for line in f])
+
+
+tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+train_dataset = read_jsonl(spec["train"])
+eval_dataset = read_jsonl(spec["eval"]) if spec["eval"] else None
+set_seed(spec["seed"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
+args = getattr(trl, spec["config"])(output_dir=spec["output_dir"], **spec["args"])
+trainer = getattr(trl, spec["trainer"])(
+    model=model,
+    args=args,
+    train_dataset=train_dataset,
+    eval_dataset=eval_dataset,
+    processing_class=tokenizer,
+)
+trainer.train()
+if eval_dataset is not None:
+    trainer.evaluate()
+trainer.save_model(spec["output_dir"])
+tokenizer.save_pretrained(spec["output_dir"])
+'''
+
+# Both sides run under this launcher: `python timer.py -m align_cli.cli train ...` is exactly
+# `python -m align_cli.cli train ...`, and `python timer.py direct.py spec.json` is
+# `python direct.py spec.json`, except that Trainer.train() (and align's plot, to show its
+# share of the start-up) is timed in wall-clock and CPU time; CPU time barely moves when other
+# jobs share the cores. Each module is wrapped when the program itself first imports it, so
+# import order and cost are untouched.
+TIMER_SCRIPT = """\
+import atexit
+import importlib.abc
+import importlib.util
+import json
+import os
+import runpy
+import sys
+import time
+
+times = {"calls": 0, "plot_cpu_s": 0.0, "plot_wall_s": 0.0}
+
+
+def wrap_trainer(module):
+    original = module.Trainer.train
+
+    def train(self, *args, **kwargs):
+        cpu, wall = time.process_time(), time.perf_counter()
+        output = original(self, *args, **kwargs)
+        times.update(
+            loop_cpu_s=time.process_time() - cpu,
+            loop_wall_s=time.perf_counter() - wall,
+            samples=self.state.global_step
+            * self.args.train_batch_size
+            * self.args.gradient_accumulation_steps
+            * self.args.world_size,
+            metrics=output.metrics,
+            calls=times["calls"] + 1,
+        )
+        return output
+
+    module.Trainer.train = train
+
+
+def wrap_plot(module):
+    original = module.plot_metrics
+
+    def plot_metrics(*args, **kwargs):
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            times["plot_cpu_s"] += time.process_time() - cpu
+            times["plot_wall_s"] += time.perf_counter() - wall
+
+    module.plot_metrics = plot_metrics
+
+
+WRAPPERS = {"transformers.trainer": wrap_trainer, "align_cli.callbacks": wrap_plot}
+
+
+class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        wrapper = WRAPPERS.pop(name, None)
+        if wrapper is None:
+            return None
+        spec = importlib.util.find_spec(name)  # the usual finders (this name is no longer ours)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            wrapper(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+@atexit.register
+def report():
+    with open(os.environ["BENCH_TIMES"], "w", encoding="utf-8") as f:
+        json.dump(times, f)
+
+
+sys.meta_path.insert(0, Hook())
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    sys.path[0] = os.getcwd()  # what `python -m` puts first
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@dataclass
+class Run:
+    """One process of one side: whole-process and training-loop times."""
+
+    side: str  # "align" | "trl"
+    wall_s: float  # the whole process, interpreter start to exit
+    cpu_s: float  # user + system CPU time of the whole process
+    loop_wall_s: float  # inside Trainer.train()
+    loop_cpu_s: float
+    samples: int  # trained in the loop: steps x batch size
+    samples_per_s: float  # transformers' train_samples_per_second
+    train_loss: float
+    plot_s: float  # align's training-curves plot (part of its start-up); 0 for TRL
+    plot_cpu_s: float
+
+    @property
+    def samples_per_cpu_s(self) -> float:
+        return self.samples / self.loop_cpu_s
+
+    @property
+    def startup_s(self) -> float:
+        """Everything but the training loop: interpreter, imports, config, data, model, eval, save, exit."""
+        return self.wall_s - self.loop_wall_s
+
+    @property
+    def startup_cpu_s(self) -> float:
+        return self.cpu_s - self.loop_cpu_s
+
+
+class BenchError(RuntimeError):
+    """A run failed or a check did not hold; the message says which."""
+
+
+def run_side(side: str, args: list[str], out: Path, work: Path, env: dict[str, str]) -> Run:
+    """Runs one side under the timer to completion and collects its times."""
+    times_path = out.with_suffix(".times.json")
+    cmd = [sys.executable, str(work / "timer.py"), *args]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**env, "BENCH_TIMES": str(times_path)}, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the runs are sequential: this one's usage
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-40:])
+        raise BenchError(
+            f"{side} run failed (exit {proc.returncode}): {' '.join(cmd)}\n--- output tail ---\n{tail}"
+        )
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    if times.get("calls") != 1:
+        raise BenchError(
+            f"{side} run: expected one Trainer.train() call, saw {times.get('calls')}: {' '.join(cmd)}"
+        )
+    metrics = times["metrics"]
+    return Run(
+        side=side,
+        wall_s=wall,
+        cpu_s=(after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),
+        loop_wall_s=times["loop_wall_s"],
+        loop_cpu_s=times["loop_cpu_s"],
+        samples=times["samples"],
+        samples_per_s=metrics["train_samples_per_second"],
+        train_loss=metrics["train_loss"],
+        plot_s=times["plot_wall_s"],
+        plot_cpu_s=times["plot_cpu_s"],
+    )
+
+
+def child_env(threads: int, cache: Path) -> dict[str, str]:
+    """The environment both sides run in: same threads, offline, this checkout first on the path."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        ALIGN_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+    )
+    return env
+
+
+def align_overrides(method: str, model_path: Path, steps: int) -> list[str]:
+    return [f"method={method}", f"model.name_or_path={model_path}", f"method.args.max_steps={steps}"]
+
+
+def align_args(method: str, model_path: Path, steps: int, out: Path) -> list[str]:
+    """`python -m align_cli.cli train ...`: the real command, its run folder at `out`."""
+    return [
+        "-m",
+        "align_cli.cli",
+        "train",
+        *align_overrides(method, model_path, steps),
+        f"hydra.run.dir={out}",
+    ]
+
+
+def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
+    """Writes the rows `align train` trains and evaluates on, converted by align's data layer."""
+    from omegaconf import OmegaConf
+
+    from align_cli import config as schema
+    from align_cli.data import load_datasets
+    from align_cli.modeling import load_tokenizer
+    from align_cli.testing import compose
+    from align_cli.train import typed
+
+    cfg = compose(align_overrides(method, model_path, steps))
+    model_cfg = typed(cfg, "model", schema.ModelConfig)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    tokenizer = load_tokenizer(model_cfg)
+    # The same call train.py makes; if the two ever drift apart, the loss check fails.
+    train, evaluation = load_datasets(
+        typed(cfg, "data", schema.DataConfig),
+        method_cfg["format"],
+        conversational=tokenizer.chat_template is not None,
+        seed=int(cfg.seed),
+        sample=method_cfg.get("sample"),
+    )
+    paths = {}
+    for name, ds in (("train", train), ("eval", evaluation)):
+        if ds is None:
+            paths[name] = None
+            continue
+        paths[name] = str(work / f"{method}-{name}.jsonl")
+        with open(paths[name], "w", encoding="utf-8") as f:
+            for row in ds:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {**paths, "seed": int(cfg.seed), "dtype": model_cfg.dtype, "rows": len(train)}
+
+
+def config_kwargs(training_args_bin: Path, config_name: str) -> dict:
+    """The config values an align run used: every field that differs from the class default."""
+    import dataclasses
+
+    import torch
+    import trl
+
+    cls = getattr(trl, config_name)
+    saved = torch.load(training_args_bin, weights_only=False)
+    as_json = saved.to_dict()  # enums as their values, nested configs as dicts
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in ("output_dir", "logging_dir"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if getattr(saved, f.name) != default:
+            out[f.name] = as_json[f.name]
+    return out
+
+
+def check_same_config(align_dir: Path, trl_dir: Path) -> None:
+    """Both sides' saved configs must be equal field by field, except fields naming their folders."""
+    import torch
+
+    a = torch.load(align_dir / "training_args.bin", weights_only=False).to_dict()
+    b = torch.load(trl_dir / "training_args.bin", weights_only=False).to_dict()
+    differ = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        names_folder = (
+            isinstance(va, str) and str(align_dir) in va and isinstance(vb, str) and str(trl_dir) in vb
+        )
+        if va != vb and not names_folder:
+            differ.append(f"{key}: align={va!r} trl={vb!r}")
+    if differ:
+        raise BenchError("the TRL side's config differs from align's:\n  " + "\n  ".join(differ))
+
+
+@dataclass
+class Result:
+    method: str
+    steps: int
+    rows: int
+    runs: list[Run]
+
+    def side(self, name: str) -> list[Run]:
+        return [r for r in self.runs if r.side == name]
+
+    def median(self, name: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in self.side(name))
+
+    def ratio(self, attr: str = "samples_per_s") -> float:
+        return self.median("align", attr) / self.median("trl", attr)
+
+    def extra(self, attr: str = "startup_s") -> float:
+        return self.median("align", attr) - self.median("trl", attr)
+
+    @property
+    def loss_gap(self) -> float:
+        pairs = zip(self.side("align"), self.side("trl"), strict=True)
+        return max(abs(a.train_loss - t.train_loss) for a, t in pairs)
+
+
+def bench_method(
+    method: str, steps: int, rounds: int, model_path: Path, work: Path, env: dict, log
+) -> Result:
+    data = export_data(method, model_path, steps, work)
+    # Warm-up, not counted: fills the file cache for both sides (they import the same
+    # libraries) and saves the TRL config values align ends up using.
+    warm = work / f"{method}-warmup"
+    run_side("align", align_args(method, model_path, steps, warm), warm, work, env)
+    trainer_name, config_name = TRL_CLASSES[method]
+    spec = {
+        "model": str(model_path),
+        "train": data["train"],
+        "eval": data["eval"],
+        "seed": data["seed"],
+        "dtype": data["dtype"],
+        "trainer": trainer_name,
+        "config": config_name,
+        "args": config_kwargs(warm / "training_args.bin", config_name),
+    }
+    log(f"{method}: {data['rows']} train rows, {steps} steps; TRL side: {config_name}(**{spec['args']})")
+
+    runs = []
+    for i in range(rounds):
+        for side in ("align", "trl"):
+            out = work / f"{method}-{side}-{i}"
+            if side == "align":
+                args = align_args(method, model_path, steps, out)
+            else:
+                spec_path = out.with_suffix(".json")
+                spec_path.write_text(json.dumps({**spec, "output_dir": str(out)}, indent=1), encoding="utf-8")
+                args = [str(work / "direct.py"), str(spec_path)]
+            run = run_side(side, args, out, work, env)
+            if side == "trl" and i == 0:
+                check_same_config(work / f"{method}-align-0", out)
+            runs.append(run)
+            log(
+                f"{method} {i + 1}/{rounds} {side:<5}: wall {run.wall_s:5.1f} s, loop {run.loop_wall_s:5.2f} s, "
+                f"{run.samples_per_s:6.1f} samples/s, {run.samples_per_cpu_s:6.1f} samples/CPU-s, "
+                f"start-up {run.startup_s:5.2f} s ({run.startup_cpu_s:5.2f} CPU-s; plot {run.plot_cpu_s:4.2f}), "
+                f"loss {run.train_loss:.4f}"
+            )
+    result = Result(method, steps, data["rows"], runs)
+    if result.loss_gap > 1e-4:
+        raise BenchError(
+            f"{method}: align and TRL reach different training losses (gap {result.loss_gap:.2e}): "
+            "they are not running the same training"
+        )
+    return result
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -> str:
+    ratio_wall = all(r.ratio() >= RATIO_TARGET for r in results)
+    ratio_cpu = all(r.ratio("samples_per_cpu_s") >= RATIO_TARGET for r in results)
+    startup_wall = all(r.extra() <= STARTUP_TARGET_S for r in results)
+    startup_cpu = all(r.extra("startup_cpu_s") <= STARTUP_TARGET_S for r in results)
+    lines = [
+        "## Thin adapter: `align train` vs the same training on TRL directly",
+        "",
+        "Reproduce: `make bench`, or this benchmark alone: `python3 scripts/bench_adapter.py`",
+        f"(options `--rounds N`, `--methods sft,dpo`, `--steps N`, `--threads N`; this run: {rounds} rounds,",
+        f"{threads} thread(s) per process, {elapsed_s / 60:.1f} min in all).",
+        "",
+        "For each method, `python -m align_cli.cli train method=<m>` (the real command) and a",
+        "standalone script that calls TRL's trainer directly (it imports nothing from align) train",
+        "the same tiny model folder on the same converted rows with the same TRL config values",
+        "(read from a warm-up align run's `training_args.bin`), as separate processes, alternating",
+        "align, TRL, align, TRL, ... The TRL script trains, evaluates, and saves the model and",
+        "tokenizer; align also composes its Hydra config, converts the data, and writes",
+        "metrics.jsonl, summary.json and a plot. The benchmark stops unless both sides' saved",
+        "configs are equal field by field and both reach the same training loss (`loss gap`).",
+        "",
+        "- Training loop: samples per second inside `Trainer.train()` (transformers'",
+        "  `train_samples_per_second`), and samples per CPU-second, median per side; ratio = align / TRL.",
+        "- Start-up: the whole process (wall clock, and CPU time) minus the training loop: interpreter,",
+        "  imports, config, data, model loading, final evaluation, saving, exit. Median per side.",
+        "",
+        "CPU-time figures barely move when other jobs share the cores; wall-clock figures do.",
+        "",
+        "| method | steps | align samples/s | TRL samples/s | ratio | align samples/CPU-s "
+        "| TRL samples/CPU-s | CPU ratio | loss gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.method} | {r.steps} | {r.median('align', 'samples_per_s'):.1f} "
+            f"| {r.median('trl', 'samples_per_s'):.1f} | {r.ratio():.3f} "
+            f"| {r.median('align', 'samples_per_cpu_s'):.1f} | {r.median('trl', 'samples_per_cpu_s'):.1f} "
+            f"| {r.ratio('samples_per_cpu_s'):.3f} | {r.loss_gap:.1e} |"
+        )
+    lines += [
+        "",
+        "| method | align wall s | TRL wall s | align start-up s | TRL start-up s | extra start-up s "
+        "| of which plot s | align start-up CPU-s | TRL start-up CPU-s | extra CPU-s | of which plot CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.method} | {r.median('align', 'wall_s'):.2f} | {r.median('trl', 'wall_s'):.2f} "
+            f"| {r.median('align', 'startup_s'):.2f} | {r.median('trl', 'startup_s'):.2f} | {r.extra():+.2f} "
+            f"| {r.median('align', 'plot_s'):.2f} "
+            f"| {r.median('align', 'startup_cpu_s'):.2f} | {r.median('trl', 'startup_cpu_s'):.2f} "
+            f"| {r.extra('startup_cpu_s'):+.2f} | {r.median('align', 'plot_cpu_s'):.2f} |"
+        )
+    lines += [
+        "",
+        f"Targets: throughput ratio >= {RATIO_TARGET} for every method: {_verdict(ratio_wall)} in wall-clock "
+        f"time, {_verdict(ratio_cpu)} in CPU time; extra start-up <= {STARTUP_TARGET_S:.0f} s: "
+        f"{_verdict(startup_wall)} in wall-clock time, {_verdict(startup_cpu)} in CPU time.",
+        "",
+        "Each run, in the order they ran (samples/s, samples/CPU-s, start-up s):",
+        "",
+    ]
+    for r in results:
+        for side, label in (("align", "align"), ("trl", "TRL")):
+            runs = "; ".join(
+                f"{x.samples_per_s:.0f}, {x.samples_per_cpu_s:.0f}, {x.startup_s:.2f}" for x in r.side(side)
+            )
+            lines.append(f"- {r.method} {label}: {runs}")
+    lines += [
+        "",
+        f"Machine: {machine_info()}.",
+        "The machine is shared with other jobs: single wall-clock figures vary by tens of percent",
+        "when it is busy, and alternating the sides spreads that over both. Re-run if a figure looks noisy.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="sft,dpo,kto", help="comma-separated, from sft,dpo,kto")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per side and method (alternating)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="max_steps for every method (default: per method)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per process (both sides)")
+    parser.add_argument(
+        "--no-doc", action="store_true", help="print the tables, leave docs/benchmarks.md alone"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (run folders, scripts)")
+    opts = parser.parse_args()
+    methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in TRL_CLASSES]
+    if unknown or opts.rounds < 1:
+        parser.error(
+            f"unknown method(s) {unknown}; use sft, dpo, kto" if unknown else "--rounds must be >= 1"
+        )
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="align-bench-"))
+    (work / "direct.py").write_text(DIRECT_SCRIPT, encoding="utf-8")
+    (work / "timer.py").write_text(TIMER_SCRIPT, encoding="utf-8")
+    cache = work / "cache"
+    os.environ["ALIGN_CACHE"] = str(cache)  # the tiny model is built here, once, for both sides
+    env = child_env(opts.threads, cache)
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:5.0f}s] {message}", flush=True)
+
+    try:
+        from align_cli.modeling import build_tiny_model
+
+        model_path = build_tiny_model()
+        log(f"work folder {work}; tiny model {model_path}")
+        results = [
+            bench_method(m, opts.steps or DEFAULT_STEPS[m], opts.rounds, model_path, work, env, log)
+            for m in methods
+        ]
+    except BenchError as err:
+        print(f"bench_adapter: {err}", file=sys.stderr)
+        print(f"bench_adapter: work folder kept for inspection: {work}", file=sys.stderr)
+        return 1
+    table = render(results, opts.rounds, opts.threads, time.perf_counter() - started)
+    print("\n" + table + "\n")
+    if not opts.no_doc:
+        update_section("adapter", table)
+        print("bench_adapter: wrote the adapter section of docs/benchmarks.md")
+    if opts.keep:
+        print(f"bench_adapter: work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
