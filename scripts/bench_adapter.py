@@ -104,8 +104,8 @@ tokenizer.save_pretrained(spec["output_dir"])
 # Both sides run under this launcher: `python timer.py -m align_cli.cli train ...` is exactly
 # `python -m align_cli.cli train ...`, and `python timer.py direct.py spec.json` is
 # `python direct.py spec.json`, except that Trainer.train() is timed in wall-clock and CPU
-# time (CPU time moves less when other jobs share the cores), and so is align's own code on
-# either side of it: the plot (start-up) and the metrics callback (inside the loop). Each module is wrapped when the program itself first imports it, so
+# time (CPU time moves less when other jobs share the cores), and so is align's own code: the
+# plot after it, and inside it align's callbacks and the loss guard's training_step wrapper. Each module is wrapped when the program itself first imports it, so
 # import order and cost are untouched.
 TIMER_SCRIPT = """\
 import atexit
@@ -117,8 +117,38 @@ import runpy
 import sys
 import time
 
-times = {"calls": 0, "plot_cpu_s": 0.0, "plot_wall_s": 0.0, "align_in_loop_cpu_s": 0.0}
+times = {"calls": 0, "plot_cpu_s": 0.0, "plot_wall_s": 0.0, "own_loop_cpu_s": 0.0}
 in_loop = False
+
+
+# fn, adding (sign=1) or taking away (sign=-1) its CPU time in the loop to own_loop_cpu_s.
+def timed(fn, sign):
+    def call(*args, **kwargs):
+        cpu = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if in_loop:
+                times["own_loop_cpu_s"] += sign * (time.process_time() - cpu)
+
+    return call
+
+
+# Counts align's code in the loop: its callbacks' events and its training_step wrapper.
+def time_align_code(trainer):
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__module__.startswith("align_cli"):
+            for name in vars(type(callback)):
+                if name.startswith("on_"):  # an instance attribute shadows the method
+                    setattr(callback, name, timed(getattr(callback, name), 1))
+    step = trainer.__dict__.get("training_step")
+    if step is not None and getattr(step, "__module__", "").startswith("align_cli"):
+        # The wrapper's own time is its time minus that of the training_step it wraps.
+        for cell in step.__closure__ or ():
+            inner = cell.cell_contents
+            if getattr(inner, "__name__", None) == "training_step":
+                cell.cell_contents = timed(inner, -1)
+        trainer.training_step = timed(step, 1)
 
 
 def wrap_trainer(module):
@@ -126,6 +156,7 @@ def wrap_trainer(module):
 
     def train(self, *args, **kwargs):
         global in_loop
+        time_align_code(self)
         cpu, wall = time.process_time(), time.perf_counter()
         in_loop = True
         output = original(self, *args, **kwargs)
@@ -145,9 +176,8 @@ def wrap_trainer(module):
     module.Trainer.train = train
 
 
-def wrap_align(module):
+def wrap_plot(module):
     plot = module.plot_metrics
-    on_log = module.MetricsFileCallback.on_log
 
     def plot_metrics(*args, **kwargs):
         cpu, wall = time.process_time(), time.perf_counter()
@@ -157,19 +187,10 @@ def wrap_align(module):
             times["plot_cpu_s"] += time.process_time() - cpu
             times["plot_wall_s"] += time.perf_counter() - wall
 
-    def timed_on_log(self, *args, **kwargs):
-        cpu = time.process_time()
-        try:
-            return on_log(self, *args, **kwargs)
-        finally:
-            if in_loop:
-                times["align_in_loop_cpu_s"] += time.process_time() - cpu
-
     module.plot_metrics = plot_metrics
-    module.MetricsFileCallback.on_log = timed_on_log
 
 
-WRAPPERS = {"transformers.trainer": wrap_trainer, "align_cli.callbacks": wrap_align}
+WRAPPERS = {"transformers.trainer": wrap_trainer, "align_cli.callbacks": wrap_plot}
 
 
 class Hook(importlib.abc.MetaPathFinder):
@@ -219,7 +240,7 @@ class Run:
     train_loss: float
     plot_s: float  # align's training-curves plot (part of its start-up); 0 for TRL
     plot_cpu_s: float
-    own_loop_cpu_s: float  # align's code inside the loop (its metrics callback); 0 for TRL
+    own_loop_cpu_s: float  # align's code inside the loop (callbacks, loss guard); 0 for TRL
 
     @property
     def own_loop_share(self) -> float:
@@ -276,7 +297,7 @@ def run_side(side: str, args: list[str], out: Path, work: Path, env: dict[str, s
         train_loss=metrics["train_loss"],
         plot_s=times["plot_wall_s"],
         plot_cpu_s=times["plot_cpu_s"],
-        own_loop_cpu_s=times["align_in_loop_cpu_s"],
+        own_loop_cpu_s=times["own_loop_cpu_s"],
     )
 
 
@@ -331,6 +352,8 @@ def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
         conversational=tokenizer.chat_template is not None,
         seed=int(cfg.seed),
         sample=method_cfg.get("sample"),
+        tokenizer=tokenizer,
+        max_length=model_cfg.max_length,
     )
     paths = {}
     for name, ds in (("train", train), ("eval", evaluation)):
@@ -493,10 +516,11 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "  imports, config, data, model loading, final evaluation, saving, exit. Median per side.",
         "",
         "CPU-time figures move less than wall-clock ones when other jobs share the cores, but both",
-        "move: the run-by-run figures at the end show by how much. Inside the training loop, the only",
-        "code of align's is its metrics callback (one metrics.jsonl line per logged step); column",
-        "`align code in loop` gives its CPU time and share of the loop. The rest of the loop is TRL's",
-        "trainer with an identical config on both sides, so a ratio further from 1 than that share",
+        "move: the run-by-run figures at the end show by how much. Inside the training loop, align's",
+        "own code is its callbacks (metrics.jsonl, the SIGINT/SIGTERM checkpoint, the NaN/inf loss",
+        "and gradient guard) and the guard's `training_step` wrapper; column `align code in loop`",
+        "gives their CPU time and share of the loop. The rest of the loop is TRL's trainer with an",
+        "identical config on both sides, so a ratio further from 1 than that share",
         "is timing noise.",
         "",
         "| method | steps | align samples/s | TRL samples/s | ratio | align samples/CPU-s "
