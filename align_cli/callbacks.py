@@ -53,30 +53,74 @@ def plot_metrics(
     ]
     if not keys:
         return None
-    # A bare Figure, not pyplot: no global backend switch or figure registry in the caller's
-    # process, and fixed margins instead of tight_layout(), which renders the whole figure an
-    # extra time just to measure it (a third of the plot's cost, paid at the end of every run).
-    from matplotlib.figure import Figure
-
-    n = len(keys)
-    width, height = 3.2 * n, 2.8
-    left, right, gap, bottom, top = 0.55, 0.15, 0.6, 0.45, 0.3  # inches: tick labels, title
-    axes_width = (width - left - right - gap * (n - 1)) / n
-    fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(
-        left=left / width,
-        right=1 - right / width,
-        bottom=bottom / height,
-        top=1 - top / height,
-        wspace=gap / axes_width,
-    )
-    for ax, key in zip(fig.subplots(1, n, squeeze=False)[0], keys, strict=True):
+    panels = []
+    for key in keys:
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="." if len(points) < 30 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.savefig(out_path, dpi=100)
+        panels.append((key, points))
+    out_path.write_text(svg_panels(panels), encoding="utf-8")
     return out_path
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    """About four round tick values covering [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / 4
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def svg_panels(
+    panels: list[tuple[str, list[tuple[float, float]]]], width: int = 300, height: int = 230
+) -> str:
+    """Small-multiple line charts (one panel per metric, x = step) as a standalone SVG document.
+
+    Written by hand rather than with matplotlib: importing and drawing with it took about half a
+    second at the end of every run, for a picture this simple.
+    """
+    from html import escape
+
+    left, right, top, bottom = 52, 12, 24, 34  # room for tick labels and the title
+    pw, ph = width - left - right, height - top - bottom
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
+        'font-family="sans-serif" font-size="10">',
+        f'<rect width="{width * len(panels)}" height="{height}" fill="white"/>',
+    ]
+    y0 = top
+    for i, (key, points) in enumerate(panels):
+        x0 = i * width + left
+        parts.append(
+            f'<text x="{x0 + pw / 2}" y="15" text-anchor="middle" font-size="12">{escape(key)}</text>'
+        )
+        parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+        parts.append(f'<text x="{x0 + pw / 2}" y="{height - 4}" text-anchor="middle">step</text>')
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        ylo, yhi = min(ys), max(ys)
+        if yhi - ylo < 1e-12:  # a flat line: give it some room
+            ylo, yhi = ylo - 0.5, yhi + 0.5
+        pad = (yhi - ylo) * 0.05
+        ylo, yhi = ylo - pad, yhi + pad
+
+        def sx(x: float, xlo=xlo, xhi=xhi, x0=x0) -> float:
+            return x0 + (x - xlo) / (xhi - xlo) * pw
+
+        def sy(y: float, ylo=ylo, yhi=yhi) -> float:
+            return y0 + ph - (y - ylo) / (yhi - ylo) * ph
+
+        for t in _ticks(ylo, yhi):
+            parts.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
+            parts.append(f'<text x="{x0 - 4}" y="{sy(t) + 3:.1f}" text-anchor="end">{t:.4g}</text>')
+        for t in _ticks(xlo, xhi):
+            parts.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 13}" text-anchor="middle">{t:g}</text>')
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
+        if len(points) < 30:
+            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="#1f77b4"/>' for x, y in points]
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

@@ -318,7 +318,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 json.dump({"method": method["name"], "metrics": metrics}, f, indent=2)
             if cfg.get("plot", True):
                 plot_metrics(
-                    Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.png", keys
+                    Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys
                 )
             print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
         else:

@@ -570,7 +570,7 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "",
         "Where align's extra start-up goes (profiled with `python -X importtime`, pyinstrument and",
         "timers around align's functions): the training-curves plot every run folder gets, about",
-        "0.5 s (matplotlib's import and drawing; measured in each run, column `of which plot`); Hydra,",
+        "0.5 s when it was drawn with matplotlib (now a hand-written SVG; column `of which plot`); Hydra,",
         "about 0.3 s (importing hydra and omegaconf, and composing the config, which Hydra 1.3 does",
         "twice per run: once in `get_mode` to choose run or multirun, once for the run; then writing",
         "`.hydra/`); about 0.1 s for the rest of align (its imports, the TRL-config and prompt-length",

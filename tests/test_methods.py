@@ -50,7 +50,8 @@ def test_full_finetune_moves_weights_and_reloads(method, tmp_path, monkeypatch):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == method and summary["metrics"]["global_step"] == 3
-    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    svg = (tmp_path / "training_curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") >= 1 and ">loss</text>" in svg
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
