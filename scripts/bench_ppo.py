@@ -229,6 +229,7 @@ def run_ours(spec: dict) -> dict:
         learning_rate=spec["learning_rate"],
         kl_coef=spec["kl_coef"],
         temperature=spec["temperature"],
+        reward_model_input="tokens",  # the reward model reads the sampled tokens, as TRL's does
         save_strategy="no",
         report_to="none",
         logging_steps=1,

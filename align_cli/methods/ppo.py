@@ -105,7 +105,7 @@ def build(ctx):
         )
     funcs, weights = build_reward_functions(ctx.reward)
     check_columns(funcs, ctx.train_dataset.column_names, "the training data")
-    args = ctx.trl_config(config_class(), max_length=ctx.model_cfg.max_length)
+    args = ctx.trl_config(config_class())
     source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)
     if source is None:
         critic = ctx.load_model(kind="seq_cls")

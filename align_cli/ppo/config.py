@@ -60,6 +60,14 @@ class PPOConfig(TrainingArguments):
             "Rows per generate / no-grad forward call during rollout; null: the whole rollout batch."
         ),
     )
+    reward_model_input: str = field(
+        default="text",
+        metadata=_help(
+            "What a reward model reads: text (prompt + completion laid out by its own tokenizer and chat "
+            "template, as method=rm trains it) or tokens (the policy's prompt + response token ids as sampled, "
+            "as TRL's PPO fed it; needs the policy's tokenizer)."
+        ),
+    )
     total_episodes: int | None = field(
         default=None, metadata=_help("Prompts to sample in all; null: num_train_epochs x dataset size.")
     )
@@ -120,6 +128,8 @@ class PPOConfig(TrainingArguments):
             problems.append("cliprange and cliprange_value must be positive")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             problems.append(f"gamma={self.gamma} and lam={self.lam} must lie in [0, 1]")
+        if self.reward_model_input not in ("text", "tokens"):
+            problems.append(f"reward_model_input={self.reward_model_input!r} must be text or tokens")
         if self.kl_estimator not in KL_ESTIMATORS:
             problems.append(f"kl_estimator={self.kl_estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
         if self.kl_coef < 0:

@@ -16,9 +16,9 @@ Each step (one `global_step`):
 
 The policy and the critic train as one module (`PolicyAndCritic`) with one optimiser. The
 reference is a frozen copy of the initial policy, or, with LoRA, the policy with its adapter
-switched off (no second copy). A reward model that shares the policy's tokenizer reads the
-sampled token ids as they are (as the critic does); any other reward function gets the
-decoded text with TRL's reward-function signature.
+switched off (no second copy). Every reward function, reward models included, gets the
+decoded text with TRL's reward-function signature (`reward_model_input=tokens` lets a reward model
+that shares the policy's tokenizer read the sampled token ids instead, as TRL's PPO did).
 """
 
 from __future__ import annotations
@@ -278,15 +278,19 @@ class PPOTrainer(Trainer):
         weights = reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs)
         self.reward_weights = torch.tensor(list(weights), dtype=torch.float32)
         self.reward_names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(self.reward_funcs)]
-        # Reward models reading our token ids directly: same vocabulary, so no decode/re-encode.
-        vocab = processing_class.get_vocab()
-        self._token_reward_models = {
-            i: f.model
-            for i, f in enumerate(self.reward_funcs)
-            if isinstance(getattr(f, "model", None), nn.Module)
-            and getattr(f, "tokenizer", None) is not None
-            and f.tokenizer.get_vocab() == vocab
-        }
+        # reward_model_input=tokens: reward models read our token ids as sampled (no decode/re-encode).
+        self._token_reward_models: dict[int, nn.Module] = {}
+        if args.reward_model_input == "tokens":
+            vocab = processing_class.get_vocab()
+            for i, func in enumerate(self.reward_funcs):
+                if not isinstance(getattr(func, "model", None), nn.Module):
+                    continue
+                if getattr(func, "tokenizer", None) is None or func.tokenizer.get_vocab() != vocab:
+                    raise ValueError(
+                        f"reward_model_input=tokens: reward model {self.reward_names[i]} has another tokenizer "
+                        "than the policy, so it cannot read the policy's tokens; use reward_model_input=text"
+                    )
+                self._token_reward_models[i] = func.model
 
         if args.kl_target is not None:
             self.kl_ctl: FixedKLController = AdaptiveKLController(
@@ -536,15 +540,14 @@ class PPOTrainer(Trainer):
             "kl": kl_per_response.mean(),
             "non_score_reward": (-beta * kl_per_response).mean(),
             "rlhf_reward": (scores - beta * kl_per_response).mean(),
-            "kl_coef": torch.tensor(beta),
+            "kl_coef": beta,  # a float: the same on every process
             "response_length": mask.sum(1).mean(),
             "eos_rate": has_eos.float().mean(),
             "value_mean": masked_mean(values, mask),
             "entropy": masked_mean(forward["entropy"], mask),
         }
-        if len(self.reward_funcs) > 1 or not self._token_reward_models:
-            for i, name in enumerate(self.reward_names):
-                metrics[f"rewards/{name}/mean"] = per_func[:, i].nanmean()
+        for i, name in enumerate(self.reward_names):
+            metrics[f"rewards/{name}/mean"] = per_func[:, i].nanmean()
         return experience, metrics
 
     # --- update -----------------------------------------------------------------------------
@@ -566,16 +569,34 @@ class PPOTrainer(Trainer):
             metrics.update(entropy_update=e_metrics["entropy"])
         return loss, {**metrics, **v_metrics, "loss": loss.detach()}
 
+    def training_step(
+        self, model: nn.Module, inputs: Experience, num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One micro-batch: forward, PPO loss, backward; returns the loss (detached).
+
+        Args:
+            model: the prepared `PolicyAndCritic`.
+            inputs: the micro-batch.
+            num_items_in_batch: response tokens in the whole mini-batch; the micro-batch's loss
+                (a mean over its own tokens) is weighted by its share of them.
+        """
+        loss, metrics = self.ppo_loss(model, inputs)
+        weight = inputs.response_mask.sum() / num_items_in_batch if num_items_in_batch is not None else 1.0
+        self.accelerator.backward(loss * weight)
+        self._micro_metrics.append(metrics)
+        return loss.detach()
+
     def ppo_update(self, model: nn.Module, experience: Experience) -> dict[str, torch.Tensor]:
         """`num_ppo_epochs` passes over the rollout batch; returns the mean of each metric.
 
         Each mini-batch's loss is the mean over its response tokens, however it is split into
-        micro-batches: a micro-batch's loss is weighted by its share of the tokens. So the split
-        is free, and rows of similar length go together, which cuts the padding computed.
+        micro-batches (see `training_step`). So the split is free, and rows of similar length go
+        together, which cuts the padding computed.
         """
         args = self.args
         model.train()
-        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._micro_metrics: list[dict[str, torch.Tensor]] = []
+        grad_norms = []
         micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
         # Reseeded from the step, so a resumed run shuffles exactly as an uninterrupted one.
         self._shuffle.manual_seed(args.seed * 1_000_003 + self.state.global_step)
@@ -591,17 +612,23 @@ class PPOTrainer(Trainer):
                     # Gradients are all-reduced once per optimiser step, not per micro-batch.
                     sync = a == accumulation - 1
                     with nullcontext() if sync else self.accelerator.no_sync(model):
-                        loss, metrics = self.ppo_loss(model, part)
-                        self.accelerator.backward(loss * (part.response_mask.sum() / tokens))
-                    for key, value in metrics.items():
-                        stats[key].append(value)
+                        self.training_step(model, part, tokens)
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    stats["grad_norm"].append(torch.as_tensor(norm).detach().float())
+                    grad_norms.append(torch.as_tensor(norm).detach().float())
+                # The loss guard (align_cli/guard.py) checks the gradients here, before they are applied.
+                self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
                 self.optimizer.step()
+                self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return {key: torch.stack([v.float() for v in values]).mean() for key, values in stats.items()}
+        out = {
+            key: torch.stack([m[key].float() for m in self._micro_metrics]).mean()
+            for key in self._micro_metrics[0]
+        }
+        if grad_norms:
+            out["grad_norm"] = torch.stack(grad_norms).mean()
+        return out
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -683,14 +710,17 @@ class PPOTrainer(Trainer):
         self.is_in_train = False
         return TrainOutput(self.state.global_step, output_metrics["train_loss"], output_metrics)
 
-    def _reduce(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Averages the step's metrics over processes; one device-to-host copy for all of them."""
-        keys = sorted(metrics)
-        device = self.accelerator.device
-        stacked = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=device) for k in keys])
-        if self.accelerator.num_processes > 1:
-            stacked = self.accelerator.reduce(stacked, reduction="mean")
-        return dict(zip(keys, stacked.tolist(), strict=True))
+    def _reduce(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Averages the step's tensor metrics over processes; one device-to-host copy for all of them."""
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, torch.Tensor))
+        out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+        if keys:
+            device = self.accelerator.device
+            stacked = torch.stack([metrics[k].detach().float().to(device).reshape(()) for k in keys])
+            if self.accelerator.num_processes > 1:
+                stacked = self.accelerator.reduce(stacked, reduction="mean")
+            out.update(zip(keys, stacked.tolist(), strict=True))
+        return out
 
     def _log_evaluate_save(self) -> None:
         if self.control.should_log and self._log_buffer:
