@@ -15,10 +15,15 @@ times; the table reports the median. Measured inside each process between the tr
 - peak memory: the process's peak resident set during training (Linux VmHWM, reset when
   training starts) and its growth over the resident set at the start; on CUDA the peak of
   `torch.cuda.max_memory_allocated`;
-- reward gain: both final policies and the initial one are sampled on every prompt (4 samples
-  each, same seeds) and scored by the reward model in this process, so the two trainers are
-  judged by the same yardstick; "target share" is the rule the reward model was trained to
-  imitate (share of response tokens from a fixed set of 64 token ids).
+- reward gain: every run's final policy and the initial one are sampled on every prompt (4
+  samples each, same seeds) and scored by the reward model in this process, so the two
+  trainers are judged by the same yardstick (median over runs); "target share" is the rule the
+  reward model was trained to imitate (share of response tokens from a fixed set of 64 ids).
+
+Settings TRL 1.12 fixes are matched on our side: the reward model reads the sampled token ids
+(`reward_model_input=tokens`) and gradients are not clipped (`max_grad_norm=0`; TRL's loop
+never clips). An extra row runs ours with TRL's two `gc.collect()` calls per step added, to
+show how much of the difference they account for.
 
 TRL 1.12 lives in a virtual environment made on first use (`.bench/trl112-venv`, git-ignored)
 with `--system-site-packages` and `pip install --no-deps "trl==1.12.*"`: it shares this
@@ -199,7 +204,7 @@ def run_trl(spec: dict) -> dict:
 # --- ours -------------------------------------------------------------------------------------
 
 
-def run_ours(spec: dict) -> dict:
+def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     from datasets import Dataset
@@ -230,6 +235,7 @@ def run_ours(spec: dict) -> dict:
         kl_coef=spec["kl_coef"],
         temperature=spec["temperature"],
         reward_model_input="tokens",  # the reward model reads the sampled tokens, as TRL's does
+        max_grad_norm=0.0,  # TRL 1.12's PPO loop never clips gradients
         save_strategy="no",
         report_to="none",
         logging_steps=1,
@@ -239,6 +245,18 @@ def run_ours(spec: dict) -> dict:
         seed=spec["seed"],
     )
     meter = Meter(spec["device"])
+    callbacks = [timing_callback(meter)]
+    if gc_per_step:  # the ablation: TRL's PPOTrainer runs gc.collect() twice per step
+        import gc
+
+        from transformers import TrainerCallback
+
+        class CollectTwice(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                gc.collect()
+                gc.collect()
+
+        callbacks.append(CollectTwice())
     trainer = PPOTrainer(
         policy=policy,
         critic=critic,
@@ -246,7 +264,7 @@ def run_ours(spec: dict) -> dict:
         processing_class=tokenizer,
         train_dataset=dataset,
         reward_funcs=[reward],
-        callbacks=[timing_callback(meter)],
+        callbacks=callbacks,
     )
     trainer.train()
     trainer.policy.save_pretrained(spec["out"])
@@ -477,14 +495,21 @@ def markdown(spec: dict, results: dict, judged: dict, machine: str) -> str:
             f"| {label} | {r['eps']:.1f} | {r['eps_cpu']:.1f} | {r[mem_key]:.0f} | {r[growth_key]:.0f} "
             f"| {j['score']:.3f} | {j['score'] - base['score']:+.3f} | {j['target_share']:.3f} |"
         )
+    if "ours+gc" in results:
+        r = results["ours+gc"]
+        lines.append(
+            f"| align, plus TRL's two `gc.collect()` per step (ablation) | {r['eps']:.1f} | {r['eps_cpu']:.1f} "
+            f"| {r[mem_key]:.0f} | {r[growth_key]:.0f} | | | |"
+        )
     lines += [
         "",
         f"Ours / TRL: throughput **{ours['eps'] / trl['eps']:.2f}x** (wall clock), "
         f"**{ours['eps_cpu'] / trl['eps_cpu']:.2f}x** (CPU time); {mem_name} {ours[mem_key] / trl[mem_key]:.2f}x, "
         f"growth in training {ours[growth_key] / max(trl[growth_key], 1e-9):.2f}x; reward gain "
         f"{(judged['ours']['score'] - base['score']) / max(judged['trl']['score'] - base['score'], 1e-9):.2f}x.",
-        f"Every run, episodes/s (per CPU-second): TRL {trl['all_eps']} ({trl['all_eps_cpu']}), "
-        f"ours {ours['all_eps']} ({ours['all_eps_cpu']}).",
+        "Every run, episodes/s (per CPU-second): "
+        + "; ".join(f"{k} {r['all_eps']} ({r['all_eps_cpu']})" for k, r in results.items())
+        + f". Score after, every run: TRL {judged['trl']['all_scores']}, ours {judged['ours']['all_scores']}.",
         "",
         END,
     ]
@@ -513,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--ppo-epochs", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -521,32 +546,49 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--no-doc", action="store_true", help="print the table, leave docs/benchmarks.md alone"
     )
-    parser.add_argument("--side", choices=["trl", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the table from the last runs (.bench/ppo/runs.json)",
+    )
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the extra run of ours with TRL's two gc.collect() calls per step added",
+    )
+    parser.add_argument("--side", choices=["trl", "ours", "ours+gc"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.side:  # a child process: one training run
         spec = json.loads(Path(args.spec).read_text())
-        result = (run_trl if args.side == "trl" else run_ours)(spec)
+        result = run_trl(spec) if args.side == "trl" else run_ours(spec, gc_per_step=args.side == "ours+gc")
         print(json.dumps(result))
         return result
 
     if args.rollout_batch % args.micro_batch:
         raise SystemExit("bench: --rollout-batch must be a multiple of --micro-batch")
-    spec = {k: v for k, v in vars(args).items() if k not in ("side", "spec", "no_doc")}
+    spec = {k: v for k, v in vars(args).items() if k not in ("side", "spec", "no_doc", "report_only")}
     spec.update(prepare())
     spec["n_prompts"] = sum(1 for _ in open(spec["prompts"], encoding="utf-8"))
-    pythons = {"trl": str(ensure_trl_venv()), "ours": sys.executable}
-    runs: dict[str, list[dict]] = {"trl": [], "ours": []}
-    for i in range(args.repeats):
-        for side in ("trl", "ours") if i % 2 == 0 else ("ours", "trl"):
-            result = run_side(side, pythons[side], spec, WORK / f"run-{side}-{i}")
-            result["eps"] = args.episodes / result["seconds"]
-            runs[side].append(result)
-            print(
-                f"bench: {side} run {i + 1}: {result['eps']:.1f} episodes/s, peak RSS {result['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
+    saved = WORK / "runs.json"
+    if args.report_only:
+        spec, runs = (json.loads(saved.read_text())[k] for k in ("spec", "runs"))
+    else:
+        pythons = {"trl": str(ensure_trl_venv()), "ours": sys.executable, "ours+gc": sys.executable}
+        runs = {"trl": [], "ours": []} if args.no_ablation else {"trl": [], "ours": [], "ours+gc": []}
+        for i in range(args.repeats):
+            for side in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+                result = run_side(side, pythons[side], spec, WORK / f"run-{side}-{i}")
+                result["eps"] = args.episodes / result["seconds"]
+                result["eps_cpu"] = args.episodes / result["cpu_seconds"]
+                runs[side].append(result)
+                saved.write_text(json.dumps({"spec": spec, "runs": runs}))
+                print(
+                    f"bench: {side} run {i + 1}: {result['eps']:.1f} episodes/s "
+                    f"({result['eps_cpu']:.1f} per CPU second), peak RSS {result['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
     results = {}
     for side, rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
@@ -556,12 +598,12 @@ def main(argv: list[str] | None = None) -> dict:
             "all_eps": [round(r["eps"], 1) for r in rs],
             "all_eps_cpu": [round(r["eps_cpu"], 1) for r in rs],
         }
-    last = args.repeats - 1
-    judged = {
-        "initial": judge(spec["policy"], spec),
-        "trl": judge(str(WORK / f"run-trl-{last}"), spec),
-        "ours": judge(str(WORK / f"run-ours-{last}"), spec),
-    }
+    # Every run's final policy is judged; the table shows the median.
+    judged = {"initial": judge(spec["policy"], spec)}
+    for side in ("trl", "ours"):
+        scores = [judge(str(WORK / f"run-{side}-{i}"), spec) for i in range(len(runs[side]))]
+        judged[side] = {k: statistics.median(j[k] for j in scores) for k in scores[0]}
+        judged[side]["all_scores"] = [round(j["score"], 3) for j in scores]
     import platform
 
     import torch

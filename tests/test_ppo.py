@@ -40,7 +40,10 @@ def records(run_dir) -> list[dict]:
 
 
 def run(tmp_path, overrides: list[str], monkeypatch, name: str = "run"):
-    """Trains; returns (result, the policy's parameters right after loading, per-step records)."""
+    """Trains; returns (result, parameters right after loading, per-step records).
+
+    The parameters are a dict: "policy" and "critic" (as loaded, before any LoRA wrapping).
+    """
     import align_cli.methods.base as base
 
     captured = {}
@@ -48,28 +51,21 @@ def run(tmp_path, overrides: list[str], monkeypatch, name: str = "run"):
 
     def load_and_snapshot(self, *args, **kwargs):
         model = load(self, *args, **kwargs)
-        if kwargs.get("kind", "causal_lm") == "causal_lm":
-            captured["before"] = params(model)
+        captured["policy" if kwargs.get("kind", "causal_lm") == "causal_lm" else "critic"] = params(model)
         return model
 
     monkeypatch.setattr(base.MethodContext, "load_model", load_and_snapshot)
     out = tmp_path / name
     result = train(compose(["method=ppo", *overrides], out))
-    return result, captured["before"], [r for r in records(out) if "score" in r]
+    return result, captured, [r for r in records(out) if "score" in r]
 
 
 @pytest.fixture(scope="module")
-def tiny_reward_model(tmp_path_factory):
-    """A tiny sequence-classification reward model saved like an `rm` run folder."""
-    from align_cli import modeling
-    from align_cli.config import ModelConfig
-
-    path = tmp_path_factory.mktemp("rm")
-    tokenizer = modeling.load_tokenizer(ModelConfig())
-    torch.manual_seed(0)
-    model = modeling.load_model(ModelConfig(), kind="seq_cls", pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def rm_run_folder(tmp_path_factory):
+    """A reward model as `align train method=rm` leaves it: a run folder (3 pairwise steps)."""
+    path = tmp_path_factory.mktemp("rm_run")
+    overrides = ["method=rm", "method.args.max_steps=3", "method.args.per_device_train_batch_size=4"]
+    train(compose([*overrides, "data.eval_ratio=0", "plot=false"], path))
     return path
 
 
@@ -92,13 +88,14 @@ def share_reward(tmp_path, monkeypatch):
 # --- smoke runs -------------------------------------------------------------------------------
 
 
-def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, tiny_reward_model):
+def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, rm_run_folder):
     """Policy and critic train, the reference stays, per-step metrics and the sample table are written."""
     from transformers import AutoModelForCausalLM
 
-    overrides = ["reward=model", f"reward.model.path={tiny_reward_model}", "data.eval_ratio=0.1", *SHORT]
-    result, before, steps = run(tmp_path, overrides, monkeypatch)
-    trainer = result.trainer
+    overrides = ["reward=model", f"reward.model.path={rm_run_folder}", "data.eval_ratio=0.1", *SHORT]
+    overrides += ["method.args.missing_eos_penalty=3.0"]
+    result, loaded, steps = run(tmp_path, overrides, monkeypatch)
+    trainer, before = result.trainer, loaded["policy"]
     after = params(trainer.policy)
     moved = [n for n, t in before.items() if not torch.equal(after[n], t)]
     assert len(moved) > len(before) // 2, f"only {len(moved)} of {len(before)} tensors moved"
@@ -110,6 +107,18 @@ def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, tiny_reward_mo
         assert key in steps[0], key
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # nothing has moved at the first rollout
     assert 1 <= steps[0]["response_length"] <= 12
+    for step in steps:  # the score is the reward model's, minus 3 for each response cut off before EOS
+        expected = step["rewards/model/mean"] - 3.0 * (1 - step["eos_rate"])
+        assert step["score"] == pytest.approx(expected, abs=1e-4)
+    # The critic started from the reward model (method.critic_init=auto), which the rm run trained.
+    from transformers import AutoModelForSequenceClassification
+
+    reward_model = params(AutoModelForSequenceClassification.from_pretrained(rm_run_folder))
+    assert loaded["critic"].keys() == reward_model.keys()
+    assert all(torch.equal(loaded["critic"][n], t) for n, t in reward_model.items())
+    assert not torch.equal(
+        reward_model["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
 
     out = tmp_path / "run"
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -121,13 +130,13 @@ def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, tiny_reward_mo
     assert {"score", "kl", "eval_score"} <= set(summary)
 
 
-def test_lora_trains_adapters_only_and_the_reference_is_the_base(tmp_path, monkeypatch, tiny_reward_model):
+def test_lora_trains_adapters_only_and_the_reference_is_the_base(tmp_path, monkeypatch, rm_run_folder):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    overrides = ["reward=model", f"reward.model.path={tiny_reward_model}", "peft=lora", "peft.r=4", *SHORT]
+    overrides = ["reward=model", f"reward.model.path={rm_run_folder}", "peft=lora", "peft.r=4", *SHORT]
     overrides += ["data.eval_ratio=0"]
-    result, before, steps = run(tmp_path, overrides, monkeypatch)
-    trainer = result.trainer
+    result, loaded, steps = run(tmp_path, overrides, monkeypatch)
+    trainer, before = result.trainer, loaded["policy"]
     assert isinstance(trainer.policy, PeftModel) and isinstance(trainer.critic, PeftModel)
     assert trainer.ref_model is None  # the reference is the policy with its adapter off
     base = {
@@ -203,16 +212,16 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeyp
 # --- the critic's start and errors --------------------------------------------------------------
 
 
-def test_critic_starts_from_the_reward_model_or_the_policy(tiny_reward_model):
+def test_critic_starts_from_the_reward_model_or_the_policy(rm_run_folder):
     from transformers import AutoTokenizer
 
     from align_cli.methods.ppo import critic_source
     from align_cli.rewards import build_reward_functions
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model)
-    rm, _ = build_reward_functions({"model": str(tiny_reward_model)})
+    tokenizer = AutoTokenizer.from_pretrained(rm_run_folder)
+    rm, _ = build_reward_functions({"model": str(rm_run_folder)})
     rule, _ = build_reward_functions({"length": 40})
-    entry = {"type": "model", "path": str(tiny_reward_model)}
+    entry = {"type": "model", "path": str(rm_run_folder)}
     two, _ = build_reward_functions({"a": entry, "b": entry})
     assert critic_source("auto", rm, tokenizer) is rm[0]
     assert critic_source("reward", rm, tokenizer) is rm[0]

@@ -40,6 +40,7 @@ from transformers import GenerationConfig, Trainer, TrainerState
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, speed_metrics
 
+from ..errors import AlignError
 from .config import PPOConfig
 from .core import (
     AdaptiveKLController,
@@ -210,9 +211,9 @@ class PPOTrainer(Trainer):
         processing_class: the policy's tokenizer (with a pad token).
         train_dataset: prompts: a `prompt` column (text or chat messages) and any extra
             columns the reward functions read.
-        reward_funcs: reward functions `f(prompts, completions, **columns) -> list[float | None]`;
-            `align_cli.rewards` reward models among them are read on token ids when they share
-            the policy's tokenizer.
+        reward_funcs: reward functions `f(prompts, completions, **columns) -> list[float | None]`
+            (e.g. from `align_cli.rewards`); with `reward_model_input=tokens`, the reward models
+            among them (a `.model` and `.tokenizer` attribute) read the sampled token ids.
         reward_weights: one weight per reward function (default 1.0 each); the score is the
             weighted sum (a function's None counts as 0).
         eval_dataset: prompts for `evaluate()`, which also writes the sample table.
@@ -286,9 +287,9 @@ class PPOTrainer(Trainer):
                 if not isinstance(getattr(func, "model", None), nn.Module):
                     continue
                 if getattr(func, "tokenizer", None) is None or func.tokenizer.get_vocab() != vocab:
-                    raise ValueError(
-                        f"reward_model_input=tokens: reward model {self.reward_names[i]} has another tokenizer "
-                        "than the policy, so it cannot read the policy's tokens; use reward_model_input=text"
+                    raise AlignError(
+                        f"method.args.reward_model_input=tokens: reward model {self.reward_names[i]} has another "
+                        "tokenizer than the policy, so it cannot read the policy's tokens; use text"
                     )
                 self._token_reward_models[i] = func.model
 
@@ -306,7 +307,7 @@ class PPOTrainer(Trainer):
             policy_eos if isinstance(policy_eos, list) else [policy_eos] if policy_eos is not None else []
         )
         if not stop_ids:
-            raise ValueError("the tokenizer has no EOS token: PPO needs one to know where a response ends")
+            raise AlignError("the tokenizer has no EOS token: PPO needs one to know where a response ends")
         self.stop_token_ids = torch.tensor(sorted(stop_ids), device=device)
         self.generation_config = GenerationConfig(
             do_sample=True,
