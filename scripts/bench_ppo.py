@@ -624,11 +624,15 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench import machine_info, update_section
 
-    machine = f"{machine_info()}, TRL {results['trl']['version']} in {VENV.relative_to(ROOT)}"
-    if spec["device"] == "cuda":
-        import torch
+    if args.report_only:  # the machine and revision the runs were made on
+        machine = json.loads(saved.read_text())["machine"]
+    else:
+        machine = f"{machine_info()}, TRL {results['trl']['version']} in {VENV.relative_to(ROOT)}"
+        if spec["device"] == "cuda":
+            import torch
 
-        machine = f"{torch.cuda.get_device_name()}; {machine}"
+            machine = f"{torch.cuda.get_device_name()}; {machine}"
+        saved.write_text(json.dumps({"spec": spec, "runs": runs, "machine": machine}))
     section = markdown(spec, results, judged, machine)
     print(section)
     if not args.no_doc:
