@@ -1,0 +1,131 @@
+"""Proximal Policy Optimization with a reward model and a critic (seed sections 2.3-2.4).
+
+    align train method=ppo                                         # tiny model, the `length` rule reward
+    align train method=ppo model.name_or_path=outputs/sft/<run> reward=model reward.model.path=outputs/rm/<run>
+    align train method=ppo ... peft=lora quant=4bit method.args.kl_target=6    # QLoRA, adaptive KL
+
+Data (`prompt`): the seed's `instruction`/`input`, or TRL's `prompt` (text or chat messages).
+Every other column reaches the reward functions as a keyword argument.
+
+The policy (the configured model, usually an SFT run folder) samples a response to each
+prompt; the rewards (`reward=`, see align_cli/rewards: a reward model from an `rm` run folder,
+rule rewards, your own functions, or a weighted mix) score it; the per-token reward is
+-beta * KL(pi || pi_ref) plus the score on the last token, and PPO's clipped surrogate with a
+learned critic and GAE advantages improves the policy (align_cli/ppo/). The reference pi_ref is
+the starting policy (with `peft=lora`: the model with its adapter off).
+
+`method.critic_init` picks where the critic (value model) starts:
+
+- `auto` (default): the reward model, when the reward has exactly one and it shares the
+  policy's tokenizer (InstructGPT's choice), else the policy with a new zeroed value head;
+- `reward`: the reward model (an error if there is none or it has another tokenizer);
+- `policy`: the policy's weights with a new zeroed value head;
+- the name of a reward-model entry in a `reward` mix: that reward model.
+
+`method.args` fills `align_cli.ppo.config.PPOConfig` (TrainingArguments plus PPO's knobs:
+batching, sampling, KL, clipping, GAE). Besides the model, the run folder holds
+`samples.jsonl`: the prompt, completion and score of every eval prompt at each evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import AlignError
+from ..ppo.config import PPOConfig
+from ..ppo.trainer import PPOTrainer, value_head
+from ..rewards import build_reward_functions, check_columns
+from ..rewards.model import ModelReward
+
+log = logging.getLogger("align")
+
+SUMMARY_KEYS = [
+    "score",
+    "kl",
+    "non_score_reward",
+    "policy_loss",
+    "value_loss",
+    "response_length",
+    "eval_score",
+]
+CRITIC_INITS = ("auto", "reward", "policy")
+
+
+def config_class():
+    """The config dataclass that `method.args` fills."""
+    return PPOConfig
+
+
+def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
+    """The reward model the critic starts from, or None for the policy (see `method.critic_init`)."""
+    models = {f.__name__: f for f in funcs if isinstance(f, ModelReward)}
+    names = ", ".join(models)
+    if choice == "policy":
+        return None
+    if choice in CRITIC_INITS:
+        if not models:
+            if choice == "reward":
+                raise AlignError(
+                    "method.critic_init=reward needs a reward model among the rewards (reward=model "
+                    "reward.model.path=<rm run folder>); or start the critic from the policy: method.critic_init=policy"
+                )
+            return None
+        if len(models) > 1:
+            raise AlignError(
+                f"method.critic_init={choice}: the reward holds {len(models)} reward models ({names}); name the one "
+                f"the critic starts from (e.g. method.critic_init={next(iter(models))}) or use method.critic_init=policy"
+            )
+        source = next(iter(models.values()))
+    elif choice in models:
+        source = models[choice]
+    else:
+        extra = f", or a reward-model entry ({names})" if models else ""
+        raise AlignError(f"method.critic_init={choice!r} is not valid: use auto, reward or policy{extra}")
+    if source.tokenizer.get_vocab() != tokenizer.get_vocab():
+        if choice == "auto":
+            log.info(
+                "critic: reward model %s has another tokenizer; starting the critic from the policy",
+                source.path,
+            )
+            return None
+        raise AlignError(
+            f"method.critic_init={choice}: the reward model '{source.path}' uses another tokenizer than the policy, "
+            "so as a critic it could not read the policy's tokens; use method.critic_init=policy"
+        )
+    return source
+
+
+def build(ctx):
+    if not ctx.reward:
+        raise AlignError(
+            "method=ppo needs a reward: add reward=model reward.model.path=<rm run folder> (or length, keyword, "
+            "match, format, function, mix; see conf/reward/)"
+        )
+    funcs, weights = build_reward_functions(ctx.reward)
+    check_columns(funcs, ctx.train_dataset.column_names, "the training data")
+    args = ctx.trl_config(config_class())
+    source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)
+    if source is None:
+        critic = ctx.load_model(kind="seq_cls")
+        head = value_head(critic)
+        if type(head) is torch.nn.Linear:  # a new head: start from V = 0 rather than noise
+            torch.nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                torch.nn.init.zeros_(head.bias)
+    else:
+        critic = ctx.load_model(kind="seq_cls", path=str(source.path))
+    return PPOTrainer(
+        policy=ctx.load_model(),
+        critic=critic,
+        args=args,
+        processing_class=ctx.tokenizer,
+        train_dataset=ctx.train_dataset,
+        eval_dataset=ctx.eval_dataset,
+        reward_funcs=funcs,
+        reward_weights=weights,
+        peft_config=ctx.lora("CAUSAL_LM"),
+        critic_peft_config=ctx.lora("SEQ_CLS"),
+        callbacks=ctx.callbacks,
+    )

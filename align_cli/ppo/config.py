@@ -1,0 +1,152 @@
+"""`PPOConfig`: the TrainingArguments that `method.args` fills for `method=ppo`.
+
+A subclass of `transformers.TrainingArguments`, so logging, saving, optimiser, schedule,
+precision and `report_to` mean what they mean for every other method, and an unknown key in
+`method.args` is rejected by name (see `MethodContext.trl_config`).
+
+Batch sizes, per process:
+
+    micro-batch    = per_device_train_batch_size             one forward/backward
+    mini-batch     = micro-batch * gradient_accumulation_steps   one optimiser step
+    rollout batch  = mini-batch * num_mini_batches              prompts sampled per PPO step
+
+One training step (`global_step`) = one rollout batch sampled and scored, then
+`num_ppo_epochs` passes over it in mini-batches (so num_ppo_epochs * num_mini_batches
+optimiser steps). `max_steps` counts these PPO steps; without it, `total_episodes` (or
+`num_train_epochs` times the number of prompts) sets how many prompts are sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .core import KL_ESTIMATORS
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """PPO's knobs on top of `transformers.TrainingArguments` (see the module docstring for batching)."""
+
+    learning_rate: float = field(default=3e-6, metadata=_help("AdamW learning rate (policy and critic)."))
+
+    # --- rollout ------------------------------------------------------------------------------
+    max_new_tokens: int = field(default=64, metadata=_help("Most tokens sampled per response."))
+    max_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Prompt + response tokens; prompts are cut on the left to max_length - max_new_tokens."
+        ),
+    )
+    temperature: float = field(
+        default=1.0, metadata=_help("Sampling temperature (also used to score log-probs).")
+    )
+    top_p: float = field(
+        default=1.0, metadata=_help("Nucleus sampling mass; 1.0 samples from the whole vocabulary.")
+    )
+    top_k: int = field(default=0, metadata=_help("Sample among the k most likely tokens; 0 turns it off."))
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata=_help("Subtracted from the score of a response that reached max_new_tokens without EOS."),
+    )
+    rollout_forward_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Rows per generate / no-grad forward call during rollout; null: the whole rollout batch."
+        ),
+    )
+    reward_model_input: str = field(
+        default="text",
+        metadata=_help(
+            "What a reward model reads: text (prompt + completion laid out by its own tokenizer and chat "
+            "template, as method=rm trains it) or tokens (the policy's prompt + response token ids as sampled, "
+            "as TRL's PPO fed it; needs the policy's tokenizer)."
+        ),
+    )
+    total_episodes: int | None = field(
+        default=None, metadata=_help("Prompts to sample in all; null: num_train_epochs x dataset size.")
+    )
+
+    # --- PPO update ---------------------------------------------------------------------------
+    num_ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
+    num_mini_batches: int = field(default=1, metadata=_help("Optimiser steps per pass over a rollout batch."))
+    cliprange: float = field(default=0.2, metadata=_help("epsilon of the clipped surrogate."))
+    cliprange_value: float = field(
+        default=0.2, metadata=_help("How far a value may move from its rollout value.")
+    )
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
+    entropy_coef: float = field(
+        default=0.0, metadata=_help("Weight of the entropy bonus (0: measured only).")
+    )
+    gamma: float = field(default=1.0, metadata=_help("Discount factor of GAE."))
+    lam: float = field(default=0.95, metadata=_help("lambda of GAE."))
+    whiten_rewards: bool = field(default=False, metadata=_help("Whiten the per-token rewards before GAE."))
+    whiten_advantages: bool = field(
+        default=True, metadata=_help("Whiten the advantages over the rollout batch.")
+    )
+
+    # --- KL penalty ---------------------------------------------------------------------------
+    kl_coef: float = field(
+        default=0.05, metadata=_help("beta: weight of the per-token KL(pi || pi_ref) penalty.")
+    )
+    kl_estimator: str = field(
+        default="k1", metadata=_help("k1 (log-ratio) or k3 (non-negative, lower variance).")
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata=_help(
+            "Adaptive KL (Ziegler et al. 2019): steer beta so the per-response KL nears this; null: fixed beta."
+        ),
+    )
+    kl_horizon: int = field(
+        default=10000, metadata=_help("Episodes over which the adaptive beta moves by its step.")
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be positive")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be 0 (off) or positive")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            problems.append(
+                f"missing_eos_penalty={self.missing_eos_penalty} must be positive (it is subtracted)"
+            )
+        if self.num_ppo_epochs < 1 or self.num_mini_batches < 1:
+            problems.append("num_ppo_epochs and num_mini_batches must be at least 1")
+        if self.cliprange <= 0 or self.cliprange_value <= 0:
+            problems.append("cliprange and cliprange_value must be positive")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            problems.append(f"gamma={self.gamma} and lam={self.lam} must lie in [0, 1]")
+        if self.reward_model_input not in ("text", "tokens"):
+            problems.append(f"reward_model_input={self.reward_model_input!r} must be text or tokens")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            problems.append(f"kl_estimator={self.kl_estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
+        if self.kl_coef < 0:
+            problems.append(f"kl_coef={self.kl_coef} must not be negative")
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
+            problems.append("kl_target and kl_horizon must be positive")
+        if self.max_length is not None and self.max_length <= self.max_new_tokens:
+            problems.append(f"max_length={self.max_length} leaves no room for a prompt beside max_new_tokens")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Rows per optimiser step on one process."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Prompts sampled per PPO step on one process."""
+        return self.mini_batch_size * self.num_mini_batches

@@ -1,0 +1,252 @@
+"""PPO (seed 2.3-2.4) end to end on the tiny model: smoke runs with a tiny reward model (full,
+LoRA, 4-bit) that save a policy transformers loads, a learning run on a learnable reward, exact
+resume from a checkpoint, the critic's starting point, and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from align_cli.errors import AlignError
+from align_cli.testing import compose
+from align_cli.train import train
+
+# Two PPO steps of 8 prompts (micro-batch 4, 2 micro-batches per optimiser step, 1 mini-batch).
+SHORT = [
+    "method.args.max_steps=2",
+    "method.args.per_device_train_batch_size=4",
+    "method.args.gradient_accumulation_steps=2",
+    "method.args.num_mini_batches=1",
+    "method.args.num_ppo_epochs=2",
+    "method.args.max_new_tokens=12",
+    "plot=false",
+]
+STEP_KEYS = (
+    "score", "kl", "non_score_reward", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac",
+    "approx_kl", "entropy", "response_length", "kl_coef", "loss",
+)  # fmt: skip
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().float() for n, p in model.named_parameters()}
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(tmp_path, overrides: list[str], monkeypatch, name: str = "run"):
+    """Trains; returns (result, parameters right after loading, per-step records).
+
+    The parameters are a dict: "policy" and "critic" (as loaded, before any LoRA wrapping).
+    """
+    import align_cli.methods.base as base
+
+    captured = {}
+    load = base.MethodContext.load_model
+
+    def load_and_snapshot(self, *args, **kwargs):
+        model = load(self, *args, **kwargs)
+        captured["policy" if kwargs.get("kind", "causal_lm") == "causal_lm" else "critic"] = params(model)
+        return model
+
+    monkeypatch.setattr(base.MethodContext, "load_model", load_and_snapshot)
+    out = tmp_path / name
+    result = train(compose(["method=ppo", *overrides], out))
+    return result, captured, [r for r in records(out) if "score" in r]
+
+
+@pytest.fixture(scope="module")
+def rm_run_folder(tmp_path_factory):
+    """A reward model as `align train method=rm` leaves it: a run folder (3 pairwise steps)."""
+    path = tmp_path_factory.mktemp("rm_run")
+    overrides = ["method=rm", "method.args.max_steps=3", "method.args.per_device_train_batch_size=4"]
+    train(compose([*overrides, "data.eval_ratio=0", "plot=false"], path))
+    return path
+
+
+@pytest.fixture
+def share_reward(tmp_path, monkeypatch):
+    """A user reward function: 10 x the share of response tokens whose id is a multiple of 8."""
+    (tmp_path / "ppo_user_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def share(prompts, completions, completion_ids, **kwargs):
+                return [10 * sum(t % 8 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    yield ["reward=function", "reward.function.path=ppo_user_rewards:share"]
+    sys.modules.pop("ppo_user_rewards", None)
+
+
+# --- smoke runs -------------------------------------------------------------------------------
+
+
+def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, rm_run_folder):
+    """Policy and critic train, the reference stays, per-step metrics and the sample table are written."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = ["reward=model", f"reward.model.path={rm_run_folder}", "data.eval_ratio=0.1", *SHORT]
+    overrides += ["method.args.missing_eos_penalty=3.0"]
+    result, loaded, steps = run(tmp_path, overrides, monkeypatch)
+    trainer, before = result.trainer, loaded["policy"]
+    after = params(trainer.policy)
+    moved = [n for n, t in before.items() if not torch.equal(after[n], t)]
+    assert len(moved) > len(before) // 2, f"only {len(moved)} of {len(before)} tensors moved"
+    # The frozen reference is the starting policy.
+    for name, param in trainer.ref_model.named_parameters():
+        assert torch.equal(param.float(), before[name]), name
+    assert trainer.state.global_step == 2 and [r["step"] for r in steps] == [1, 2]
+    for key in (*STEP_KEYS, "rewards/model/mean"):
+        assert key in steps[0], key
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # nothing has moved at the first rollout
+    assert 1 <= steps[0]["response_length"] <= 12
+    for step in steps:  # the score is the reward model's, minus 3 for each response cut off before EOS
+        expected = step["rewards/model/mean"] - 3.0 * (1 - step["eos_rate"])
+        assert step["score"] == pytest.approx(expected, abs=1e-4)
+    # The critic started from the reward model (method.critic_init=auto), which the rm run trained.
+    from transformers import AutoModelForSequenceClassification
+
+    reward_model = params(AutoModelForSequenceClassification.from_pretrained(rm_run_folder))
+    assert loaded["critic"].keys() == reward_model.keys()
+    assert all(torch.equal(loaded["critic"][n], t) for n, t in reward_model.items())
+    assert not torch.equal(
+        reward_model["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
+
+    out = tmp_path / "run"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param, after[name])
+    table = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert table and {"step", "prompt", "completion", "score"} <= set(table[0])
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert {"score", "kl", "eval_score"} <= set(summary)
+
+
+def test_lora_trains_adapters_only_and_the_reference_is_the_base(tmp_path, monkeypatch, rm_run_folder):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    overrides = ["reward=model", f"reward.model.path={rm_run_folder}", "peft=lora", "peft.r=4", *SHORT]
+    overrides += ["data.eval_ratio=0"]
+    result, loaded, steps = run(tmp_path, overrides, monkeypatch)
+    trainer, before = result.trainer, loaded["policy"]
+    assert isinstance(trainer.policy, PeftModel) and isinstance(trainer.critic, PeftModel)
+    assert trainer.ref_model is None  # the reference is the policy with its adapter off
+    base = {
+        n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
+        for n, p in trainer.policy.named_parameters()
+        if "lora_" not in n
+    }
+    assert all(torch.equal(base[n].float(), t) for n, t in before.items()), "a base weight moved"
+    lora_b = [p for n, p in trainer.policy.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[1]["kl"] != 0.0
+    out = tmp_path / "run"
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert any(p.abs().sum() > 0 for n, p in reloaded.named_parameters() if "lora_B" in n)
+
+
+def test_qlora_policy_and_critic_in_4bit(tmp_path, monkeypatch, share_reward):
+    import bitsandbytes as bnb
+
+    overrides = [*share_reward, "peft=lora", "peft.r=4", "quant=4bit", "data.eval_ratio=0", *SHORT]
+    result, _, steps = run(tmp_path, overrides, monkeypatch)
+    for model in (result.trainer.policy, result.trainer.critic):
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert len(steps) == 2 and (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+def test_a_learnable_reward_rises(tmp_path, monkeypatch, share_reward):
+    """The random tiny model learns to emit more tokens from a set of 1/8 of the vocabulary.
+
+    The score (10 x their share) starts near 1.25; 16 PPO steps of 16 prompts raise it to about
+    2.5 while the adaptive KL coefficient follows the KL (target 20 nats per response).
+    """
+    overrides = [
+        *share_reward,
+        "method.args.max_steps=16",
+        "method.args.learning_rate=1e-2",
+        "method.args.kl_target=20",
+        "method.args.kl_horizon=200",
+        "data.eval_ratio=0",
+        "plot=false",
+    ]
+    _, _, steps = run(tmp_path, overrides, monkeypatch)
+    scores = [r["score"] for r in steps]
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    assert last > first + 0.6, f"score {first:.3f} -> {last:.3f}"
+    betas = [r["kl_coef"] for r in steps]
+    # Adaptive beta: down while the KL is under its target (first steps), then up once above it.
+    assert betas[0] == 0.05 and min(betas) < 0.05 < betas[-1], betas
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypatch, share_reward):
+    """Weights, critic, optimizer, schedule, RNG, prompt order and KL controller all come back."""
+    overrides = [*share_reward, "data.eval_ratio=0", "method.args.save_steps=2", "method.args.kl_target=1"]
+    overrides += [o.replace("max_steps=2", "max_steps=3") for o in SHORT]
+    whole, _, whole_steps = run(tmp_path, overrides, monkeypatch, "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "critic" / "model.safetensors").exists() and (checkpoint / "ppo_state.json").exists()
+    resumed, _, resumed_steps = run(tmp_path, [*overrides, f"resume={checkpoint}"], monkeypatch, "resumed")
+    assert resumed.trainer.state.global_step == 3
+    assert resumed_steps[-1]["score"] == pytest.approx(whole_steps[-1]["score"])
+    assert resumed_steps[-1]["kl_coef"] == pytest.approx(whole_steps[-1]["kl_coef"])
+    for name, param in params(whole.trainer.model).items():
+        torch.testing.assert_close(params(resumed.trainer.model)[name], param, msg=name)
+
+
+# --- the critic's start and errors --------------------------------------------------------------
+
+
+def test_critic_starts_from_the_reward_model_or_the_policy(rm_run_folder):
+    from transformers import AutoTokenizer
+
+    from align_cli.methods.ppo import critic_source
+    from align_cli.rewards import build_reward_functions
+
+    tokenizer = AutoTokenizer.from_pretrained(rm_run_folder)
+    rm, _ = build_reward_functions({"model": str(rm_run_folder)})
+    rule, _ = build_reward_functions({"length": 40})
+    entry = {"type": "model", "path": str(rm_run_folder)}
+    two, _ = build_reward_functions({"a": entry, "b": entry})
+    assert critic_source("auto", rm, tokenizer) is rm[0]
+    assert critic_source("reward", rm, tokenizer) is rm[0]
+    assert critic_source("policy", rm, tokenizer) is None
+    assert critic_source("auto", rule, tokenizer) is None
+    assert critic_source("b", two, tokenizer) is two[1]
+    with pytest.raises(AlignError, match=r"critic_init=reward needs a reward model"):
+        critic_source("reward", rule, tokenizer)
+    with pytest.raises(AlignError, match=r"holds 2 reward models \(a, b\).*method.critic_init=a"):
+        critic_source("auto", two, tokenizer)
+    with pytest.raises(AlignError, match=r"critic_init='value' is not valid: use auto, reward or policy"):
+        critic_source("value", rm, tokenizer)
+
+
+def test_configuration_mistakes_are_named(tmp_path):
+    def ppo(*overrides: str) -> None:
+        train(compose(["method=ppo", *overrides, *SHORT], tmp_path / f"run{len(list(tmp_path.iterdir()))}"))
+
+    with pytest.raises(AlignError, match=r"method\.args\.kl_coeff is not a PPOConfig option.*kl_coef"):
+        ppo("method.args.kl_coeff=0.1")
+    with pytest.raises(
+        AlignError, match=r"PPOConfig rejected the settings: kl_estimator='k2' must be one of k1, k3"
+    ):
+        ppo("method.args.kl_estimator=k2")
+    with pytest.raises(AlignError, match=r"method=ppo needs a reward"):
+        ppo("reward=none")
+    with pytest.raises(AlignError, match=r"critic_init=reward needs a reward model"):
+        ppo("method.critic_init=reward")
