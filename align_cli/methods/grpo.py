@@ -28,7 +28,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import AlignError
-from ..rewards import build_reward_functions, check_columns
+from ..rewards import rewards_for
 from ..rewards.advantage import rank_advantages
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
@@ -95,13 +95,7 @@ def build(ctx):
                     f"method.args.{key} only shapes the zscore advantage; method.advantage=rank ranks the "
                     "weighted reward sum within each group, so remove it or use method.advantage=zscore"
                 )
-    if not ctx.reward:
-        raise AlignError(
-            "method=grpo needs a reward: add reward=length (or keyword, match, format, function, model, mix; "
-            "see conf/reward/)"
-        )
-    funcs, weights = build_reward_functions(ctx.reward)
-    check_columns(funcs, ctx.train_dataset.column_names, "the training data")
+    funcs, weights = rewards_for("grpo", ctx.reward, ctx.train_dataset.column_names)
     trainer_cls = RankAdvantageGRPOTrainer if advantage == "rank" else GRPOTrainer
     trainer = trainer_cls(
         model=ctx.load_model(),

@@ -36,7 +36,7 @@ import torch
 from ..errors import AlignError
 from ..ppo.config import PPOConfig
 from ..ppo.trainer import PPOTrainer, value_head
-from ..rewards import build_reward_functions, check_columns
+from ..rewards import rewards_for
 from ..rewards.model import ModelReward
 
 log = logging.getLogger("align")
@@ -98,13 +98,7 @@ def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
 
 
 def build(ctx):
-    if not ctx.reward:
-        raise AlignError(
-            "method=ppo needs a reward: add reward=model reward.model.path=<rm run folder> (or length, keyword, "
-            "match, format, function, mix; see conf/reward/)"
-        )
-    funcs, weights = build_reward_functions(ctx.reward)
-    check_columns(funcs, ctx.train_dataset.column_names, "the training data")
+    funcs, weights = rewards_for("ppo", ctx.reward, ctx.train_dataset.column_names)
     args = ctx.trl_config(config_class())
     source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)
     if source is None:

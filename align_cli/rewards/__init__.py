@@ -135,3 +135,22 @@ def check_columns(funcs: list[Callable], columns: list[str], source: str = "the 
                     f"reward.{name} reads the column '{column}', which {source} does not have; other columns: "
                     f"{', '.join(extra) or '(none)'} (set reward.{name}.column, or add the column to the data)"
                 )
+
+
+def rewards_for(
+    method: str, reward_cfg: dict | None, columns: list[str]
+) -> tuple[list[Callable], list[float]]:
+    """The reward functions and weights of a run of `method` (ppo, grpo), checked against its data.
+
+    Raises:
+        AlignError: the run has no reward, one of the rewards cannot be built, or one reads a
+            column the training data does not have.
+    """
+    if not reward_cfg:
+        raise AlignError(
+            f"method={method} needs a reward: add reward=length (or keyword, match, format, function, mix), or "
+            "reward=model reward.model.path=<rm run folder>; see conf/reward/"
+        )
+    funcs, weights = build_reward_functions(reward_cfg)
+    check_columns(funcs, columns, "the training data")
+    return funcs, weights
