@@ -131,6 +131,7 @@ class LossGuard(TrainerCallback):
     def __init__(self):
         self.bad: tuple[int, str, float] | None = None  # (step, key, value) seen by on_log
         self._trainer = None
+        self._grad_norm = None  # the norm the Trainer computed for the coming optimizer step
 
     def attach(self, trainer) -> None:
         original = getattr(trainer, "training_step", None)
@@ -155,9 +156,31 @@ class LossGuard(TrainerCallback):
 
         trainer.training_step = training_step  # an instance attribute shadows the method
 
+        # transformers 5 computes the total gradient norm before every optimizer step (to clip
+        # and log it); keeping that value spares a second pass over the gradients.
+        get_grad_norm = getattr(trainer, "_get_grad_norm", None)
+        if get_grad_norm is not None:
+
+            def recorded_grad_norm(*args, **kwargs):
+                norm = get_grad_norm(*args, **kwargs)
+                self._grad_norm = norm
+                return norm
+
+            trainer._get_grad_norm = recorded_grad_norm
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        norm, self._grad_norm = self._grad_norm, None
         if model is None or getattr(args, "fp16", False):
             return control
+        if norm is not None:
+            try:
+                finite = math.isfinite(float(norm))
+            except (TypeError, ValueError, RuntimeError):
+                finite = None
+            if finite is not None:
+                if _all_ranks_max(0.0 if finite else 1.0, args.device):
+                    raise NonFiniteLoss(state.global_step + 1, "gradients became inf or nan")
+                return control
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:  # DeepSpeed keeps its own gradients
             return control

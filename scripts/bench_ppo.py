@@ -531,6 +531,7 @@ def markdown(spec: dict, results: dict, judged: dict, machine: str) -> str:
         f"**{ours['eps_cpu'] / trl['eps_cpu']:.2f}x** (CPU time); {mem_name} {ours[mem_key] / trl[mem_key]:.2f}x, "
         f"growth in training {ours[growth_key] / max(trl[growth_key], 1e-9):.2f}x; reward gain "
         f"{(judged['ours']['score'] - base['score']) / max(judged['trl']['score'] - base['score'], 1e-9):.2f}x.",
+        *targets(ours, trl, mem_key, gains),
         "Every run, episodes/s (per CPU-second): "
         + "; ".join(f"{k} {r['all_eps']} ({r['all_eps_cpu']})" for k, r in results.items())
         + f". Score after, every run: TRL {judged['trl']['all_scores']}, ours {judged['ours']['all_scores']}.",
@@ -539,6 +540,30 @@ def markdown(spec: dict, results: dict, judged: dict, machine: str) -> str:
         f"Machine: {machine}.",
     ]
     return "\n".join(lines)
+
+
+def targets(ours: dict, trl: dict, mem_key: str, gains: dict) -> list[str]:
+    """The issue's targets, judged on this run: >= 1.5x throughput, no more memory, at least TRL's gain."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    speed = ours["eps"] / trl["eps"]
+    memory = ours[mem_key] / trl[mem_key]
+    median = {k: statistics.median(v) for k, v in gains.items()}
+    mean = {k: statistics.mean(v) for k, v in gains.items()}
+    return [
+        "",
+        "Targets:",
+        "",
+        f"- throughput >= 1.5x TRL 1.12's: {verdict(speed >= 1.5)} ({speed:.2f}x).",
+        f"- no more memory: {verdict(memory <= 1.0)} ({memory:.2f}x).",
+        f"- at least TRL's reward gain after the same episodes: on the median gain over seeds "
+        f"{verdict(median['ours'] >= median['trl'])} ({median['ours']:.2f} vs {median['trl']:.2f}); on the mean "
+        f"{verdict(mean['ours'] >= mean['trl'])} ({mean['ours']:.2f} vs {mean['trl']:.2f}). With this many "
+        "seeds the two differ mostly by which seeds took off (see below).",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:

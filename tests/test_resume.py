@@ -140,6 +140,27 @@ def test_infinite_gradients_never_reach_the_weights(tmp_path):
     assert (run / "checkpoint-2" / "trainer_state.json").exists()
 
 
+def test_gradient_check_without_the_trainers_norm():
+    """Loops that compute no gradient norm of their own (e.g. PPO's) get the guard's own check."""
+    from types import SimpleNamespace
+
+    from align_cli.guard import LossGuard, NonFiniteLoss
+
+    model = torch.nn.Linear(3, 1)
+    model(torch.ones(2, 3)).sum().backward()
+    args, state = SimpleNamespace(fp16=False, device="cpu"), SimpleNamespace(global_step=4)
+    guard = LossGuard()
+    guard.on_pre_optimizer_step(args, state, None, model=model)  # finite: passes
+    model.weight.grad[0, 1] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="gradients became inf or nan"):
+        guard.on_pre_optimizer_step(args, state, None, model=model)
+    guard._grad_norm = 1.0  # a norm the Trainer computed wins over recomputing it
+    guard.on_pre_optimizer_step(args, state, None, model=model)
+    guard._grad_norm = torch.tensor(float("inf"))
+    with pytest.raises(NonFiniteLoss):
+        guard.on_pre_optimizer_step(args, state, None, model=model)
+
+
 def test_absurd_learning_rate_diverges_and_stops(tmp_path):
     run = tmp_path / "lr"
     with pytest.raises(AlignError) as info:
