@@ -185,7 +185,8 @@ def validate(cfg: DictConfig) -> Report:
 
 def main(argv: list[str]) -> None:
     """Entry for `align data validate [overrides]`: prints the report, exits 0 (valid) or 1."""
-    from .train import _wants_debug, compose_checked, fail
+    from .preflight import compose_checked
+    from .train import _wants_debug, fail
 
     argv = schema.normalize_overrides(list(argv))
     try:

@@ -4,7 +4,7 @@
     python3 scripts/bench_adapter.py --methods dpo --rounds 5 --no-doc
 
 For each method, both sides train the same tiny model folder on the same rows with the same
-TRL config values, as separate processes, alternating align, TRL, align, TRL, ...:
+TRL config values, as separate processes, alternating in ABBA order (align, TRL, TRL, align, ...):
 
 - align: `python -m align_cli.cli train method=<m> model.name_or_path=<folder> ...`, the real
   command (composition, data conversion, run folder, summary and plot included).
@@ -458,7 +458,8 @@ def bench_method(
 
     runs = []
     for i in range(rounds):
-        for side in ("align", "trl"):
+        # ABBA order: neither side always runs right after the other's process.
+        for side in ("align", "trl") if i % 2 == 0 else ("trl", "align"):
             out = work / f"{method}-{side}-{i}"
             if side == "align":
                 args = align_args(method, model_path, steps, out)
@@ -517,9 +518,9 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "standalone script that calls TRL's trainer directly (it imports nothing from align) train",
         "the same tiny model folder on the same converted rows with the same TRL config values",
         "(read from a warm-up align run's `training_args.bin`), as separate processes, alternating",
-        "align, TRL, align, TRL, ... The TRL script trains, evaluates, and saves the model and",
+        "in ABBA order (align, TRL, TRL, align, ...). The TRL script trains, evaluates, and saves the model and",
         "tokenizer; align also composes its Hydra config, converts the data, and writes",
-        "metrics.jsonl, summary.json and a plot. The benchmark stops unless both sides' saved",
+        "metrics.jsonl, summary.json and an SVG plot. The benchmark stops unless both sides' saved",
         "configs are equal field by field and both reach the same training loss (`loss gap`).",
         "",
         "- Training loop: samples per second inside `Trainer.train()` (transformers'",

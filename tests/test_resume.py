@@ -23,8 +23,9 @@ import torch
 from transformers import TrainerCallback
 
 from align_cli.errors import AlignError, TrainingInterrupted
+from align_cli.preflight import prepare
 from align_cli.testing import compose
-from align_cli.train import prepare, train
+from align_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # 54 sample rows in batches of 32: 2 steps an epoch, so the resumed steps 4-6 cross an epoch.

@@ -1,0 +1,258 @@
+"""Before Hydra starts: compose the command line once, and pick the run folder.
+
+`prepare(argv)` composes `conf/config.yaml` with the user's overrides through Hydra's compose
+API (every value of a sweep too), so a wrong group option, key or value is one line
+(`align: error: ...`) rather than Hydra's report, and before any job starts. It then picks a
+run folder that no other run uses (one per `torchrun` launch, shared by its ranks), refuses a
+folder that holds a finished run, and warns when a resumed run's settings changed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as schema
+from .errors import AlignError, hydra_message, one_line
+
+
+def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """Composes conf/config.yaml as `align` does; a composition problem is a one-line AlignError.
+
+    Args:
+        overrides: command-line overrides, already normalized (`method.args.k` -> `++...`).
+        return_hydra_config: keep the `hydra` node (to read the run folder).
+
+    Raises:
+        AlignError: an override that does not parse, an unknown group option (with the valid
+            ones), an unknown key (with the nearest), a value of the wrong type.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    schema.register()
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception as err:
+            raise AlignError(
+                f"cannot parse '{override.replace('++method.args.', 'method.args.')}': {one_line(str(err))} "
+                "(see https://hydra.cc/docs/advanced/override_grammar/basic/)"
+            ) from err
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
+    except Exception as err:
+        # Show overrides as typed: `method.args.k=v`, not the `++` form normalize_overrides made.
+        message = hydra_message(err, _culprit(err, overrides)).replace("++method.args.", "method.args.")
+        raise AlignError(message) from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _culprit(err: BaseException, overrides: list[str]) -> str | None:
+    """The override an error is about, when its message or its key names one."""
+    key = getattr(err.__cause__, "full_key", None)
+    for override in overrides:
+        name = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+        if override in str(err) or (key and name == key):
+            return override
+    return None
+
+
+_PREFIX = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}
+
+
+def _probe_sets(overrides: list[str], multirun: bool, limit: int = 40) -> list[list[str]]:
+    """The override lists to compose before Hydra runs.
+
+    A sweep (`a=1,2`) composes once per value, the other sweeps at their first value, so a
+    wrong option anywhere in the sweep fails before the first job starts.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not multirun:
+        return [overrides]
+    parser = OverridesParser.create()
+    choices: list[list[str]] = []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+            if not override.is_sweep_override():
+                choices.append([text])
+                continue
+            key = override.key_or_group + (f"@{override.package}" if override.package else "")
+            prefix = _PREFIX.get(override.type.name, "")
+            values = [f"{prefix}{key}={v}" for v in override.sweep_string_iterator()]
+            for value in values:
+                parser.parse_override(value)  # a value that needs quoting: let Hydra expand it
+            choices.append(values or [text])
+        except Exception:
+            choices.append([text])
+    probes = [[c[0] for c in choices]]
+    for i, values in enumerate(choices):
+        for value in values[1:]:
+            probes.append([*probes[0][:i], value, *probes[0][i + 1 :]])
+    return probes[:limit]
+
+
+def _quote(value: str) -> str:
+    """A path as a Hydra override value (quoted when it holds characters the grammar reserves)."""
+    if all(c.isalnum() or c in "/._-~" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def unique_dir(path: str) -> str:
+    """Creates and returns `path`, or `path_1`, `path_2`... if another run took it first.
+
+    mkdir is atomic, so two runs started in the same second (the default folder name has a
+    one-second resolution) never share a folder.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, n = path, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{path}_{n}"
+
+
+def shared_unique_dir(path: str) -> str:
+    """`unique_dir(path)`, decided once for all the ranks of one `torchrun` launch on this node.
+
+    Every rank runs `align train` and would otherwise take a folder of its own. The ranks of one
+    launch share a parent (torchrun's agent) and, through `${run_stamp:}`, the same `path`: local
+    rank 0 picks the folder and leaves its name in a file keyed by both; the others read it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return unique_dir(path)
+    import hashlib
+    import tempfile
+
+    launch = f"{os.getppid()}-{os.environ.get('MASTER_PORT', '')}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    key = hashlib.sha1(f"{launch}-{os.path.abspath(path)}".encode()).hexdigest()[:16]
+    note = Path(tempfile.gettempdir()) / f"align-run-dir-{key}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        chosen = unique_dir(path)
+        partial = note.with_suffix(f".{os.getpid()}")
+        partial.write_text(chosen, encoding="utf-8")
+        os.replace(partial, note)  # atomic: a reader sees the whole name or nothing
+        return chosen
+    for _ in range(1200):
+        if note.exists():
+            return note.read_text(encoding="utf-8").strip()
+        time.sleep(0.05)
+    raise AlignError("waited 60 s for local rank 0 to pick the run folder; set hydra.run.dir=<folder>")
+
+
+def _refuse_finished(folder: str, how: str) -> None:
+    if os.path.exists(os.path.join(folder, "summary.json")):
+        raise AlignError(
+            f"{how}={folder} holds a finished run; choose another folder (to train it further, "
+            f"start from it with model.name_or_path={folder})"
+        )
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two plain config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
+    """Warns when a resumed run's settings differ from those it was started with."""
+    saved = os.path.join(run_dir, ".hydra", "config.yaml")
+    if not run_dir or not os.path.exists(saved):
+        return
+    ignore = {"resume", "output_dir", "debug", "plot", "hydra"}
+    old = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k not in ignore}
+    new = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ignore}
+    changed = _differences(old, new)
+    if changed:
+        print(
+            f"align: warning: resuming with settings that differ from the run's: {'; '.join(changed[:8])}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def prepare(argv: list[str]) -> list[str]:
+    """Checks the command line and picks the run folder before Hydra starts.
+
+    Returns the argv to hand to Hydra: its flags first, then the overrides, plus
+    `hydra.run.dir=` (or `hydra.sweep.dir=`) naming a folder no other run uses.
+
+    Raises:
+        AlignError: a composition problem (one line), or a run folder holding a finished run.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_intermixed_args(argv)
+    if args.help or args.hydra_help or args.shell_completion or args.info or args.experimental_rerun:
+        return argv
+    overrides = list(args.overrides)
+    rest = list(argv)
+    for override in overrides:  # what is left are Hydra's flags, in their order
+        rest.remove(override)
+    probes = _probe_sets(overrides, args.multirun)
+    cfg = compose_checked(probes[0], return_hydra_config=True)
+    for probe in probes[1:]:
+        compose_checked(probe)
+    if args.cfg or args.config_name or args.config_path or args.config_dir:
+        return [*rest, *overrides]  # printing the config, or another config tree: nothing to run
+
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    output_dir = cfg.get("output_dir")
+    extra = []
+    if args.multirun:
+        if output_dir:
+            raise AlignError(
+                "output_dir with -m: every job would write the same folder; leave it out "
+                "(each job gets its own folder under hydra.sweep.dir)"
+            )
+        sweep_dir = str(cfg.hydra.sweep.dir)
+        if "hydra.sweep.dir" in keys:
+            for summary in Path(sweep_dir).glob("*/summary.json"):
+                _refuse_finished(str(summary.parent), "hydra.sweep.dir")
+        else:
+            extra.append(f"hydra.sweep.dir={_quote(unique_dir(sweep_dir))}")
+        return [*rest, *overrides, *extra]
+
+    resuming = cfg.get("resume") not in (None, False, "false")
+    if output_dir:
+        run_dir = str(output_dir)
+        _refuse_finished(run_dir, "output_dir")
+        if "hydra.run.dir" in keys:
+            _refuse_finished(str(cfg.hydra.run.dir), "hydra.run.dir")
+        else:
+            # One run, one folder: the config Hydra saves goes beside the model it describes.
+            extra.append(f"hydra.run.dir={_quote(run_dir)}")
+    elif "hydra.run.dir" in keys:
+        run_dir = str(cfg.hydra.run.dir)
+        _refuse_finished(run_dir, "hydra.run.dir")
+    elif resuming and cfg.get("resume") is True:
+        raise AlignError(
+            "resume=true continues a run: name its folder with hydra.run.dir=<run folder> "
+            "(or output_dir=<run folder>), or pass resume=<checkpoint folder>"
+        )
+    else:
+        extra.append(f"hydra.run.dir={_quote(shared_unique_dir(str(cfg.hydra.run.dir)))}")
+    if resuming:
+        _warn_changed_config(run_dir if output_dir or "hydra.run.dir" in keys else "", cfg)
+    return [*rest, *overrides, *extra]
