@@ -151,6 +151,61 @@ def _adapter_base(path: str) -> str | None:
     return None
 
 
+def adapter_task(path: str) -> str | None:
+    """The PEFT task type of an adapter-only folder (e.g. "CAUSAL_LM", "SEQ_CLS"), else None."""
+    if _adapter_base(path) is None:
+        return None
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        return json.load(f).get("task_type") or "CAUSAL_LM"
+
+
+def merge_adapter_folder(model_cfg: ModelConfig, path: str, target: str) -> str:
+    """Writes `path` (an adapter-only folder) merged into its base model as a full model at `target`.
+
+    A merged folder can be loaded quantized, as another head type (a critic from a causal-LM
+    adapter), or serve as the base of a new adapter whose `base_model_name_or_path` must name
+    the weights it was trained on. An existing `target` (a resumed run) is reused.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    task = adapter_task(path)
+    base = _adapter_base(path)
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "dtype": torch_dtype(model_cfg.dtype),
+    }
+    if task == "SEQ_CLS":
+        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        model = PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path).merge_and_unload()
+    except OSError as err:
+        raise _hub_error(base, err) from None
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    # Written beside the target and renamed, as the tiny model is: DDP ranks may race here.
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".merging-")
+    model.save_pretrained(tmp)
+    tokenizer_dir = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=model_cfg.trust_remote_code
+        ).save_pretrained(tmp)
+    except OSError:
+        pass  # a base without a tokenizer on disk: the run's tokenizer is saved with the outputs anyway
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another rank finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 

@@ -225,7 +225,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     from .callbacks import MetricsFileCallback, plot_metrics
     from .data import load_datasets
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
-    from .methods import load_method
+    from .methods import load_method, prompt_room
     from .methods.base import MethodContext
 
     started = time.time()
@@ -268,7 +268,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         seed=int(cfg.seed),
         sample=method.get("sample"),
         tokenizer=tokenizer,
-        max_length=model_cfg.max_length,
+        room=prompt_room(module, args, model_cfg),
     )
     log.info("data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0)
 

@@ -110,7 +110,9 @@ def _notes(rows: list[dict], standard: str, lengths, max_length: int) -> list[st
     return notes
 
 
-def check_split(data_cfg, method: dict, tokenizer, max_length: int, split: str | None = None) -> SplitReport:
+def check_split(
+    data_cfg, method: dict, tokenizer, max_length: int, room, split: str | None = None
+) -> SplitReport:
     """Reads, converts and measures one split, collecting every problem instead of stopping."""
     from .data import data_path, long_prompts_problem, read_and_convert
     from .data.lengths import measure, percentiles
@@ -141,7 +143,7 @@ def check_split(data_cfg, method: dict, tokenizer, max_length: int, split: str |
             lengths = measure(loaded.rows, standard, tokenizer)
             report.lengths = {"prompt": percentiles(lengths.prompt)}
             report.lengths.update({name: percentiles(v) for name, v in lengths.answers.items()})
-            message = long_prompts_problem(loaded, lengths.prompt, max_length)
+            message = long_prompts_problem(loaded, lengths.prompt, room) if room else None
             if message:
                 problems.add(message)
             report.notes = _notes(loaded.rows, standard, lengths, max_length)
@@ -165,6 +167,7 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
+    from .methods import load_method, prompt_room
     from .train import check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
@@ -175,10 +178,11 @@ def validate(cfg: DictConfig) -> Report:
     data_cfg = typed(cfg, "data", schema.DataConfig)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length))
+    room = prompt_room(load_method(method["name"]), method.get("args") or {}, model_cfg)
+    report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length, room))
     if data_cfg.eval_split:
         report.splits.append(
-            check_split(data_cfg, method, tokenizer, model_cfg.max_length, data_cfg.eval_split)
+            check_split(data_cfg, method, tokenizer, model_cfg.max_length, room, data_cfg.eval_split)
         )
     return report
 

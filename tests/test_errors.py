@@ -130,7 +130,7 @@ CASES = [
     ),
     (
         ["train", "method=dpo", "model.max_length=20", "output_dir={tmp}/run"],
-        "34 of 108 prompts are at least model.max_length=20 tokens long, leaving no room for the answer; "
+        "34 of 108 prompts are longer than 19 tokens (model.max_length=20 leaves no room for the answer); "
         "first: ",
         1,
     ),

@@ -250,3 +250,46 @@ def test_configuration_mistakes_are_named(tmp_path):
         ppo("reward=none")
     with pytest.raises(AlignError, match=r"critic_init=reward needs a reward model"):
         ppo("method.critic_init=reward")
+
+
+def test_sampling_ignores_the_checkpoints_own_generation_settings():
+    """Sampled tokens come from softmax(logits / T), the distribution PPO scores, even when the
+    checkpoint's generation_config asks for a repetition penalty, a minimum length and suppressed
+    tokens (which generate would otherwise apply)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from align_cli.modeling import build_tiny_model
+    from align_cli.ppo.trainer import sampling_only
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model()).eval()
+    own = model.generation_config
+    own.repetition_penalty, own.min_new_tokens, own.suppress_tokens = 1.8, 6, list(range(3, 40))
+    config = GenerationConfig(
+        do_sample=True, max_new_tokens=6, temperature=0.7, top_k=0, top_p=1.0,
+        output_scores=True, return_dict_in_generate=True, pad_token_id=own.pad_token_id,
+    )  # fmt: skip
+    prompt = torch.tensor([[5, 17, 23, 5, 17]])
+
+    def max_gap():
+        torch.manual_seed(0)
+        out = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config
+        )
+        with torch.no_grad():
+            scored = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1].float() / 0.7
+        return (torch.stack(out.scores, 1)[0].float() - scored).abs().max().item()
+
+    assert max_gap() > 1.0  # the checkpoint's settings reshape the distribution: the case is real
+    with sampling_only(model, config):
+        assert max_gap() < 1e-4
+    assert model.generation_config is own and own.repetition_penalty == 1.8  # restored
+
+
+def test_a_prompt_without_room_for_the_response_is_named_before_loading(tmp_path):
+    """PPO samples max_new_tokens after the prompt: a longer prompt is an error, never silently cut."""
+    cfg = compose(["method=ppo", "model.max_length=40", "method.args.max_new_tokens=30", "reward=length"], tmp_path)
+    with pytest.raises(AlignError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "prompts are longer than 10 tokens" in message
+    assert "model.max_length=40 less method.args.max_new_tokens=30" in message and "prompts.jsonl:1 " in message

@@ -130,23 +130,35 @@ def read_and_convert(
     return loaded
 
 
-def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], max_length: int) -> str | None:
-    """The message for prompts that leave no room for an answer within `max_length`, or None."""
-    long = too_long(prompt_lengths, max_length)
+@dataclass
+class PromptRoom:
+    """How many tokens a prompt may have, and why (for the message when one has more)."""
+
+    limit: int
+    why: str
+
+    @classmethod
+    def for_answer(cls, max_length: int) -> PromptRoom:
+        return cls(max_length - 1, f"model.max_length={max_length} leaves no room for the answer")
+
+
+def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], room: PromptRoom) -> str | None:
+    """The message for prompts longer than `room.limit` tokens, or None."""
+    long = too_long(prompt_lengths, room.limit + 1)
     if not long:
         return None
     first = long[0]
     return (
-        f"{len(long)} of {len(prompt_lengths)} prompts are at least model.max_length={max_length} tokens "
-        f"long, leaving no room for the answer; first: {loaded.origins[first]} ({prompt_lengths[first]} tokens): "
+        f"{len(long)} of {len(prompt_lengths)} prompts are longer than {room.limit} tokens ({room.why}); "
+        f"first: {loaded.origins[first]} ({prompt_lengths[first]} tokens): "
         "raise model.max_length or shorten these prompts"
     )
 
 
-def check_prompt_lengths(loaded: Loaded, standard: str, tokenizer, max_length: int) -> None:
-    """Raises AlignError when prompts fill `max_length` on their own (count and first row)."""
+def check_prompt_lengths(loaded: Loaded, standard: str, tokenizer, room: PromptRoom) -> None:
+    """Raises AlignError when prompts are longer than `room` allows (count and first row)."""
     lengths = measure(loaded.rows, standard, tokenizer, prompts_only=True)
-    message = long_prompts_problem(loaded, lengths.prompt, max_length)
+    message = long_prompts_problem(loaded, lengths.prompt, room)
     if message:
         raise AlignError(message)
 
@@ -167,7 +179,7 @@ def load_datasets(
     seed: int = 42,
     sample: str | None = None,
     tokenizer=None,
-    max_length: int | None = None,
+    room: PromptRoom | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """Loads the train split and the evaluation split in the method's standard format.
 
@@ -179,20 +191,20 @@ def load_datasets(
         conversational: emit chat messages (the tokenizer has a chat template) or plain text.
         seed: shuffles the held-out split reproducibly.
         sample: the method's sample file in data_samples/, used when data.path is null.
-        tokenizer: with `max_length`, checks that no prompt fills the maximum length on its own.
-        max_length: the model's maximum length (prompt + answer tokens).
+        tokenizer: with `room`, checks that every prompt fits in it.
+        room: the most tokens a prompt may have (the method's `PromptRoom`).
 
     Raises:
         AlignError: unreadable or empty data, columns that fit no input format of `standard`,
             prompts too long; DataError (a subclass) for bad rows: the first and the count.
     """
     train = read_and_convert(data_cfg, standard, conversational, sample)
-    if tokenizer is not None and max_length:
-        check_prompt_lengths(train, standard, tokenizer, max_length)
+    if tokenizer is not None and room is not None:
+        check_prompt_lengths(train, standard, tokenizer, room)
     if data_cfg.eval_split:
         evaluation = read_and_convert(data_cfg, standard, conversational, sample, split=data_cfg.eval_split)
-        if tokenizer is not None and max_length:
-            check_prompt_lengths(evaluation, standard, tokenizer, max_length)
+        if tokenizer is not None and room is not None:
+            check_prompt_lengths(evaluation, standard, tokenizer, room)
         return _to_dataset(train.rows), _to_dataset(evaluation.rows)
     if not 0 <= data_cfg.eval_ratio < 1:
         raise AlignError(f"data.eval_ratio={data_cfg.eval_ratio} must be in [0, 1)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..data import PromptRoom
 from ..errors import AlignError
 
 REGISTRY: dict[str, str] = {
@@ -26,3 +27,13 @@ def load_method(name: str) -> ModuleType:
     if name not in REGISTRY:
         raise AlignError(f"unknown method '{name}': choose one of {', '.join(REGISTRY)}")
     return importlib.import_module(REGISTRY[name])
+
+
+def prompt_room(module: ModuleType, args: dict, model_cfg) -> PromptRoom | None:
+    """The most tokens a prompt may have for this method: a method's own `prompt_room(args,
+    model_cfg)` (PPO keeps room for its sampled response), else model.max_length less one token
+    for the answer. None: no limit."""
+    own = getattr(module, "prompt_room", None)
+    if own is not None:
+        return own(args, model_cfg)
+    return PromptRoom.for_answer(model_cfg.max_length) if model_cfg.max_length else None

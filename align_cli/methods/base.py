@@ -7,12 +7,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import modeling
 from ..config import ModelConfig, PeftSettings, QuantConfig
 from ..errors import AlignError, nearest
+
+log = logging.getLogger("align")
 
 # Our defaults for every TrainingArguments-derived config; a method's own defaults and then
 # the user's `method.args` override them.
@@ -97,18 +103,50 @@ class MethodContext:
             raise AlignError(f"method.args: {cls.__name__} rejected the settings: {first}") from None
 
     def load_model(self, kind: str = "causal_lm", path: str | None = None, quantize: bool = True):
-        """Loads the configured model (or `path`) with the run's quantization."""
+        """Loads the configured model (or `path`) with the run's quantization.
+
+        An adapter-only folder (a `peft=lora` run) merges into its base in memory when it is
+        loaded the way it was trained. It is written merged to disk first when it is loaded
+        quantized or as another head type (the PPO critic from an SFT adapter), and when it is
+        the starting model of a new LoRA run: `<run>/base_model` is then kept, and the new
+        adapter names it as its base, so loading the result with peft gives the weights that
+        were trained on, not the raw base.
+        """
         if self.quant_cfg.bits and self.peft_cfg.method == "none" and quantize:
             raise AlignError(
                 f"quant={self.quant_cfg.bits}bit needs peft=lora: quantized weights cannot be trained directly"
             )
-        return modeling.load_model(
-            self.model_cfg,
-            self.quant_cfg if quantize else None,
-            kind=kind,
-            path=path,
-            pad_token_id=self.tokenizer.pad_token_id,
+        resolved = modeling.resolve_model_path(self.model_cfg, path)
+        task = modeling.adapter_task(resolved)
+        is_start = path is None or path == self.model_cfg.name_or_path
+        lora_run = self.peft_cfg.method != "none"
+        merge = task is not None and (
+            (is_start and lora_run)
+            or {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[kind] != task
+            or bool(quantize and self.quant_cfg.bits)
         )
+        scratch = None
+        if merge and is_start and lora_run:
+            target = os.path.abspath(os.path.join(self.output_dir, "base_model"))
+        elif merge:
+            os.makedirs(self.output_dir, exist_ok=True)
+            scratch = tempfile.mkdtemp(dir=self.output_dir, prefix=".merged-")
+            target = os.path.join(scratch, "model")
+        if merge:
+            if not os.path.exists(os.path.join(target, "config.json")):
+                log.info("merging the LoRA adapter in %s into its base model", resolved)
+            path = modeling.merge_adapter_folder(self.model_cfg, resolved, target)
+        try:
+            return modeling.load_model(
+                self.model_cfg,
+                self.quant_cfg if quantize else None,
+                kind=kind,
+                path=path,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def trl_trainer(self, trainer_cls: type, config_cls: type, **kwargs: Any):
         """A TRL trainer built the usual way: our model, config, data, tokenizer, LoRA, callbacks.

@@ -33,6 +33,7 @@ import logging
 
 import torch
 
+from ..data import PromptRoom
 from ..errors import AlignError
 from ..ppo.config import PPOConfig
 from ..ppo.trainer import PPOTrainer, value_head
@@ -95,6 +96,22 @@ def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
             "so as a critic it could not read the policy's tokens; use method.critic_init=policy"
         )
     return source
+
+
+def prompt_room(args: dict, model_cfg) -> PromptRoom | None:
+    """Prompts are sampled from with max_new_tokens of room: longer ones would have to be cut."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class())}
+    new = args.get("max_new_tokens", defaults["max_new_tokens"])
+    max_length, key = args.get("max_length", model_cfg.max_length), "method.args.max_length"
+    if "max_length" not in args:
+        key = "model.max_length"
+    if not max_length:
+        return None
+    return PromptRoom(
+        max_length - new, f"{key}={max_length} less method.args.max_new_tokens={new} for the sampled response"
+    )
 
 
 def build(ctx):

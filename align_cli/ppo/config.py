@@ -40,7 +40,7 @@ class PPOConfig(TrainingArguments):
     max_length: int | None = field(
         default=None,
         metadata=_help(
-            "Prompt + response tokens; prompts are cut on the left to max_length - max_new_tokens."
+            "Prompt + response tokens: a prompt longer than max_length - max_new_tokens is an error."
         ),
     )
     temperature: float = field(

@@ -31,7 +31,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -126,6 +126,28 @@ def reward_model_scores(
     ).last_hidden_state  # (B, T, H)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, H)
     return value_head(model)(picked).squeeze(-1).float()
+
+
+@contextmanager
+def sampling_only(model: nn.Module, config: GenerationConfig):
+    """Makes `config` the whole generation config of `model` (and of the model inside a PeftModel).
+
+    `generate` fills every field left unset with the model's own `generation_config`: a
+    checkpoint's repetition penalty, `min_new_tokens` or suppressed tokens would then reshape
+    the sampling distribution, and the log-probs PPO scores (softmax(logits / T)) would no longer
+    be the behaviour policy's. With a bare config, only what `config` sets applies.
+    """
+    holders = [
+        m for m in {id(m): m for m in (model, unwrap_peft(model))}.values() if hasattr(m, "generation_config")
+    ]
+    saved = [m.generation_config for m in holders]
+    for m in holders:
+        m.generation_config = copy.deepcopy(config)
+    try:
+        yield
+    finally:
+        for m, old in zip(holders, saved, strict=True):
+            m.generation_config = old
 
 
 class PolicyAndCritic(nn.Module):
@@ -351,8 +373,15 @@ class PPOTrainer(Trainer):
         else:
             ids = tok(list(prompts))["input_ids"]
         if self.args.max_length:
+            # Cutting a prompt would hide part of it from the policy but not from the rewards.
             limit = self.args.max_length - self.args.max_new_tokens
-            ids = [row[-limit:] for row in ids]  # keep the end: the question and the generation prompt
+            long = [i for i, row in enumerate(ids) if len(row) > limit]
+            if long:
+                raise AlignError(
+                    f"{len(long)} of {len(ids)} prompts are longer than max_length - max_new_tokens = "
+                    f"{self.args.max_length} - {self.args.max_new_tokens} = {limit} tokens (first: row "
+                    f"{long[0]}, {len(ids[long[0]])} tokens): raise model.max_length or shorten these prompts"
+                )
         return ids
 
     def _batch_rows(self, step: int) -> list[int]:
@@ -404,7 +433,7 @@ class PPOTrainer(Trainer):
         pieces = []
         was_training = policy.training
         policy.eval()  # also lets generate keep its KV cache under activation checkpointing
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), sampling_only(policy, self.generation_config):
             for s in range(0, len(prompt_ids), chunk):
                 out = policy.generate(
                     input_ids=prompts[s : s + chunk],
