@@ -306,7 +306,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         if stop.stopped_at is not None:
             raise TrainingInterrupted(_interrupted(stop, output_dir), stop.signum)
         # A signal after the last step: skip the final evaluation, but save the finished model.
-        final_eval = trainer.evaluate() if eval_ds is not None and stop.signum is None else {}
+        final_eval = {}
+        if eval_ds is not None and stop.signum is None:
+            final_eval = evaluated_at_end(trainer) or trainer.evaluate()
 
         # The model (or adapter) and tokenizer go to the run folder's root, so the folder itself is
         # what `model.name_or_path=<run folder>` or from_pretrained(<run folder>) takes.
@@ -334,6 +336,22 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         stop.uninstall()
         _close_progress_bars(trainer)
     return RunResult(output_dir=output_dir, metrics=metrics, trainer=trainer)
+
+
+def evaluated_at_end(trainer) -> dict[str, float]:
+    """The eval metrics the trainer logged at its last step ({} if it did not evaluate there).
+
+    A run whose eval schedule hits the last step has evaluated the final model already; a
+    second pass would add duplicate records, and for a sampling evaluation (PPO) other numbers.
+    """
+    state = getattr(trainer, "state", None)
+    for record in reversed(getattr(state, "log_history", None) or []):
+        if record.get("step") != state.global_step:
+            break
+        found = {k: v for k, v in record.items() if k.startswith("eval_")}
+        if found:
+            return found
+    return {}
 
 
 def _close_progress_bars(trainer) -> None:

@@ -126,6 +126,15 @@ def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, rm_run_folder)
         torch.testing.assert_close(param, after[name])
     table = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert table and {"step", "prompt", "completion", "score"} <= set(table[0])
+    # The schedule evaluated the last step: the run's end does not evaluate it a second time.
+    evals = [r for r in records(out) if "eval_score" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert len(table) == 2 * len([r for r in table if r["step"] == 1])
+    # eval_score is the mean of the scores in the sample table (missing-EOS penalty included, as in training).
+    eval_rows = {r["step"]: r for r in evals}
+    assert eval_rows[2]["eval_score"] == pytest.approx(
+        sum(r["score"] for r in table if r["step"] == 2) / len([r for r in table if r["step"] == 2]), abs=1e-4
+    )
     summary = json.loads((out / "summary.json").read_text())["metrics"]
     assert {"score", "kl", "eval_score"} <= set(summary)
 
@@ -287,9 +296,42 @@ def test_sampling_ignores_the_checkpoints_own_generation_settings():
 
 def test_a_prompt_without_room_for_the_response_is_named_before_loading(tmp_path):
     """PPO samples max_new_tokens after the prompt: a longer prompt is an error, never silently cut."""
-    cfg = compose(["method=ppo", "model.max_length=40", "method.args.max_new_tokens=30", "reward=length"], tmp_path)
+    cfg = compose(
+        ["method=ppo", "model.max_length=40", "method.args.max_new_tokens=30", "reward=length"], tmp_path
+    )
     with pytest.raises(AlignError) as err:
         train(cfg)
     message = str(err.value)
     assert "prompts are longer than 10 tokens" in message
-    assert "model.max_length=40 less method.args.max_new_tokens=30" in message and "prompts.jsonl:1 " in message
+    assert (
+        "model.max_length=40 less method.args.max_new_tokens=30" in message and "prompts.jsonl:1 " in message
+    )
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_token_reward_scores_match_the_reward_models_own_forward(pad_is_eos):
+    """reward_model_input=tokens reads the score where the reward model's forward does, also when its
+    pad token is the EOS that ends a response (then: the token before it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align_cli.modeling import build_tiny_model
+    from align_cli.ppo.trainer import reward_model_scores
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(build_tiny_model(), num_labels=1).eval()
+    eos, pad = 2, (2 if pad_is_eos else 0)
+    model.config.pad_token_id = pad
+    rows = [[7, 8, 9, 10, 11, eos], [12, 13, 14, eos], [15, 16, 17, 18, 19]]  # the last: cut, no EOS
+    prompt_len = [2, 3, 1]
+    width = max(len(r) - p for r, p in zip(rows, prompt_len, strict=True))
+    left = max(prompt_len)
+    seqs, masks, last = [], [], []
+    for row, p in zip(rows, prompt_len, strict=True):  # left-padded prompts, right-padded responses
+        prompt, response = row[:p], row[p:]
+        seqs.append([pad] * (left - p) + prompt + response + [pad] * (width - len(response)))
+        masks.append([0] * (left - p) + [1] * len(row) + [0] * (width - len(response)))
+        last.append(left + len(response) - 1)
+    got = reward_model_scores(model, torch.tensor(seqs), torch.tensor(masks), torch.tensor(last))
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=torch.tensor([row])).logits[:, 0] for row in rows])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

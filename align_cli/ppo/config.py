@@ -136,6 +136,10 @@ class PPOConfig(TrainingArguments):
             problems.append(f"kl_coef={self.kl_coef} must not be negative")
         if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
             problems.append("kl_target and kl_horizon must be positive")
+        if self.kl_target is not None and self.kl_coef == 0:
+            problems.append(
+                "kl_target adapts kl_coef by multiplying it, so kl_coef=0 would stay 0: start it above 0"
+            )
         if self.max_length is not None and self.max_length <= self.max_new_tokens:
             problems.append(f"max_length={self.max_length} leaves no room for a prompt beside max_new_tokens")
         if problems:

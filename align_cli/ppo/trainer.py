@@ -118,8 +118,18 @@ def critic_values(critic: nn.Module, inputs: dict[str, torch.Tensor], response_l
 def reward_model_scores(
     model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
 ) -> torch.Tensor:
-    """A reward model's score of each (prompt + response) token row, read at its last real token. -> (B,)."""
+    """A reward model's score of each (prompt + response) token row. -> (B,).
+
+    Read where the model's own forward reads it, so the score is the one it was trained to give:
+    at the last token that is not its pad token. That is the last real token (`last_index`),
+    or the one before it when the pad token is the EOS that ends the response.
+    """
     model = unwrap_peft(model)
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is not None:
+        real = attention_mask.bool() & (sequences != pad)
+        positions = torch.arange(sequences.shape[1], device=sequences.device)
+        last_index = torch.minimum((positions * real).argmax(-1), last_index)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(model)(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -500,6 +510,15 @@ class PPOTrainer(Trainer):
         scores = (per_func * self.reward_weights).nansum(dim=1)  # an abstaining function adds 0
         return scores.to(sequences.device), per_func, texts
 
+    def _penalize_missing_eos(
+        self, scores: torch.Tensor, sequences: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores less `missing_eos_penalty` for responses cut off before a stop token; and which ended."""
+        has_eos = torch.isin(sequences[:, -width:], self.stop_token_ids).any(1)
+        if self.args.missing_eos_penalty:
+            scores = scores - self.args.missing_eos_penalty * (~has_eos).to(scores.dtype)
+        return scores, has_eos
+
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of the sampling distribution (temperature applied), float32."""
         logits = logits.float()
@@ -535,9 +554,7 @@ class PPOTrainer(Trainer):
         sequences, attention_mask, mask = self._sample([self._train_prompt_ids[r] for r in rows])
         width = mask.shape[1]
         scores, per_func, _ = self._score(rows, self.train_dataset, sequences, attention_mask, mask)
-        has_eos = torch.isin(sequences[:, -width:], self.stop_token_ids).any(1)
-        if args.missing_eos_penalty:
-            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        scores, has_eos = self._penalize_missing_eos(scores, sequences, width)
         forward = self._logprobs_values(sequences, attention_mask, width)
         logprobs, ref_logprobs, values = (
             forward["logprobs"],
@@ -793,34 +810,45 @@ class PPOTrainer(Trainer):
             rows = mine[s : s + size]
             sequences, attention_mask, mask = self._sample([prompt_ids[r] for r in rows])
             score, per_func, texts = self._score(rows, dataset, sequences, attention_mask, mask)
-            width = mask.shape[1]
-            scores.append(score.float())
-            lengths.append(mask.sum(1))
-            eos.append(torch.isin(sequences[:, -width:], self.stop_token_ids).any(1).float())
+            # The same score as training's, so eval_score and score compare.
+            score, has_eos = self._penalize_missing_eos(score, sequences, mask.shape[1])
+            scores.append(score.float().cpu())
+            lengths.append(mask.sum(1).cpu())
+            eos.append(has_eos.float().cpu())
             funcs.append(per_func)
             prompts = dataset[rows]["prompt"]
             table += [
                 {"prompt": message_text(p), "completion": t, "score": round(float(v), 6)}
                 for p, t, v in zip(prompts, texts, score.tolist(), strict=True)
             ]
-        metrics: dict[str, float] = {}
-        if mine:
-            gathered = self.accelerator.gather_for_metrics(
-                torch.stack([torch.cat(scores), torch.cat(lengths).float(), torch.cat(eos)], dim=1)
-            )
-            metrics = {
-                f"{metric_key_prefix}_score": gathered[:, 0].mean().item(),
-                f"{metric_key_prefix}_response_length": gathered[:, 1].mean().item(),
-                f"{metric_key_prefix}_eos_rate": gathered[:, 2].mean().item(),
-            }
-            if len(self.reward_funcs) > 1:
-                per_func = torch.cat(funcs)
-                for i, name in enumerate(self.reward_names):
-                    metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = per_func[:, i].nanmean().item()
+        # Gathered as objects: ranks may hold different numbers of prompts, even none, and each
+        # must join every collective call.
+        local = (
+            torch.cat(
+                [
+                    torch.stack([torch.cat(scores), torch.cat(lengths).float(), torch.cat(eos)], 1),
+                    torch.cat(funcs),
+                ],
+                dim=1,
+            ).tolist()
+            if mine
+            else []
+        )
         if world > 1:
             from accelerate.utils import gather_object
 
-            table = gather_object(table)
+            local, table = gather_object(local), gather_object(table)
+        metrics: dict[str, float] = {}
+        if local:
+            every = torch.tensor(local, dtype=torch.float64)  # (N, 3 + F)
+            metrics = {
+                f"{metric_key_prefix}_score": every[:, 0].mean().item(),
+                f"{metric_key_prefix}_response_length": every[:, 1].mean().item(),
+                f"{metric_key_prefix}_eos_rate": every[:, 2].mean().item(),
+            }
+            if len(self.reward_funcs) > 1:
+                for i, name in enumerate(self.reward_names):
+                    metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = every[:, 3 + i].nanmean().item()
         if self.args.should_save and table:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, SAMPLES_NAME), "a", encoding="utf-8") as f:
