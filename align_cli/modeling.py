@@ -305,6 +305,7 @@ def load_model(
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path).merge_and_unload()
+            model.requires_grad_(True)  # peft loads the adapter frozen; the merged model trains as any other
         else:
             model = cls.from_pretrained(path, **kwargs)
     except OSError as err:

@@ -90,6 +90,10 @@ def test_ppo_full_finetune_from_an_sft_adapter_starts_from_its_weights(tmp_path,
     expected = merged(sft_adapter).state_dict()
     for name, param in trainer.ref_model.named_parameters():  # the frozen reference = the SFT model
         torch.testing.assert_close(param.float(), expected[name].float())
+    moved = [
+        n for n, p in trainer.policy.named_parameters() if not torch.equal(p.float(), expected[n].float())
+    ]
+    assert len(moved) > 10, "the policy did not train"
     critic = trainer.critic.model.layers[0].mlp.up_proj.weight
     assert critic.shape == expected["model.layers.0.mlp.up_proj.weight"].shape
     assert not list(tmp_path.glob("run/.merged-*")), "the scratch merge was left behind"
@@ -114,6 +118,19 @@ def test_a_new_lora_on_an_sft_adapter_names_the_merged_sft_model_as_its_base(
     sft = logits(merged(sft_adapter), tokenizer)
     raw_base = json.loads((sft_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert (sft - logits(AutoModelForCausalLM.from_pretrained(raw_base), tokenizer)).abs().max() > 1e-2
+
+
+def test_full_dpo_from_an_sft_adapter_trains_every_weight(tmp_path, sft_adapter):
+    out = tmp_path / "run"
+    result = train(
+        compose(
+            ["method=dpo", f"model.name_or_path={sft_adapter}", "method.args.max_steps=2", "plot=false"], out
+        )
+    )
+    start = merged(sft_adapter).state_dict()
+    params = dict(result.trainer.model.named_parameters())
+    assert all(p.requires_grad for p in params.values())
+    assert sum(not torch.equal(p.float(), start[n].float()) for n, p in params.items()) > len(params) // 2
 
 
 def test_qlora_dpo_from_an_sft_adapter(tmp_path, sft_adapter):
