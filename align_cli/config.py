@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import AlignError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -38,6 +40,12 @@ class ModelConfig:
     chat_template: str | None = None  # a Jinja template string or a file path overriding the tokenizer's
     max_length: int = 512  # prompt + response tokens; longer rows are truncated by the trainer
 
+    def __post_init__(self):
+        if self.max_length is None or self.max_length < 2:
+            raise AlignError(
+                f"model.max_length={self.max_length} is not valid: give the most tokens of prompt + answer (e.g. 512)"
+            )
+
 
 @dataclass
 class DataConfig:
@@ -55,6 +63,12 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the name in your file
     max_samples: int | None = None
     system: str | None = None  # a system prompt added to every conversational prompt
+
+    def __post_init__(self):
+        if not 0 <= self.eval_ratio < 1:
+            raise AlignError(f"data.eval_ratio={self.eval_ratio} must be in [0, 1) (0: no held-out split)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise AlignError(f"data.max_samples={self.max_samples} must be at least 1, or null for every row")
 
 
 @dataclass

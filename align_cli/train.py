@@ -452,6 +452,7 @@ def _hydra_entry() -> None:
                 print(f"align: error: job {job}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
                 _FAILED_JOBS.append(job_dir)
                 return
+            _remove_if_untouched(HydraConfig.get().runtime.output_dir)
             fail(err)
         except KeyboardInterrupt:
             if debug:
@@ -462,6 +463,20 @@ def _hydra_entry() -> None:
     _main()
     if _FAILED_JOBS:
         fail(f"{len(_FAILED_JOBS)} job(s) of the sweep failed: {', '.join(_FAILED_JOBS)}")
+
+
+def _remove_if_untouched(run_dir: str) -> None:
+    """Deletes a run folder that holds only what Hydra put there (a run refused before it began)."""
+    try:
+        if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "train.log"}:
+            import shutil
+
+            shutil.rmtree(run_dir)
+            parent = os.path.dirname(os.path.abspath(run_dir))
+            if not os.listdir(parent):  # outputs/<method>/ made for this run alone
+                os.rmdir(parent)
+    except OSError:
+        pass
 
 
 def _wants_debug(argv: list[str]) -> bool:

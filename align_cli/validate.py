@@ -168,7 +168,8 @@ def validate(cfg: DictConfig) -> Report:
     """
     from . import modeling
     from .methods import load_method, prompt_room
-    from .train import check_method_format, typed
+    from .methods.base import MethodContext
+    from .train import check_method_args, check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
     if not method:
@@ -176,9 +177,24 @@ def validate(cfg: DictConfig) -> Report:
     check_method_format(method)
     model_cfg = typed(cfg, "model", schema.ModelConfig)
     data_cfg = typed(cfg, "data", schema.DataConfig)
+    module = load_method(method["name"])
+    args = method.pop("args", None) or {}
+    # The same method.args checks as `align train`: what validate calls ready, train accepts.
+    check_method_args(
+        module,
+        MethodContext(
+            method=method,
+            args=args,
+            model_cfg=model_cfg,
+            quant_cfg=typed(cfg, "quant", schema.QuantConfig),
+            peft_cfg=typed(cfg, "peft", schema.PeftSettings),
+            tokenizer=None,
+            train_dataset=None,
+        ),
+    )
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    room = prompt_room(load_method(method["name"]), method.get("args") or {}, model_cfg)
+    room = prompt_room(module, args, model_cfg)
     report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length, room))
     if data_cfg.eval_split:
         report.splits.append(

@@ -134,6 +134,31 @@ CASES = [
         "first: ",
         1,
     ),
+    # Values of the right key but the wrong type or range: named before any model loads.
+    (
+        ["train", "method=dpo", "method.args.beta=abc"],
+        "method.args.beta='abc' is not valid: DPOConfig.beta must be a number",
+        1,
+    ),
+    (
+        ["train", "method=dpo", "method.args.learning_rate=-1"],
+        "method.args.learning_rate=-1 must not be negative",
+        1,
+    ),
+    (
+        ["train", "method=kto", "method.args.per_device_train_batch_size=0"],
+        "per_device_train_batch_size=0 must be at least 1",
+        1,
+    ),
+    (["train", "method=sft", "method.args.num_train_epochs=-1"], "num_train_epochs=-1 trains nothing", 1),
+    (["train", "method=dpo", "model.max_length=0"], "model.max_length=0 is not valid", 1),
+    (["train", "method=dpo", "data.max_samples=0"], "data.max_samples=0 must be at least 1, or null", 1),
+    (["data", "validate", "method=dpo", "data.eval_ratio=-0.5"], "data.eval_ratio=-0.5 must be in [0, 1)", 1),
+    (
+        ["data", "validate", "method=dpo", "method.args.bta=1"],
+        "method.args.bta is not a DPOConfig option (did you mean: beta",
+        1,
+    ),
     # The data, with `align data validate` (also for methods whose trainers live elsewhere).
     (
         ["data", "validate", "method=dpo", "data.path={tmp}/blank.jsonl"],
@@ -210,6 +235,12 @@ def test_bad_input_fails_with_its_message(argv, message, code, tmp, capsys):
     assert "Traceback" not in err
     if argv[0] == "train":
         assert len([line for line in err.splitlines() if line.startswith("align: error")]) == 1
+
+
+def test_a_refused_run_leaves_no_run_folder(tmp, capsys):
+    code, _, err = run_inprocess(["train", "method=dpo", "method.args.learning_rate=-1"], capsys)
+    assert code == 1 and "learning_rate=-1" in err
+    assert not (tmp / "outputs").exists() or not any((tmp / "outputs").rglob("*.yaml"))
 
 
 def test_bitsandbytes_that_cannot_load_is_one_line(tmp, capsys, monkeypatch):

@@ -56,6 +56,72 @@ def _precision_defaults(model_cfg: ModelConfig, valid: set[str]) -> dict[str, An
     return out
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar_types(hint: Any) -> tuple[type, ...] | None:
+    """The scalar types a config field annotation allows (None in it is skipped), or None when it
+    allows anything else too (lists, dicts, enums): then the config class checks the value."""
+    import types
+    import typing
+
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    parts = tuple(p for p in parts if p is not type(None))
+    return parts if parts and all(p in _SCALARS for p in parts) else None
+
+
+def check_arg_types(cls: type, args: dict[str, Any]) -> None:
+    """Raises a one-line AlignError for a method.args value of the wrong type (`beta=abc`)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot evaluate: leave the checks to the class
+        return
+    for key, value in args.items():
+        allowed = _scalar_types(hints.get(key))
+        if value is None or allowed is None:
+            continue
+        ok = any(
+            isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in allowed
+        ) or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            names = " or ".join(
+                {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[t]
+                for t in allowed
+            )
+            raise AlignError(
+                f"method.args.{key}={value!r} is not valid: {cls.__name__}.{key} must be {names}"
+            )
+
+
+# Ranges every TrainingArguments-based config shares; transformers only finds most of them once
+# training has started (or never: num_train_epochs=-1 "trains" zero steps).
+_POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+_NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm")
+
+
+def check_arg_ranges(config: Any) -> None:
+    """Raises a one-line AlignError for a shared training setting out of range."""
+    problems = []
+    for key in _POSITIVE:
+        value = getattr(config, key, None)
+        if value is not None and value < 1:
+            problems.append(f"method.args.{key}={value} must be at least 1")
+    for key in _NON_NEGATIVE:
+        value = getattr(config, key, None)
+        if value is not None and value < 0:
+            problems.append(f"method.args.{key}={value} must not be negative")
+    max_steps = getattr(config, "max_steps", -1)
+    epochs = getattr(config, "num_train_epochs", 1)
+    if (max_steps is None or max_steps <= 0) and epochs is not None and epochs <= 0:
+        problems.append(
+            f"method.args.num_train_epochs={epochs} trains nothing: make it positive, or set method.args.max_steps"
+        )
+    if problems:
+        raise AlignError("; ".join(problems))
+
+
 @dataclass
 class MethodContext:
     """Everything a method needs, as plain values and loaded objects."""
@@ -96,11 +162,14 @@ class MethodContext:
             values.update(eval_strategy="steps", eval_steps=0.25)
         values.update(defaults)
         values.update(self.args)
+        check_arg_types(cls, self.args)
         try:
-            return cls(**values)
+            config = cls(**values)
         except (TypeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise AlignError(f"method.args: {cls.__name__} rejected the settings: {first}") from None
+        check_arg_ranges(config)
+        return config
 
     def load_model(self, kind: str = "causal_lm", path: str | None = None, quantize: bool = True):
         """Loads the configured model (or `path`) with the run's quantization.
