@@ -194,6 +194,36 @@ def check_method_format(method: dict) -> str:
     return fmt
 
 
+def check_known_keys(cfg: DictConfig, method: dict) -> None:
+    """Keys added with `+` that nothing reads are mistakes (`+method.mdoe=listwise`): name them.
+
+    A method's keys are those of its conf/method/<name>.yaml; the top level's are the schema's.
+    A reward set for a method that takes none (only ppo and grpo do) is one too.
+    """
+    import dataclasses
+
+    top = {f.name for f in dataclasses.fields(schema.AlignConfig)}
+    for key in cfg:
+        if key not in top and key != "hydra":
+            raise AlignError(
+                f"'{key}' is not an align option{nearest(str(key), top)}; valid keys: {', '.join(sorted(top))}"
+            )
+    own = schema.CONF_DIR / "method" / f"{method.get('name')}.yaml"
+    if own.exists():
+        valid = set(OmegaConf.load(own).keys()) | {"name", "format", "sample", "args"}
+        for key in method:
+            if key not in valid:
+                raise AlignError(
+                    f"method.{key} is not a method={method.get('name')} option{nearest(str(key), valid)}; "
+                    f"valid keys: {', '.join(sorted(valid))} (trainer settings go under method.args)"
+                )
+        if "default_reward" not in valid and cfg.get("reward"):
+            raise AlignError(
+                f"method={method.get('name')} takes no reward (only ppo and grpo do): drop the reward settings "
+                f"({', '.join(str(k) for k in cfg.reward)})"
+            )
+
+
 def check_method_args(module, ctx) -> None:
     """Builds the method's trainer config once up front, so a typo in method.args fails now.
 
@@ -232,6 +262,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
     if not method or "name" not in method:
         raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
+    check_known_keys(cfg, method)
     args = method.pop("args", None) or {}
     module = load_method(method["name"])
     check_method_format(method)

@@ -169,11 +169,12 @@ def validate(cfg: DictConfig) -> Report:
     from . import modeling
     from .methods import load_method, prompt_room
     from .methods.base import MethodContext
-    from .train import check_method_args, check_method_format, typed
+    from .train import check_known_keys, check_method_args, check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
     if not method:
         raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
+    check_known_keys(cfg, method)
     check_method_format(method)
     model_cfg = typed(cfg, "model", schema.ModelConfig)
     data_cfg = typed(cfg, "data", schema.DataConfig)

@@ -159,6 +159,14 @@ CASES = [
         "method.args.bta is not a DPOConfig option (did you mean: beta",
         1,
     ),
+    # Keys added with `+` that nothing would read.
+    (
+        ["train", "method=rm", "+method.mdoe=listwise"],
+        "method.mdoe is not a method=rm option (did you mean: mode",
+        1,
+    ),
+    (["train", "method=dpo", "+foo=1"], "'foo' is not an align option", 1),
+    (["train", "method=dpo", "reward=length"], "method=dpo takes no reward (only ppo and grpo do)", 1),
     # The data, with `align data validate` (also for methods whose trainers live elsewhere).
     (
         ["data", "validate", "method=dpo", "data.path={tmp}/blank.jsonl"],
