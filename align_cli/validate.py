@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -110,28 +111,47 @@ def _notes(rows: list[dict], standard: str, lengths, max_length: int) -> list[st
     return notes
 
 
-def check_split(data_cfg, method: dict, tokenizer, max_length: int, split: str | None = None) -> SplitReport:
-    """Reads, converts and measures one split, collecting every problem instead of stopping."""
-    from .data import data_path, long_prompts_problem, read_and_convert
+def check_split(
+    data_cfg, method: dict, tokenizer, max_length: int, evaluation: bool = False, train=None
+) -> tuple[SplitReport, Any]:
+    """Reads, converts and measures one split, collecting every problem instead of stopping.
+
+    Args:
+        evaluation: check the evaluation split (`data.eval_path` / `data.eval_split`).
+        train: the training split's rows as loaded, to check that evaluation reads none of its files.
+
+    Returns:
+        The report, and the rows as loaded (None when nothing was readable).
+    """
+    from .data import check_disjoint, data_path, long_prompts_problem, read_and_convert
     from .data.lengths import measure, percentiles
     from .data.problems import Problems
 
     standard = method["format"]
-    report = SplitReport(split="eval" if split else "train")
+    report = SplitReport(split="eval" if evaluation else "train")
     problems = Problems()
     try:
-        report.source = data_path(data_cfg, method.get("sample"))
+        report.source = (
+            data_cfg.eval_path
+            if evaluation and data_cfg.eval_path
+            else data_path(data_cfg, method.get("sample"))
+        )
         loaded = read_and_convert(
             data_cfg,
             standard,
             conversational=tokenizer.chat_template is not None,
             sample=method.get("sample"),
-            split=split,
+            evaluation=evaluation,
             problems=problems,
         )
-    except AlignError as err:  # nothing readable: the file, its type or its columns
+    except AlignError as err:  # nothing readable: the file, its type, its columns or its split
         problems.add(str(err))
         loaded = None
+    if loaded is not None and train is not None:
+        try:
+            check_disjoint(train, loaded, data_cfg)
+        except AlignError as err:
+            problems.add(str(err))
     if loaded is not None:
         report.source = loaded.source
         report.rows_read, report.rows_valid = loaded.rows_read, len(loaded.rows)
@@ -149,7 +169,7 @@ def check_split(data_cfg, method: dict, tokenizer, max_length: int, split: str |
             problems.add(f"{loaded.source}: the dataset is empty")
     # Reading and converting find problems in two passes: list them in file order.
     report.problems, report.problem_count = sorted(problems.items, key=_position), problems.total
-    return report
+    return report, loaded
 
 
 def _position(problem: str) -> tuple[str, int]:
@@ -165,6 +185,7 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
+    from .data import has_eval_source
     from .train import check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
@@ -175,11 +196,13 @@ def validate(cfg: DictConfig) -> Report:
     data_cfg = typed(cfg, "data", schema.DataConfig)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length))
-    if data_cfg.eval_split:
-        report.splits.append(
-            check_split(data_cfg, method, tokenizer, model_cfg.max_length, data_cfg.eval_split)
+    train_report, train = check_split(data_cfg, method, tokenizer, model_cfg.max_length)
+    report.splits.append(train_report)
+    if has_eval_source(data_cfg):
+        eval_report, _ = check_split(
+            data_cfg, method, tokenizer, model_cfg.max_length, evaluation=True, train=train
         )
+        report.splits.append(eval_report)
     return report
 
 

@@ -141,6 +141,94 @@ def test_explicit_format_and_held_out_split():
     assert train["prompt"] == again["prompt"]  # the split is reproducible
 
 
+def split_folder(tmp_path, names, rows=None):
+    """A folder with one file per name (a name with '/' makes a subfolder), 3 distinct rows each."""
+    folder = tmp_path / "splits"
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tag = path.stem if path.parent == folder else path.parent.name
+        data = rows or [{"prompt": f"{tag} {i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
+        path.write_text("\n".join(json.dumps(r) for r in data) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["train.jsonl", "test.jsonl"],
+        ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "test.jsonl"],
+        ["train/a.jsonl", "test/b.jsonl"],
+    ],
+)
+def test_eval_split_reads_a_folders_split_files(tmp_path, names):
+    folder = split_folder(tmp_path, names)
+    train, evaluation = load_datasets(DataConfig(path=folder, eval_split="test"), "preference", False)
+    assert all(p.startswith("train") for p in train["prompt"]) and len(train) == 3 * (len(names) - 1)
+    assert evaluation["prompt"] == ["test 0", "test 1", "test 2"]
+
+
+def test_a_folders_training_split_leaves_its_other_splits_out(tmp_path):
+    folder = split_folder(tmp_path, ["train.jsonl", "validation.jsonl"])
+    train, evaluation = load_datasets(DataConfig(path=folder, eval_ratio=0), "preference", False)
+    assert evaluation is None and all(p.startswith("train") for p in train["prompt"])
+
+
+@pytest.mark.parametrize(
+    "names,data,message",
+    [
+        # The reviewer's case: a single file, where eval_split used to re-read the training rows.
+        (
+            ["rows.jsonl"],
+            {"path": "rows.jsonl", "eval_split": "test"},
+            r"data\.eval_split=test: .*rows\.jsonl is a single file, so it has no split 'test'.*data\.eval_path",
+        ),
+        (
+            ["a.jsonl", "b.jsonl"],
+            {"eval_split": "test"},
+            r"data\.eval_split=test: .*splits has no split 'test'; splits found: none \(its files a\.jsonl, "
+            r"b\.jsonl are one dataset",
+        ),
+        (
+            ["train.jsonl", "dev.jsonl"],
+            {"eval_split": "test"},
+            r"data\.eval_split=test: .*splits has no split 'test'; splits found: dev, train$",
+        ),
+        (
+            ["train.jsonl", "test.jsonl"],
+            {"eval_split": "train"},
+            r"data\.eval_split=train: evaluation would read .*train\.jsonl, which training reads too",
+        ),
+        (
+            ["rows.jsonl"],
+            {"path": "rows.jsonl", "eval_path": "rows.jsonl"},
+            r"data\.eval_path=.*rows\.jsonl: evaluation would read .*rows\.jsonl, which training reads too",
+        ),
+        (
+            ["rows.jsonl", "more/train.jsonl", "more/test.jsonl"],
+            {"path": "rows.jsonl", "eval_path": "more"},
+            r"data\.eval_path=.*more holds the splits test, train: choose one with data\.eval_split=<split>",
+        ),
+    ],
+)
+def test_eval_split_that_is_not_there_is_one_line_naming_path_and_splits(tmp_path, names, data, message):
+    folder = split_folder(tmp_path, names)
+    data = {k: f"{folder}/{v}" if k.endswith("path") else v for k, v in data.items()}
+    cfg = DataConfig(**{"path": folder, **data})
+    with pytest.raises(AlignError, match=message) as err:
+        load_datasets(cfg, "preference", False)
+    assert "\n" not in str(err.value)
+
+
+def test_eval_path_is_a_separate_evaluation_file(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(6)]
+    train_path, eval_path = write(tmp_path, "train.jsonl", rows[:4]), write(tmp_path, "held.jsonl", rows[4:])
+    train, evaluation = load_datasets(
+        DataConfig(path=train_path, eval_path=eval_path, eval_ratio=0.5), "preference", False
+    )
+    assert train["prompt"] == ["q0", "q1", "q2", "q3"] and evaluation["prompt"] == ["q4", "q5"]
+
+
 @pytest.mark.parametrize(
     "content,standard,message",
     [

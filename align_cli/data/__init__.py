@@ -2,6 +2,13 @@
 
 from align_cli.data import load_datasets
 train, evaluation = load_datasets(cfg.data, "preference", conversational=True, seed=42)
+
+The evaluation rows come from one of, in this order:
+- `data.eval_path`: a separate file, folder or hub id (its `data.eval_split` when it has splits);
+- `data.eval_split`: another split of `data.path` (a hub dataset's, or the files named for it in
+  a folder: `train.jsonl` / `test.jsonl`);
+- `data.eval_ratio`: rows held out of the training split.
+Evaluation never reads a file that training reads.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class Loaded:
     source: str
     columns: list[str] = field(default_factory=list)
     rows_read: int = 0
+    files: list[str] = field(default_factory=list)  # what was read (see readers.Rows.files)
 
 
 def data_path(data_cfg: DataConfig, sample: str | None) -> str:
@@ -78,7 +86,7 @@ def convert(
     """
     if not raw.rows:
         if problems:  # every row was unreadable: those problems say it better than "empty"
-            return Loaded([], [], None, raw.source)
+            return Loaded([], [], None, raw.source, files=raw.files)
         raise AlignError(f"{raw.source}: the dataset is empty")
     columns = set().union(*(r.keys() for r in raw.rows))
     fmt = detect(standard, columns, requested, raw.source)
@@ -101,7 +109,12 @@ def convert(
             found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
     if problems is None:
         found.raise_if_any(raw.source)
-    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows))
+    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files)
+
+
+def has_eval_source(data_cfg: DataConfig) -> bool:
+    """Whether evaluation reads its own rows (`data.eval_path` or `data.eval_split`), not held-out ones."""
+    return bool(data_cfg.eval_path or data_cfg.eval_split)
 
 
 def read_and_convert(
@@ -109,18 +122,32 @@ def read_and_convert(
     standard: str,
     conversational: bool,
     sample: str | None = None,
-    split: str | None = None,
-    path: str | None = None,
+    evaluation: bool = False,
     problems: Problems | None = None,
 ) -> Loaded:
-    """Reads and converts one split; every bad row is collected before stopping.
+    """Reads and converts the training split, or the evaluation split; every bad row is
+    collected before stopping.
 
     Args:
+        evaluation: read `data.eval_path` / `data.eval_split` instead of `data.path` / `data.split`.
         problems: where to collect bad rows and go on (`align data validate`); None raises a
             DataError naming the first bad row and the count once all rows were read.
     """
     found = problems if problems is not None else Problems()
-    raw = read_any(path or data_path(data_cfg, sample), data_cfg.subset, split or data_cfg.split, found)
+    if evaluation and data_cfg.eval_path:
+        path, split, path_key = data_cfg.eval_path, data_cfg.eval_split, "data.eval_path"
+    else:
+        path, path_key = data_path(data_cfg, sample), "data.path"
+        split = data_cfg.eval_split if evaluation else data_cfg.split
+    raw = read_any(
+        path,
+        data_cfg.subset,
+        split,
+        found,
+        key="data.eval_split" if evaluation else "data.split",
+        split_names=(data_cfg.split, data_cfg.eval_split),
+        path_key=path_key,
+    )
     rename_columns(raw, dict(data_cfg.columns))
     if data_cfg.max_samples:
         raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
@@ -128,6 +155,23 @@ def read_and_convert(
     if problems is None:
         found.raise_if_any(raw.source)
     return loaded
+
+
+def check_disjoint(train: Loaded, evaluation: Loaded, data_cfg: DataConfig) -> None:
+    """Raises AlignError when the evaluation split reads a file (or hub split) that training reads."""
+    trained = set(train.files)
+    shared = [f for f in evaluation.files if f in trained]
+    if shared:
+        key = (
+            f"data.eval_path={data_cfg.eval_path}"
+            if data_cfg.eval_path
+            else f"data.eval_split={data_cfg.eval_split}"
+        )
+        raise AlignError(
+            f"{key}: evaluation would read {shared[0].removeprefix('hub:')}, which training reads too "
+            "(scores on training rows say nothing about new data): point data.eval_path at other rows, "
+            "or use data.eval_ratio to hold rows out"
+        )
 
 
 def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], max_length: int) -> str | None:
@@ -189,8 +233,9 @@ def load_datasets(
     train = read_and_convert(data_cfg, standard, conversational, sample)
     if tokenizer is not None and max_length:
         check_prompt_lengths(train, standard, tokenizer, max_length)
-    if data_cfg.eval_split:
-        evaluation = read_and_convert(data_cfg, standard, conversational, sample, split=data_cfg.eval_split)
+    if has_eval_source(data_cfg):
+        evaluation = read_and_convert(data_cfg, standard, conversational, sample, evaluation=True)
+        check_disjoint(train, evaluation, data_cfg)
         if tokenizer is not None and max_length:
             check_prompt_lengths(evaluation, standard, tokenizer, max_length)
         return _to_dataset(train.rows), _to_dataset(evaluation.rows)
