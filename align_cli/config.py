@@ -54,7 +54,7 @@ class DataConfig:
         None  # a separate evaluation file, folder or hub id (with eval_split if it has splits)
     )
     eval_split: str | None = None  # the evaluation split: a hub split, or `test` for a folder's test.jsonl
-    eval_ratio: float = 0.1  # without eval_path/eval_split: held out of `split` (0: no evaluation)
+    eval_ratio: float = 0.1  # without eval_path/eval_split: held out of `split` by prompt (0: no evaluation)
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the name in your file
     max_samples: int | None = None
     system: str | None = None  # a system prompt added to every conversational prompt

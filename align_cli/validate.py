@@ -112,18 +112,26 @@ def _notes(rows: list[dict], standard: str, lengths, max_length: int) -> list[st
 
 
 def check_split(
-    data_cfg, method: dict, tokenizer, max_length: int, evaluation: bool = False, train=None
+    data_cfg, method: dict, tokenizer, max_length: int, evaluation: bool = False, train=None, seed: int = 42
 ) -> tuple[SplitReport, Any]:
     """Reads, converts and measures one split, collecting every problem instead of stopping.
 
     Args:
         evaluation: check the evaluation split (`data.eval_path` / `data.eval_split`).
         train: the training split's rows as loaded, to check that evaluation reads none of its files.
+        seed: the run's seed, which picks the prompts held out by `data.eval_ratio`.
 
     Returns:
         The report, and the rows as loaded (None when nothing was readable).
     """
-    from .data import check_disjoint, data_path, long_prompts_problem, read_and_convert
+    from .data import (
+        check_disjoint,
+        data_path,
+        has_eval_source,
+        held_out,
+        long_prompts_problem,
+        read_and_convert,
+    )
     from .data.lengths import measure, percentiles
     from .data.problems import Problems
 
@@ -165,11 +173,31 @@ def check_split(
             if message:
                 problems.add(message)
             report.notes = _notes(loaded.rows, standard, lengths, max_length)
+            if not evaluation and not has_eval_source(data_cfg):
+                try:
+                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed)
+                except AlignError as err:
+                    problems.add(str(err))
+                else:
+                    report.notes.append(_held_out_note(loaded.rows, held, data_cfg.eval_ratio))
         elif not problems:
             problems.add(f"{loaded.source}: the dataset is empty")
     # Reading and converting find problems in two passes: list them in file order.
     report.problems, report.problem_count = sorted(problems.items, key=_position), problems.total
     return report, loaded
+
+
+def _held_out_note(rows: list[dict], held: list[int], ratio: float) -> str:
+    """What `data.eval_ratio` will hold out for evaluation, in rows and prompts."""
+    from .data import prompt_key
+
+    if not held:
+        return f"held out nothing for evaluation (data.eval_ratio={ratio})"
+    prompts = len({prompt_key(rows[i]) or i for i in held})
+    return (
+        f"held out {len(held)} of {len(rows)} rows ({prompts} prompt{'s' if prompts != 1 else ''}, "
+        f"none also in training) for evaluation (data.eval_ratio={ratio})"
+    )
 
 
 def _position(problem: str) -> tuple[str, int]:
@@ -196,11 +224,12 @@ def validate(cfg: DictConfig) -> Report:
     data_cfg = typed(cfg, "data", schema.DataConfig)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    train_report, train = check_split(data_cfg, method, tokenizer, model_cfg.max_length)
+    seed = int(cfg.get("seed", 42))
+    train_report, train = check_split(data_cfg, method, tokenizer, model_cfg.max_length, seed=seed)
     report.splits.append(train_report)
     if has_eval_source(data_cfg):
         eval_report, _ = check_split(
-            data_cfg, method, tokenizer, model_cfg.max_length, evaluation=True, train=train
+            data_cfg, method, tokenizer, model_cfg.max_length, evaluation=True, train=train, seed=seed
         )
         report.splits.append(eval_report)
     return report

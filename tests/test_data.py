@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -136,9 +137,44 @@ def test_csv_and_column_mapping(tmp_path):
 def test_explicit_format_and_held_out_split():
     cfg = DataConfig(path=str(SAMPLES_DIR / "dpo.jsonl"), format="alpaca_preference", eval_ratio=0.25)
     train, evaluation = load_datasets(cfg, "preference", True, seed=1)
-    assert len(evaluation) == round(0.25 * (len(train) + len(evaluation)))
+    # Two rows per prompt, held out whole: 26 or 28 of 108 rows for a target of 27.
+    assert abs(len(evaluation) - 0.25 * (len(train) + len(evaluation))) <= 1
     again, _ = load_datasets(cfg, "preference", True, seed=1)
     assert train["prompt"] == again["prompt"]  # the split is reproducible
+
+
+def key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "sample,standard",
+    [("rm_pointwise.jsonl", "pointwise"), ("dpo.jsonl", "preference"), ("kto.jsonl", "kto")],
+)
+def test_held_out_rows_never_share_a_prompt_with_training(sample, standard):
+    # rm_pointwise.jsonl: 216 rows, 4 responses to each of 54 prompts. A row-level split put
+    # most eval prompts in training too.
+    cfg = DataConfig(path=str(SAMPLES_DIR / sample), eval_ratio=0.2)
+    train, evaluation = load_datasets(cfg, standard, True, seed=7)
+    train_prompts, eval_prompts = {key(p) for p in train["prompt"]}, {key(p) for p in evaluation["prompt"]}
+    assert eval_prompts and not train_prompts & eval_prompts
+    total = len(train) + len(evaluation)
+    assert abs(len(evaluation) - 0.2 * total) <= 2  # whole prompts: within a group size of the target
+    other, _ = load_datasets(cfg, standard, True, seed=8)
+    assert {key(p) for p in other["prompt"]} != train_prompts  # the seed picks the prompts
+
+
+def test_held_out_split_with_one_row_per_prompt_is_the_row_shuffle():
+    from align_cli.data import held_out
+
+    rows = [{"prompt": f"p{i}", "completion": "a"} for i in range(50)]
+    order = list(range(50))
+    random.Random(3).shuffle(order)
+    assert held_out(rows, 0.1, seed=3) == sorted(order[:5])
+    assert held_out(rows * 2, 0.1, seed=3) != []  # 2 rows a prompt: 10 rows, 5 prompts
+    assert len(held_out(rows * 2, 0.1, seed=3)) == 10
+    with pytest.raises(AlignError, match=r"data\.eval_ratio=1\.5 must be in \[0, 1\)"):
+        held_out(rows, 1.5, seed=3)
 
 
 def split_folder(tmp_path, names, rows=None):

@@ -312,6 +312,8 @@ def test_validate_sample_passes_with_percentiles(tmp, capsys):
         p50, p90, p99, top = map(int, cells)
         assert 0 < p50 <= p90 <= p99 <= top
     assert "align: ok: 108 rows of preference data (alpaca_preference), ready for method=dpo" in out
+    # What data.eval_ratio=0.1 holds out, whole prompts at a time (2 rows each): as train does.
+    assert "held out 10 of 108 rows (5 prompts, none also in training)" in out
 
 
 def test_validate_checks_a_folders_evaluation_split(tmp, capsys):

@@ -7,12 +7,17 @@ The evaluation rows come from one of, in this order:
 - `data.eval_path`: a separate file, folder or hub id (its `data.eval_split` when it has splits);
 - `data.eval_split`: another split of `data.path` (a hub dataset's, or the files named for it in
   a folder: `train.jsonl` / `test.jsonl`);
-- `data.eval_ratio`: rows held out of the training split.
+- `data.eval_ratio`: rows held out of the training split, whole prompts at a time, so that no
+  prompt is in both splits (several responses to one prompt are common in preference and
+  reward data; splitting them by row would evaluate on prompts the model trained on).
 Evaluation never reads a file that training reads.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +30,8 @@ from .readers import Rows, read_any
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+log = logging.getLogger("align")
 
 
 @dataclass
@@ -174,6 +181,56 @@ def check_disjoint(train: Loaded, evaluation: Loaded, data_cfg: DataConfig) -> N
         )
 
 
+def prompt_key(row: dict) -> str | None:
+    """What the rows about one prompt share: the prompt, or a conversation's turns before its
+    answer (SFT `messages`); None when a row has neither."""
+    if "prompt" in row:
+        value = row["prompt"]
+    elif isinstance(row.get("messages"), list):
+        value = row["messages"][:-1]
+    else:
+        return None
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def held_out(rows: list[dict], ratio: float, seed: int) -> list[int]:
+    """The indices (in order) of the rows held out for evaluation, whole prompts at a time.
+
+    Prompts are visited in an order shuffled with `seed`; each is held out when that brings
+    the held-out count closer to `round(len(rows) * ratio)` and leaves rows for training. With
+    one row per prompt this is exactly that many rows (the rows a plain row shuffle picks);
+    with several, a prompt whose rows would overshoot the target more than fill it stays in
+    training.
+
+    Raises:
+        AlignError: `ratio` is not in [0, 1).
+    """
+    if not 0 <= ratio < 1:
+        raise AlignError(f"data.eval_ratio={ratio} must be in [0, 1)")
+    target = int(round(len(rows) * ratio))
+    if target == 0:
+        return []
+    groups: dict[object, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = prompt_key(row)
+        groups.setdefault(("row", i) if key is None else key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    held: list[int] = []
+    for group in order:
+        size = len(held) + len(group)
+        if abs(size - target) < abs(len(held) - target) and size < len(rows):
+            held += group
+    if not held:
+        log.warning(
+            "data.eval_ratio=%s holds out nothing: held-out rows go by prompt (no prompt in both splits), "
+            "and no prompt's rows fit in %d rows; raise data.eval_ratio or set data.eval_path",
+            ratio,
+            target,
+        )
+    return sorted(held)
+
+
 def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], max_length: int) -> str | None:
     """The message for prompts that leave no room for an answer within `max_length`, or None."""
     long = too_long(prompt_lengths, max_length)
@@ -221,7 +278,7 @@ def load_datasets(
         data_cfg: the `data` config.
         standard: the method's standard format (see formats.py).
         conversational: emit chat messages (the tokenizer has a chat template) or plain text.
-        seed: shuffles the held-out split reproducibly.
+        seed: picks the held-out prompts reproducibly (see `held_out`).
         sample: the method's sample file in data_samples/, used when data.path is null.
         tokenizer: with `max_length`, checks that no prompt fills the maximum length on its own.
         max_length: the model's maximum length (prompt + answer tokens).
@@ -239,16 +296,9 @@ def load_datasets(
         if tokenizer is not None and max_length:
             check_prompt_lengths(evaluation, standard, tokenizer, max_length)
         return _to_dataset(train.rows), _to_dataset(evaluation.rows)
-    if not 0 <= data_cfg.eval_ratio < 1:
-        raise AlignError(f"data.eval_ratio={data_cfg.eval_ratio} must be in [0, 1)")
-    n_eval = int(round(len(train.rows) * data_cfg.eval_ratio))
-    if data_cfg.eval_ratio == 0 or n_eval == 0 or len(train.rows) - n_eval < 1:
+    held = set(held_out(train.rows, data_cfg.eval_ratio, seed))
+    if not held:
         return _to_dataset(train.rows), None
-    import random
-
-    order = list(range(len(train.rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
     train_rows = [r for i, r in enumerate(train.rows) if i not in held]
     eval_rows = [train.rows[i] for i in sorted(held)]
     return _to_dataset(train_rows), _to_dataset(eval_rows)
