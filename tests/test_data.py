@@ -115,6 +115,59 @@ def test_trl_ranking_reorders_best_first(tmp_path):
     assert row["completions"] == ["best", "mid", "worst"]
 
 
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        # Booleans are ints in Python: [true, false] used to pass as the permutation [1, 0].
+        (
+            {"prompt": "p", "completions": ["a", "b"], "ranking": [True, False]},
+            r"r\.jsonl:2: column 'ranking' must be a list of integer ranks \(0 = best\)",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "ranking": [0.0, 1.0]},
+            r"r\.jsonl:2: column 'ranking' must be a list of integer ranks",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 0, 1]},
+            r"r\.jsonl:2: column 'ranking' must be a permutation of 0\.\.2",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [2, 3, 1]},
+            r"r\.jsonl:2: .*permutation of 0\.\.2.*got \[2, 3, 1\] \(ranks are 0-based: subtract 1\)",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]},
+            r"r\.jsonl:2: column 'completions': responses 0 and 2 are identical",
+        ),
+        (
+            {"instruction": "p", "responses": ["same", "other", "same"]},
+            r"r\.jsonl:2: column 'responses': responses 0 and 2 are identical",
+        ),
+    ],
+)
+def test_bad_rankings_name_the_file_and_line(tmp_path, row, message):
+    good = {k: v for k, v in row.items() if k not in ("completions", "responses", "ranking")}
+    good[[k for k in row if k in ("completions", "responses")][0]] = ["x", "y"]
+    if "ranking" in row:
+        good["ranking"] = [1, 0]
+    with pytest.raises(AlignError, match=message):
+        load(write(tmp_path, "r.jsonl", [good, row]), "listwise", conversational=False)
+
+
+@pytest.mark.parametrize("column", ["rankings", "rank", "order"])
+def test_a_ranking_under_another_name_is_not_read_as_best_first(tmp_path, column):
+    rows = [{"prompt": "p", "completions": ["mid", "worst", "best"], column: [1, 2, 0]}]
+    path = write(tmp_path, "r.jsonl", rows)
+    with pytest.raises(
+        AlignError,
+        match=rf"r\.jsonl: column '{column}' looks like a ranking.*'completions' are taken as best first.*"
+        rf"set data\.columns\.ranking={column}",
+    ):
+        load(path, "listwise", conversational=False)
+    row = load(path, "listwise", conversational=False, columns={"ranking": column})[0]
+    assert row["completions"] == ["best", "mid", "worst"]
+
+
 @pytest.mark.parametrize("ext", ["json", "jsonl", "parquet"])
 def test_readers_agree(tmp_path, ext):
     rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(3)]

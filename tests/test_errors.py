@@ -34,6 +34,8 @@ FILES: dict[str, str | bytes] = {
     "not_list.jsonl": '{"instruction": "q", "responses": "a, b"}\n',
     "wide.csv": "prompt,chosen,rejected\np,a,b\np,a,b,extra\n",
     "typed.jsonl": '{"prompt": 42, "chosen": "a", "rejected": "b"}\n',
+    "rankings.jsonl": '{"prompt": "p", "completions": ["a", "b"], "rankings": [1, 0]}\n',
+    "bool_rank.jsonl": '{"prompt": "p", "completions": ["a", "b"], "ranking": [true, false]}\n',
 }
 
 # (argv, message it must contain, exit code). `{tmp}` is the test's folder.
@@ -180,6 +182,16 @@ CASES = [
     (
         ["data", "validate", "method=dpo", "data.path={tmp}/same.jsonl", "data.eval_path={tmp}/same.jsonl"],
         "same.jsonl, which training reads too",
+        1,
+    ),
+    (
+        ["data", "validate", "method=rm", "method.mode=listwise", "data.path={tmp}/rankings.jsonl"],
+        "column 'rankings' looks like a ranking",
+        1,
+    ),
+    (
+        ["data", "validate", "method=rm", "method.mode=listwise", "data.path={tmp}/bool_rank.jsonl"],
+        "bool_rank.jsonl:1: column 'ranking' must be a list of integer ranks",
         1,
     ),
     (["data", "validate", "method=nope"], "unknown method 'nope'", 1),
