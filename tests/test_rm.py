@@ -50,6 +50,19 @@ def test_mode_learns_the_samples_and_saves_a_reward_model(mode, tmp_path):
     if mode == "pointwise":
         # Better than predicting the mean score of the held-out rows.
         assert metrics["eval_mse"] < 0.5 * float(np.var(result.trainer.eval_dataset["score"])), metrics
+        # Held out by prompt (4 responses each), and pairs compared only within a prompt: the
+        # metrics are those of a rescoring with the prompt of each row.
+        from align_cli.methods.rm_metrics import pointwise_metrics
+
+        eval_ds = result.trainer.eval_dataset
+        assert len(eval_ds) % 4 == 0 and sorted(np.bincount(eval_ds["group"])) == [4] * (len(eval_ds) // 4)
+        with torch.no_grad():
+            rewards = [
+                result.trainer.model(torch.tensor([ids])).logits.item() for ids in eval_ds["input_ids"]
+            ]
+        expected = pointwise_metrics(rewards, eval_ds["score"], eval_ds["group"])
+        for key in ("eval_accuracy", "eval_margin", "eval_pearson"):
+            assert metrics[key] == pytest.approx(expected[key.removeprefix("eval_")], abs=1e-5), key
 
     # Evaluated during training, not only at the end, and summarised.
     evals = [r for r in records(tmp_path) if "eval_accuracy" in r]

@@ -127,6 +127,24 @@ def test_pointwise_metrics():
     assert m["margin"] == pytest.approx(np.mean([X[i] - X[j] for i, j in pairs]))
 
 
+def test_pointwise_pairs_are_only_within_a_prompt():
+    rewards = np.array([0.9, 0.1, 0.5, 0.2, 0.7, 0.3])
+    scores = np.array([1.0, 0.0, 0.2, 0.8, 0.5, 0.5])
+    groups = np.array([0, 0, 1, 1, 2, 2])  # prompt 2's scores tie: no pair there
+    m = pointwise_metrics(rewards, scores, groups)
+    # Pairs (better, worse): (0, 1) right by 0.8, (3, 2) wrong by -0.3. Across prompts, row 0
+    # vs row 2 etc. would count too without the groups.
+    assert m["accuracy"] == pytest.approx(0.5) and m["margin"] == pytest.approx((0.8 - 0.3) / 2)
+    assert pointwise_metrics(rewards, scores)["accuracy"] != pytest.approx(0.5)
+    # No prompt with two different scores: no accuracy or margin at all, rather than NaN.
+    m = pointwise_metrics(rewards, scores, np.arange(6))
+    assert (
+        "accuracy" not in m
+        and "margin" not in m
+        and m["mse"] == pytest.approx(((rewards - scores) ** 2).mean())
+    )
+
+
 def test_listwise_metrics_against_scipy():
     from scipy import stats
 

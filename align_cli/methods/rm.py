@@ -20,9 +20,10 @@ Data, by mode (`method.format` follows `method.mode`, see conf/method/rm.yaml):
   `per_device_train_batch_size` counts prompts.
 
 Every mode evaluates on the held-out split (logged during training and in summary.json):
-`eval_accuracy` and `eval_margin` on the pairs the data implies, plus `eval_mse`,
-`eval_pearson`, `eval_spearman` (pointwise) or `eval_kendall_tau`, `eval_top1_accuracy`
-(listwise); see rm_metrics.py.
+`eval_accuracy` and `eval_margin` on the pairs the data implies (pointwise: two responses to
+one prompt with different scores; none, no such metrics), plus `eval_mse`, `eval_pearson`,
+`eval_spearman` (pointwise) or `eval_kendall_tau`, `eval_top1_accuracy` (listwise); see
+rm_metrics.py.
 
 The run folder holds a sequence-classification model with one output, with its tokenizer
 and chat template and `pad_token_id` in its config (with `peft=lora`: an adapter that also

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from trl import RewardTrainer
 
+from ..data import prompt_key
 from ..errors import AlignError
 from ..rewards.model import tokenize_response
 from .rm_losses import listwise_loss, pointwise_loss, ranked_pairs
@@ -48,6 +49,7 @@ class PointwiseCollator:
     Returns:
         input_ids, attention_mask: (N, L), right-padded.
         scores: (N,) float targets.
+        groups: (N,) the prompt of each row as an id (when the examples have `group`).
     """
 
     pad_token_id: int
@@ -56,11 +58,14 @@ class PointwiseCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
         input_ids = pad_right(ids, self.pad_token_id, self.pad_to_multiple_of)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": pad_right([[1] * len(s) for s in ids], 0, self.pad_to_multiple_of),
             "scores": torch.tensor([float(e["score"]) for e in examples], dtype=torch.float32),
         }
+        if "group" in examples[0]:
+            batch["groups"] = torch.tensor([e["group"] for e in examples], dtype=torch.long)
+        return batch
 
 
 @dataclass
@@ -147,7 +152,7 @@ class _ScoredRewardTrainer(RewardTrainer):
     def _set_signature_columns_if_needed(self):
         # Keep our tokenized columns through `remove_unused_columns`.
         if self._signature_columns is None:
-            self._signature_columns = [self.processed_column, "score"]
+            self._signature_columns = [self.processed_column, "score", "group"]
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -216,28 +221,39 @@ class _ScoredRewardTrainer(RewardTrainer):
 class PointwiseRewardTrainer(_ScoredRewardTrainer):
     """MSE between the reward and the human score of each (prompt, response)."""
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self.processed_column not in dataset.column_names and "group" not in dataset.column_names:
+            # Rows about the same prompt share a group id: pair metrics compare only those.
+            ids: dict[str, int] = {}
+            groups = [ids.setdefault(prompt_key({"prompt": p}), len(ids)) for p in dataset["prompt"]]
+            dataset = dataset.add_column("group", groups)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
     def _tokenize(self, example, tokenizer):
         return {
             "input_ids": tokenize_response(tokenizer, example["prompt"], example["completion"]),
             "score": float(example["score"]),
+            "group": example["group"],
         }
 
     def _lengths(self, example):
         return [len(example["input_ids"])]
 
     def loss_and_pairs(self, rewards, inputs):
-        scores = inputs["scores"]  # (N,)
-        # In-batch pairs with different scores, oriented (better, worse): a cheap training signal;
-        # evaluation uses every pair of the split.
-        better_mask = scores[:, None] > scores[None, :]  # (N, N)
+        scores, groups = inputs["scores"], inputs["groups"]  # (N,), (N,)
+        # In-batch pairs of one prompt with different scores, oriented (better, worse): a cheap
+        # training signal; evaluation uses every such pair of the split.
+        better_mask = (scores[:, None] > scores[None, :]) & (groups[:, None] == groups[None, :])  # (N, N)
         b, w = better_mask.nonzero(as_tuple=True)
         return pointwise_loss(rewards, scores), rewards[b].detach(), rewards[w].detach()
 
     def eval_arrays(self, rewards, inputs):
-        return rewards, inputs["scores"]  # (N,), (N,)
+        # Labels (scores, groups): the evaluation loop concatenates and gathers tuples too.
+        return rewards, (inputs["scores"], inputs["groups"])  # (N,), ((N,), (N,))
 
     def eval_metrics(self, prediction):
-        return pointwise_metrics(prediction.predictions, prediction.label_ids)
+        scores, groups = prediction.label_ids
+        return pointwise_metrics(prediction.predictions, scores, groups)
 
 
 class ListwiseRewardTrainer(_ScoredRewardTrainer):
