@@ -135,6 +135,53 @@ def test_pairwise_margin_column_rows_without_one_mean_zero(tmp_path):
     assert result.trainer.train_dataset["margin"] == [0.0, 1.0] * 4
 
 
+def test_pairwise_eval_metrics_are_over_the_whole_split(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    # 11 held-out pairs in batches of 3, 3, 3, 2: TRL's mean of per-batch means is not the
+    # split's value. 4 of them are flipped, so the accuracy is neither 0 nor 1.
+    good, bad = "A clear, complete and helpful answer to the question.", "No."
+    train_rows = [{"prompt": f"Question {i}?", "chosen": good, "rejected": bad} for i in range(24)]
+    eval_rows = [
+        {
+            "prompt": f"Other question {i}?",
+            "chosen": bad if i % 3 == 0 else good,
+            "rejected": good if i % 3 == 0 else bad,
+        }
+        for i in range(11)
+    ]
+    train_path = write_rows(tmp_path / "train.jsonl", train_rows)
+    eval_path = write_rows(tmp_path / "held.jsonl", eval_rows)
+    run = tmp_path / "run"
+    result = rm_run(
+        run,
+        "pairwise",
+        f"data.path={train_path}",
+        f"data.eval_path={eval_path}",
+        "method.args.max_steps=3",
+        "method.args.per_device_eval_batch_size=3",
+        "plot=false",
+    )
+    eval_ds = result.trainer.eval_dataset
+    assert len(eval_ds) == 11
+    model = AutoModelForSequenceClassification.from_pretrained(run).eval()
+    with torch.no_grad():
+        diffs = np.array(
+            [
+                model(torch.tensor([row["chosen_ids"]])).logits.item()
+                - model(torch.tensor([row["rejected_ids"]])).logits.item()
+                for row in eval_ds
+            ]
+        )
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert summary["eval_accuracy"] == pytest.approx(float((diffs > 0).mean()), abs=1e-9)
+    assert 0 < summary["eval_accuracy"] < 1
+    assert summary["eval_margin"] == pytest.approx(float(diffs.mean()), abs=1e-5)
+    # The evaluations logged during training are over the whole split too: k/11.
+    for record in (r for r in records(run) if "eval_accuracy" in r):
+        assert round(record["eval_accuracy"] * 11, 6) == round(record["eval_accuracy"] * 11)
+
+
 def write_rows(path, rows) -> str:
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     return str(path)

@@ -20,6 +20,7 @@ from align_cli.methods.rm_metrics import (
     PAD_RANK,
     kendall_tau,
     listwise_metrics,
+    pairwise_metrics,
     pearson,
     pointwise_metrics,
     spearman,
@@ -143,6 +144,13 @@ def test_pointwise_pairs_are_only_within_a_prompt():
         and "margin" not in m
         and m["mse"] == pytest.approx(((rewards - scores) ** 2).mean())
     )
+
+
+def test_pairwise_metrics_are_over_every_row():
+    rewards = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # (N, 2): chosen, rejected
+    m = pairwise_metrics(rewards)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["margin"] == pytest.approx((1 - 2 + 2) / 3)
+    assert (m["min_reward"], m["max_reward"], m["mean_reward"]) == pytest.approx((0.0, 3.0, 7 / 6))
 
 
 def test_listwise_metrics_against_scipy():

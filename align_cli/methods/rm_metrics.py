@@ -116,6 +116,25 @@ def pointwise_metrics(rewards, scores, groups=None) -> dict[str, float]:
     }
 
 
+def pairwise_metrics(rewards) -> dict[str, float]:
+    """Accuracy and mean margin over every (chosen, rejected) row of the split.
+
+    Args:
+        rewards: (N, 2) the rewards of each row's chosen and rejected response.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
+    if len(rewards) == 0:
+        return {}
+    diff = rewards[:, 0] - rewards[:, 1]  # (N,)
+    return {
+        "accuracy": float((diff > 0).mean()),
+        "margin": float(diff.mean()),
+        "mean_reward": float(rewards.mean()),
+        "min_reward": float(rewards.min()),
+        "max_reward": float(rewards.max()),
+    }
+
+
 def listwise_metrics(rewards, ranks) -> dict[str, float]:
     """Pair accuracy/margin, Kendall's tau and top-1 accuracy over ranked groups.
 

@@ -1,4 +1,5 @@
-"""TRL's RewardTrainer taught the seed's pointwise and listwise losses (pairwise is TRL's own).
+"""TRL's RewardTrainer taught the seed's pointwise and listwise losses, and exact held-out
+metrics in every mode (the pairwise loss is TRL's own).
 
 The subclasses keep everything RewardTrainer does around the loss (loading checks, LoRA and
 k-bit handling, the pad token written into the model config, dropout off, logging) and
@@ -10,6 +11,10 @@ replace what depends on the data layout:
 - `compute_loss`: the losses of `rm_losses`;
 - `prediction_step` + `compute_metrics`: predictions for the whole evaluation split, so the
   held-out metrics of `rm_metrics` (correlations, Kendall's tau) are not batch averages.
+
+`PairwiseRewardTrainer` keeps TRL's data handling and loss and replaces only the evaluation
+metrics: TRL logs the mean of per-batch accuracies and margins, which is not the split's value
+when the last batch is smaller (or under several processes).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..data import prompt_key
 from ..errors import AlignError
 from ..rewards.model import tokenize_response
 from .rm_losses import listwise_loss, pointwise_loss, ranked_pairs
-from .rm_metrics import PAD_RANK, listwise_metrics, pointwise_metrics
+from .rm_metrics import PAD_RANK, listwise_metrics, pairwise_metrics, pointwise_metrics
 
 log = logging.getLogger("align")
 
@@ -292,3 +297,28 @@ class ListwiseRewardTrainer(_ScoredRewardTrainer):
 
     def eval_metrics(self, prediction):
         return listwise_metrics(prediction.predictions, np.asarray(prediction.label_ids))
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's pairwise RewardTrainer, with accuracy and margin over the whole evaluation split."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", self.eval_metrics)
+        super().__init__(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        # TRL's compute_loss noted this batch's means; log() would average them over batches and
+        # write them over the split's values that eval_metrics computes.
+        self._metrics["eval"].clear()
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        chosen, rejected = torch.chunk(outputs.logits.detach().squeeze(-1).float(), chunks=2)  # (B,), (B,)
+        # Labels only so that the evaluation loop calls compute_metrics: the margin column, or 0.
+        labels = inputs["margin"] if "margin" in inputs else torch.zeros_like(chosen)
+        return loss.detach(), torch.stack([chosen, rejected], dim=1), labels  # (B, 2), (B,)
+
+    def eval_metrics(self, prediction) -> dict[str, float]:
+        return pairwise_metrics(prediction.predictions)
