@@ -4,6 +4,7 @@ works with LoRA and 4-bit, and reports bad rows by file and line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -180,6 +181,39 @@ def test_pairwise_eval_metrics_are_over_the_whole_split(tmp_path):
     # The evaluations logged during training are over the whole split too: k/11.
     for record in (r for r in records(run) if "eval_accuracy" in r):
         assert round(record["eval_accuracy"] * 11, 6) == round(record["eval_accuracy"] * 11)
+
+
+def test_undefined_metrics_are_null_in_strict_json_and_na_in_the_summary(tmp_path, capsys):
+    # Eval rows with one score and one response per prompt: Pearson is undefined (NaN), and
+    # no prompt has two responses to compare, so there is no pair accuracy or margin.
+    train_rows = [
+        {
+            "prompt": f"Question {i}?",
+            "completion": "A full answer." if i % 2 else "No.",
+            "score": float(i % 2),
+        }
+        for i in range(16)
+    ]
+    eval_rows = [{"prompt": f"Other {i}?", "completion": f"Answer {i}.", "score": 0.5} for i in range(4)]
+    run = tmp_path / "run"
+    rm_run(
+        run,
+        "pointwise",
+        f"data.path={write_rows(tmp_path / 'train.jsonl', train_rows)}",
+        f"data.eval_path={write_rows(tmp_path / 'held.jsonl', eval_rows)}",
+        *SHORT,
+    )
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    summary = strict((run / "summary.json").read_text())["metrics"]
+    assert summary["eval_pearson"] is None and summary["eval_spearman"] is None
+    assert "eval_accuracy" not in summary and "eval_margin" not in summary
+    logged = [strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_pearson" in r and r["eval_pearson"] is None for r in logged)
+    out = capsys.readouterr().out
+    assert re.search(r"eval_pearson +n/a", out) and "nan" not in out.split("finished in")[1]
 
 
 def write_rows(path, rows) -> str:
