@@ -9,8 +9,14 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 
+def finite_or_none(value: float) -> float | None:
+    """A metric as strict JSON has it: NaN and infinities (undefined metrics) become null."""
+    return value if math.isfinite(value) else None
+
+
 class MetricsFileCallback(TrainerCallback):
-    """Appends every `trainer.log(...)` record to `metrics.jsonl` (one JSON object per line)."""
+    """Appends every `trainer.log(...)` record to `metrics.jsonl` (one JSON object per line);
+    an undefined value (NaN, inf) is null, so every line is strict JSON."""
 
     def __init__(self, path: str):
         self.path = path
@@ -21,9 +27,9 @@ class MetricsFileCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch}
         for key, value in logs.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                record[key] = value if math.isfinite(value) else str(value)
+                record[key] = finite_or_none(value)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -58,8 +58,11 @@ class DataConfig:
     format: str = "auto"  # auto: detected from the columns; or one of the formats in data/formats.py
     subset: str | None = None  # hub dataset configuration name
     split: str = "train"
-    eval_split: str | None = None  # a split of the same dataset used for evaluation
-    eval_ratio: float = 0.1  # held out from `split` when eval_split is null (0 disables evaluation)
+    eval_path: str | None = (
+        None  # a separate evaluation file, folder or hub id (with eval_split if it has splits)
+    )
+    eval_split: str | None = None  # the evaluation split: a hub split, or `test` for a folder's test.jsonl
+    eval_ratio: float = 0.1  # without eval_path/eval_split: held out of `split` by prompt (0: no evaluation)
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the name in your file
     max_samples: int | None = None
     system: str | None = None  # a system prompt added to every conversational prompt

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -108,7 +109,8 @@ def print_summary(
     wanted = ["train_loss_first", "train_loss", *keys, "eval_loss", "global_step"]
     shown = {k: metrics[k] for k in dict.fromkeys(wanted) if k in metrics}
     lines = [f"align: {method} finished in {seconds:.1f}s -> {output_dir}"]
-    lines += [f"  {k:<32} {v:.4g}" for k, v in shown.items()]
+    # An undefined metric (e.g. a correlation over constant scores) is NaN: say so plainly.
+    lines += [f"  {k:<32} {f'{v:.4g}' if math.isfinite(v) else 'n/a'}" for k, v in shown.items()]
     print("\n".join(lines), flush=True)
 
 
@@ -252,7 +254,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after saving a checkpoint.
     """
     from . import modeling
-    from .callbacks import MetricsFileCallback, plot_metrics
+    from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
     from .data import load_datasets
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
     from .methods import load_method, prompt_room
@@ -349,7 +351,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             keys = getattr(module, "SUMMARY_KEYS", [])
             metrics = summarize(trainer, keys, final_eval)
             with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump({"method": method["name"], "metrics": metrics}, f, indent=2)
+                # Strict JSON: an undefined metric (NaN) is null.
+                strict = {k: finite_or_none(v) for k, v in metrics.items()}
+                json.dump({"method": method["name"], "metrics": strict}, f, indent=2, allow_nan=False)
             if cfg.get("plot", True):
                 plot_metrics(
                     Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -111,29 +112,62 @@ def _notes(rows: list[dict], standard: str, lengths, max_length: int) -> list[st
 
 
 def check_split(
-    data_cfg, method: dict, tokenizer, max_length: int, room, split: str | None = None
-) -> SplitReport:
-    """Reads, converts and measures one split, collecting every problem instead of stopping."""
-    from .data import data_path, long_prompts_problem, read_and_convert
+    data_cfg,
+    method: dict,
+    tokenizer,
+    max_length: int,
+    room=None,
+    evaluation: bool = False,
+    train=None,
+    seed: int = 42,
+) -> tuple[SplitReport, Any]:
+    """Reads, converts and measures one split, collecting every problem instead of stopping.
+
+    Args:
+        room: the most tokens a prompt may have (`PromptRoom`; None: no limit).
+        evaluation: check the evaluation split (`data.eval_path` / `data.eval_split`).
+        train: the training split's rows as loaded, to check that evaluation reads none of its files.
+        seed: the run's seed, which picks the prompts held out by `data.eval_ratio`.
+
+    Returns:
+        The report, and the rows as loaded (None when nothing was readable).
+    """
+    from .data import (
+        check_disjoint,
+        data_path,
+        has_eval_source,
+        held_out,
+        long_prompts_problem,
+        read_and_convert,
+    )
     from .data.lengths import measure, percentiles
     from .data.problems import Problems
 
     standard = method["format"]
-    report = SplitReport(split="eval" if split else "train")
+    report = SplitReport(split="eval" if evaluation else "train")
     problems = Problems()
     try:
-        report.source = data_path(data_cfg, method.get("sample"))
+        report.source = (
+            data_cfg.eval_path
+            if evaluation and data_cfg.eval_path
+            else data_path(data_cfg, method.get("sample"))
+        )
         loaded = read_and_convert(
             data_cfg,
             standard,
             conversational=tokenizer.chat_template is not None,
             sample=method.get("sample"),
-            split=split,
+            evaluation=evaluation,
             problems=problems,
         )
-    except AlignError as err:  # nothing readable: the file, its type or its columns
+    except AlignError as err:  # nothing readable: the file, its type, its columns or its split
         problems.add(str(err))
         loaded = None
+    if loaded is not None and train is not None:
+        try:
+            check_disjoint(train, loaded, data_cfg)
+        except AlignError as err:
+            problems.add(str(err))
     if loaded is not None:
         report.source = loaded.source
         report.rows_read, report.rows_valid = loaded.rows_read, len(loaded.rows)
@@ -147,11 +181,31 @@ def check_split(
             if message:
                 problems.add(message)
             report.notes = _notes(loaded.rows, standard, lengths, max_length)
+            if not evaluation and not has_eval_source(data_cfg):
+                try:
+                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed)
+                except AlignError as err:
+                    problems.add(str(err))
+                else:
+                    report.notes.append(_held_out_note(loaded.rows, held, data_cfg.eval_ratio))
         elif not problems:
             problems.add(f"{loaded.source}: the dataset is empty")
     # Reading and converting find problems in two passes: list them in file order.
     report.problems, report.problem_count = sorted(problems.items, key=_position), problems.total
-    return report
+    return report, loaded
+
+
+def _held_out_note(rows: list[dict], held: list[int], ratio: float) -> str:
+    """What `data.eval_ratio` will hold out for evaluation, in rows and prompts."""
+    from .data import prompt_key
+
+    if not held:
+        return f"held out nothing for evaluation (data.eval_ratio={ratio})"
+    prompts = len({prompt_key(rows[i]) or i for i in held})
+    return (
+        f"held out {len(held)} of {len(rows)} rows ({prompts} prompt{'s' if prompts != 1 else ''}, "
+        f"none also in training) for evaluation (data.eval_ratio={ratio})"
+    )
 
 
 def _position(problem: str) -> tuple[str, int]:
@@ -167,6 +221,7 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
+    from .data import has_eval_source
     from .methods import load_method, prompt_room
     from .methods.base import MethodContext
     from .train import check_known_keys, check_method_args, check_method_format, typed
@@ -193,14 +248,17 @@ def validate(cfg: DictConfig) -> Report:
             train_dataset=None,
         ),
     )
+    room = prompt_room(module, args, model_cfg)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    room = prompt_room(module, args, model_cfg)
-    report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length, room))
-    if data_cfg.eval_split:
-        report.splits.append(
-            check_split(data_cfg, method, tokenizer, model_cfg.max_length, room, data_cfg.eval_split)
+    seed = int(cfg.get("seed", 42))
+    train_report, train = check_split(data_cfg, method, tokenizer, model_cfg.max_length, room, seed=seed)
+    report.splits.append(train_report)
+    if has_eval_source(data_cfg):
+        eval_report, _ = check_split(
+            data_cfg, method, tokenizer, model_cfg.max_length, room, evaluation=True, train=train, seed=seed
         )
+        report.splits.append(eval_report)
     return report
 
 

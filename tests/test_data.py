@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -114,6 +115,59 @@ def test_trl_ranking_reorders_best_first(tmp_path):
     assert row["completions"] == ["best", "mid", "worst"]
 
 
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        # Booleans are ints in Python: [true, false] used to pass as the permutation [1, 0].
+        (
+            {"prompt": "p", "completions": ["a", "b"], "ranking": [True, False]},
+            r"r\.jsonl:2: column 'ranking' must be a list of integer ranks \(0 = best\)",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "ranking": [0.0, 1.0]},
+            r"r\.jsonl:2: column 'ranking' must be a list of integer ranks",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 0, 1]},
+            r"r\.jsonl:2: column 'ranking' must be a permutation of 0\.\.2",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [2, 3, 1]},
+            r"r\.jsonl:2: .*permutation of 0\.\.2.*got \[2, 3, 1\] \(ranks are 0-based: subtract 1\)",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]},
+            r"r\.jsonl:2: column 'completions': responses 0 and 2 are identical",
+        ),
+        (
+            {"instruction": "p", "responses": ["same", "other", "same"]},
+            r"r\.jsonl:2: column 'responses': responses 0 and 2 are identical",
+        ),
+    ],
+)
+def test_bad_rankings_name_the_file_and_line(tmp_path, row, message):
+    good = {k: v for k, v in row.items() if k not in ("completions", "responses", "ranking")}
+    good[[k for k in row if k in ("completions", "responses")][0]] = ["x", "y"]
+    if "ranking" in row:
+        good["ranking"] = [1, 0]
+    with pytest.raises(AlignError, match=message):
+        load(write(tmp_path, "r.jsonl", [good, row]), "listwise", conversational=False)
+
+
+@pytest.mark.parametrize("column", ["rankings", "rank", "order"])
+def test_a_ranking_under_another_name_is_not_read_as_best_first(tmp_path, column):
+    rows = [{"prompt": "p", "completions": ["mid", "worst", "best"], column: [1, 2, 0]}]
+    path = write(tmp_path, "r.jsonl", rows)
+    with pytest.raises(
+        AlignError,
+        match=rf"r\.jsonl: column '{column}' looks like a ranking.*'completions' are taken as best first.*"
+        rf"set data\.columns\.ranking={column}",
+    ):
+        load(path, "listwise", conversational=False)
+    row = load(path, "listwise", conversational=False, columns={"ranking": column})[0]
+    assert row["completions"] == ["best", "mid", "worst"]
+
+
 @pytest.mark.parametrize("ext", ["json", "jsonl", "parquet"])
 def test_readers_agree(tmp_path, ext):
     rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
@@ -136,9 +190,132 @@ def test_csv_and_column_mapping(tmp_path):
 def test_explicit_format_and_held_out_split():
     cfg = DataConfig(path=str(SAMPLES_DIR / "dpo.jsonl"), format="alpaca_preference", eval_ratio=0.25)
     train, evaluation = load_datasets(cfg, "preference", True, seed=1)
-    assert len(evaluation) == round(0.25 * (len(train) + len(evaluation)))
+    # Two rows per prompt, held out whole: 26 or 28 of 108 rows for a target of 27.
+    assert abs(len(evaluation) - 0.25 * (len(train) + len(evaluation))) <= 1
     again, _ = load_datasets(cfg, "preference", True, seed=1)
     assert train["prompt"] == again["prompt"]  # the split is reproducible
+
+
+def key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "sample,standard",
+    [("rm_pointwise.jsonl", "pointwise"), ("dpo.jsonl", "preference"), ("kto.jsonl", "kto")],
+)
+def test_held_out_rows_never_share_a_prompt_with_training(sample, standard):
+    # rm_pointwise.jsonl: 216 rows, 4 responses to each of 54 prompts. A row-level split put
+    # most eval prompts in training too.
+    cfg = DataConfig(path=str(SAMPLES_DIR / sample), eval_ratio=0.2)
+    train, evaluation = load_datasets(cfg, standard, True, seed=7)
+    train_prompts, eval_prompts = {key(p) for p in train["prompt"]}, {key(p) for p in evaluation["prompt"]}
+    assert eval_prompts and not train_prompts & eval_prompts
+    total = len(train) + len(evaluation)
+    assert abs(len(evaluation) - 0.2 * total) <= 2  # whole prompts: within a group size of the target
+    other, _ = load_datasets(cfg, standard, True, seed=8)
+    assert {key(p) for p in other["prompt"]} != train_prompts  # the seed picks the prompts
+
+
+def test_held_out_split_with_one_row_per_prompt_is_the_row_shuffle():
+    from align_cli.data import held_out
+
+    rows = [{"prompt": f"p{i}", "completion": "a"} for i in range(50)]
+    order = list(range(50))
+    random.Random(3).shuffle(order)
+    assert held_out(rows, 0.1, seed=3) == sorted(order[:5])
+    assert held_out(rows * 2, 0.1, seed=3) != []  # 2 rows a prompt: 10 rows, 5 prompts
+    assert len(held_out(rows * 2, 0.1, seed=3)) == 10
+    with pytest.raises(AlignError, match=r"data\.eval_ratio=1\.5 must be in \[0, 1\)"):
+        held_out(rows, 1.5, seed=3)
+
+
+def split_folder(tmp_path, names, rows=None):
+    """A folder with one file per name (a name with '/' makes a subfolder), 3 distinct rows each."""
+    folder = tmp_path / "splits"
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tag = path.stem if path.parent == folder else path.parent.name
+        data = rows or [{"prompt": f"{tag} {i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
+        path.write_text("\n".join(json.dumps(r) for r in data) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["train.jsonl", "test.jsonl"],
+        ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "test.jsonl"],
+        ["train/a.jsonl", "test/b.jsonl"],
+    ],
+)
+def test_eval_split_reads_a_folders_split_files(tmp_path, names):
+    folder = split_folder(tmp_path, names)
+    train, evaluation = load_datasets(DataConfig(path=folder, eval_split="test"), "preference", False)
+    assert all(p.startswith("train") for p in train["prompt"]) and len(train) == 3 * (len(names) - 1)
+    assert evaluation["prompt"] == ["test 0", "test 1", "test 2"]
+
+
+def test_a_folders_training_split_leaves_its_other_splits_out(tmp_path):
+    folder = split_folder(tmp_path, ["train.jsonl", "validation.jsonl"])
+    train, evaluation = load_datasets(DataConfig(path=folder, eval_ratio=0), "preference", False)
+    assert evaluation is None and all(p.startswith("train") for p in train["prompt"])
+
+
+@pytest.mark.parametrize(
+    "names,data,message",
+    [
+        # The reviewer's case: a single file, where eval_split used to re-read the training rows.
+        (
+            ["rows.jsonl"],
+            {"path": "rows.jsonl", "eval_split": "test"},
+            r"data\.eval_split=test: .*rows\.jsonl is a single file, so it has no split 'test'.*data\.eval_path",
+        ),
+        (
+            ["a.jsonl", "b.jsonl"],
+            {"eval_split": "test"},
+            r"data\.eval_split=test: .*splits has no split 'test'; splits found: none \(its files a\.jsonl, "
+            r"b\.jsonl are one dataset",
+        ),
+        (
+            ["train.jsonl", "dev.jsonl"],
+            {"eval_split": "test"},
+            r"data\.eval_split=test: .*splits has no split 'test'; splits found: dev, train$",
+        ),
+        (
+            ["train.jsonl", "test.jsonl"],
+            {"eval_split": "train"},
+            r"data\.eval_split=train: evaluation would read .*train\.jsonl, which training reads too",
+        ),
+        (
+            ["rows.jsonl"],
+            {"path": "rows.jsonl", "eval_path": "rows.jsonl"},
+            r"data\.eval_path=.*rows\.jsonl: evaluation would read .*rows\.jsonl, which training reads too",
+        ),
+        (
+            ["rows.jsonl", "more/train.jsonl", "more/test.jsonl"],
+            {"path": "rows.jsonl", "eval_path": "more"},
+            r"data\.eval_path=.*more holds the splits test, train: choose one with data\.eval_split=<split>",
+        ),
+    ],
+)
+def test_eval_split_that_is_not_there_is_one_line_naming_path_and_splits(tmp_path, names, data, message):
+    folder = split_folder(tmp_path, names)
+    data = {k: f"{folder}/{v}" if k.endswith("path") else v for k, v in data.items()}
+    cfg = DataConfig(**{"path": folder, **data})
+    with pytest.raises(AlignError, match=message) as err:
+        load_datasets(cfg, "preference", False)
+    assert "\n" not in str(err.value)
+
+
+def test_eval_path_is_a_separate_evaluation_file(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(6)]
+    train_path, eval_path = write(tmp_path, "train.jsonl", rows[:4]), write(tmp_path, "held.jsonl", rows[4:])
+    train, evaluation = load_datasets(
+        DataConfig(path=train_path, eval_path=eval_path, eval_ratio=0.5), "preference", False
+    )
+    assert train["prompt"] == ["q0", "q1", "q2", "q3"] and evaluation["prompt"] == ["q4", "q5"]
 
 
 @pytest.mark.parametrize(

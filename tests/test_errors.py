@@ -34,6 +34,8 @@ FILES: dict[str, str | bytes] = {
     "not_list.jsonl": '{"instruction": "q", "responses": "a, b"}\n',
     "wide.csv": "prompt,chosen,rejected\np,a,b\np,a,b,extra\n",
     "typed.jsonl": '{"prompt": 42, "chosen": "a", "rejected": "b"}\n',
+    "rankings.jsonl": '{"prompt": "p", "completions": ["a", "b"], "rankings": [1, 0]}\n',
+    "bool_rank.jsonl": '{"prompt": "p", "completions": ["a", "b"], "ranking": [true, false]}\n',
 }
 
 # (argv, message it must contain, exit code). `{tmp}` is the test's folder.
@@ -199,6 +201,32 @@ CASES = [
         1,
     ),
     (["data", "validate", "method=kto", "data.path={tmp}/kto_tag.jsonl"], "1 problem in", 1),
+    # Evaluation splits that are not there: never the training rows instead.
+    (
+        ["train", "method=rm", "method.mode=pointwise", "data.eval_split=test", "output_dir={tmp}/run"],
+        "data.eval_split=test: ",
+        1,
+    ),
+    (
+        ["data", "validate", "method=rm", "method.mode=pointwise", "data.eval_split=test"],
+        "rm_pointwise.jsonl is a single file, so it has no split 'test'",
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/same.jsonl", "data.eval_path={tmp}/same.jsonl"],
+        "same.jsonl, which training reads too",
+        1,
+    ),
+    (
+        ["data", "validate", "method=rm", "method.mode=listwise", "data.path={tmp}/rankings.jsonl"],
+        "column 'rankings' looks like a ranking",
+        1,
+    ),
+    (
+        ["data", "validate", "method=rm", "method.mode=listwise", "data.path={tmp}/bool_rank.jsonl"],
+        "bool_rank.jsonl:1: column 'ranking' must be a list of integer ranks",
+        1,
+    ),
     (["data", "validate", "method=nope"], "unknown method 'nope'", 1),
     (
         ["data", "validate", "method=rm", "method.mode=foo"],
@@ -335,3 +363,22 @@ def test_validate_sample_passes_with_percentiles(tmp, capsys):
         p50, p90, p99, top = map(int, cells)
         assert 0 < p50 <= p90 <= p99 <= top
     assert "align: ok: 108 rows of preference data (alpaca_preference), ready for method=dpo" in out
+    # What data.eval_ratio=0.1 holds out, whole prompts at a time (2 rows each): as train does.
+    assert "held out 10 of 108 rows (5 prompts, none also in training)" in out
+
+
+def test_validate_checks_a_folders_evaluation_split(tmp, capsys):
+    folder = tmp / "splits"
+    folder.mkdir()
+    for split, n in (("train", 4), ("test", 2)):
+        rows = [json.dumps({"prompt": f"{split} {i}", "chosen": "a", "rejected": "b"}) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    code, out, err = run_inprocess(
+        ["data", "validate", "method=dpo", f"data.path={folder}", "data.eval_split=test"], capsys
+    )
+    assert code == 0, err
+    assert "4 read, 4 valid" in out and "2 read, 2 valid" in out and "ok: 6 rows" in out
+    code, out, err = run_inprocess(
+        ["data", "validate", "method=dpo", f"data.path={folder}", "data.eval_split=dev"], capsys
+    )
+    assert code == 1 and f"data.eval_split=dev: {folder} has no split 'dev'; splits found: test, train" in out

@@ -4,6 +4,7 @@ works with LoRA and 4-bit, and reports bad rows by file and line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -50,6 +51,19 @@ def test_mode_learns_the_samples_and_saves_a_reward_model(mode, tmp_path):
     if mode == "pointwise":
         # Better than predicting the mean score of the held-out rows.
         assert metrics["eval_mse"] < 0.5 * float(np.var(result.trainer.eval_dataset["score"])), metrics
+        # Held out by prompt (4 responses each), and pairs compared only within a prompt: the
+        # metrics are those of a rescoring with the prompt of each row.
+        from align_cli.methods.rm_metrics import pointwise_metrics
+
+        eval_ds = result.trainer.eval_dataset
+        assert len(eval_ds) % 4 == 0 and sorted(np.bincount(eval_ds["group"])) == [4] * (len(eval_ds) // 4)
+        with torch.no_grad():
+            rewards = [
+                result.trainer.model(torch.tensor([ids])).logits.item() for ids in eval_ds["input_ids"]
+            ]
+        expected = pointwise_metrics(rewards, eval_ds["score"], eval_ds["group"])
+        for key in ("eval_accuracy", "eval_margin", "eval_pearson"):
+            assert metrics[key] == pytest.approx(expected[key.removeprefix("eval_")], abs=1e-5), key
 
     # Evaluated during training, not only at the end, and summarised.
     evals = [r for r in records(tmp_path) if "eval_accuracy" in r]
@@ -120,6 +134,86 @@ def test_pairwise_margin_column_rows_without_one_mean_zero(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     result = rm_run(tmp_path / "run", "pairwise", f"data.path={path}", "data.eval_ratio=0", *SHORT)
     assert result.trainer.train_dataset["margin"] == [0.0, 1.0] * 4
+
+
+def test_pairwise_eval_metrics_are_over_the_whole_split(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    # 11 held-out pairs in batches of 3, 3, 3, 2: TRL's mean of per-batch means is not the
+    # split's value. 4 of them are flipped, so the accuracy is neither 0 nor 1.
+    good, bad = "A clear, complete and helpful answer to the question.", "No."
+    train_rows = [{"prompt": f"Question {i}?", "chosen": good, "rejected": bad} for i in range(24)]
+    eval_rows = [
+        {
+            "prompt": f"Other question {i}?",
+            "chosen": bad if i % 3 == 0 else good,
+            "rejected": good if i % 3 == 0 else bad,
+        }
+        for i in range(11)
+    ]
+    train_path = write_rows(tmp_path / "train.jsonl", train_rows)
+    eval_path = write_rows(tmp_path / "held.jsonl", eval_rows)
+    run = tmp_path / "run"
+    result = rm_run(
+        run,
+        "pairwise",
+        f"data.path={train_path}",
+        f"data.eval_path={eval_path}",
+        "method.args.max_steps=3",
+        "method.args.per_device_eval_batch_size=3",
+        "plot=false",
+    )
+    eval_ds = result.trainer.eval_dataset
+    assert len(eval_ds) == 11
+    model = AutoModelForSequenceClassification.from_pretrained(run).eval()
+    with torch.no_grad():
+        diffs = np.array(
+            [
+                model(torch.tensor([row["chosen_ids"]])).logits.item()
+                - model(torch.tensor([row["rejected_ids"]])).logits.item()
+                for row in eval_ds
+            ]
+        )
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert summary["eval_accuracy"] == pytest.approx(float((diffs > 0).mean()), abs=1e-9)
+    assert 0 < summary["eval_accuracy"] < 1
+    assert summary["eval_margin"] == pytest.approx(float(diffs.mean()), abs=1e-5)
+    # The evaluations logged during training are over the whole split too: k/11.
+    for record in (r for r in records(run) if "eval_accuracy" in r):
+        assert round(record["eval_accuracy"] * 11, 6) == round(record["eval_accuracy"] * 11)
+
+
+def test_undefined_metrics_are_null_in_strict_json_and_na_in_the_summary(tmp_path, capsys):
+    # Eval rows with one score and one response per prompt: Pearson is undefined (NaN), and
+    # no prompt has two responses to compare, so there is no pair accuracy or margin.
+    train_rows = [
+        {
+            "prompt": f"Question {i}?",
+            "completion": "A full answer." if i % 2 else "No.",
+            "score": float(i % 2),
+        }
+        for i in range(16)
+    ]
+    eval_rows = [{"prompt": f"Other {i}?", "completion": f"Answer {i}.", "score": 0.5} for i in range(4)]
+    run = tmp_path / "run"
+    rm_run(
+        run,
+        "pointwise",
+        f"data.path={write_rows(tmp_path / 'train.jsonl', train_rows)}",
+        f"data.eval_path={write_rows(tmp_path / 'held.jsonl', eval_rows)}",
+        *SHORT,
+    )
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    summary = strict((run / "summary.json").read_text())["metrics"]
+    assert summary["eval_pearson"] is None and summary["eval_spearman"] is None
+    assert "eval_accuracy" not in summary and "eval_margin" not in summary
+    logged = [strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_pearson" in r and r["eval_pearson"] is None for r in logged)
+    out = capsys.readouterr().out
+    assert re.search(r"eval_pearson +n/a", out) and "nan" not in out.split("finished in")[1]
 
 
 def write_rows(path, rows) -> str:

@@ -20,6 +20,7 @@ from align_cli.methods.rm_metrics import (
     PAD_RANK,
     kendall_tau,
     listwise_metrics,
+    pairwise_metrics,
     pearson,
     pointwise_metrics,
     spearman,
@@ -125,6 +126,31 @@ def test_pointwise_metrics():
     pairs = [(i, j) for i in range(len(Y)) for j in range(len(Y)) if Y[i] > Y[j]]
     assert m["accuracy"] == pytest.approx(np.mean([X[i] > X[j] for i, j in pairs]))
     assert m["margin"] == pytest.approx(np.mean([X[i] - X[j] for i, j in pairs]))
+
+
+def test_pointwise_pairs_are_only_within_a_prompt():
+    rewards = np.array([0.9, 0.1, 0.5, 0.2, 0.7, 0.3])
+    scores = np.array([1.0, 0.0, 0.2, 0.8, 0.5, 0.5])
+    groups = np.array([0, 0, 1, 1, 2, 2])  # prompt 2's scores tie: no pair there
+    m = pointwise_metrics(rewards, scores, groups)
+    # Pairs (better, worse): (0, 1) right by 0.8, (3, 2) wrong by -0.3. Across prompts, row 0
+    # vs row 2 etc. would count too without the groups.
+    assert m["accuracy"] == pytest.approx(0.5) and m["margin"] == pytest.approx((0.8 - 0.3) / 2)
+    assert pointwise_metrics(rewards, scores)["accuracy"] != pytest.approx(0.5)
+    # No prompt with two different scores: no accuracy or margin at all, rather than NaN.
+    m = pointwise_metrics(rewards, scores, np.arange(6))
+    assert (
+        "accuracy" not in m
+        and "margin" not in m
+        and m["mse"] == pytest.approx(((rewards - scores) ** 2).mean())
+    )
+
+
+def test_pairwise_metrics_are_over_every_row():
+    rewards = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # (N, 2): chosen, rejected
+    m = pairwise_metrics(rewards)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["margin"] == pytest.approx((1 - 2 + 2) / 3)
+    assert (m["min_reward"], m["max_reward"], m["mean_reward"]) == pytest.approx((0.0, 3.0, 7 / 6))
 
 
 def test_listwise_metrics_against_scipy():

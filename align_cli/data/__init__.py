@@ -2,10 +2,22 @@
 
 from align_cli.data import load_datasets
 train, evaluation = load_datasets(cfg.data, "preference", conversational=True, seed=42)
+
+The evaluation rows come from one of, in this order:
+- `data.eval_path`: a separate file, folder or hub id (its `data.eval_split` when it has splits);
+- `data.eval_split`: another split of `data.path` (a hub dataset's, or the files named for it in
+  a folder: `train.jsonl` / `test.jsonl`);
+- `data.eval_ratio`: rows held out of the training split, whole prompts at a time, so that no
+  prompt is in both splits (several responses to one prompt are common in preference and
+  reward data; splitting them by row would evaluate on prompts the model trained on).
+Evaluation never reads a file that training reads.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,6 +30,8 @@ from .readers import Rows, read_any
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+log = logging.getLogger("align")
 
 
 @dataclass
@@ -34,6 +48,7 @@ class Loaded:
     source: str
     columns: list[str] = field(default_factory=list)
     rows_read: int = 0
+    files: list[str] = field(default_factory=list)  # what was read (see readers.Rows.files)
 
 
 def data_path(data_cfg: DataConfig, sample: str | None) -> str:
@@ -78,7 +93,7 @@ def convert(
     """
     if not raw.rows:
         if problems:  # every row was unreadable: those problems say it better than "empty"
-            return Loaded([], [], None, raw.source)
+            return Loaded([], [], None, raw.source, files=raw.files)
         raise AlignError(f"{raw.source}: the dataset is empty")
     columns = set().union(*(r.keys() for r in raw.rows))
     fmt = detect(standard, columns, requested, raw.source)
@@ -101,7 +116,12 @@ def convert(
             found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
     if problems is None:
         found.raise_if_any(raw.source)
-    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows))
+    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files)
+
+
+def has_eval_source(data_cfg: DataConfig) -> bool:
+    """Whether evaluation reads its own rows (`data.eval_path` or `data.eval_split`), not held-out ones."""
+    return bool(data_cfg.eval_path or data_cfg.eval_split)
 
 
 def read_and_convert(
@@ -109,18 +129,32 @@ def read_and_convert(
     standard: str,
     conversational: bool,
     sample: str | None = None,
-    split: str | None = None,
-    path: str | None = None,
+    evaluation: bool = False,
     problems: Problems | None = None,
 ) -> Loaded:
-    """Reads and converts one split; every bad row is collected before stopping.
+    """Reads and converts the training split, or the evaluation split; every bad row is
+    collected before stopping.
 
     Args:
+        evaluation: read `data.eval_path` / `data.eval_split` instead of `data.path` / `data.split`.
         problems: where to collect bad rows and go on (`align data validate`); None raises a
             DataError naming the first bad row and the count once all rows were read.
     """
     found = problems if problems is not None else Problems()
-    raw = read_any(path or data_path(data_cfg, sample), data_cfg.subset, split or data_cfg.split, found)
+    if evaluation and data_cfg.eval_path:
+        path, split, path_key = data_cfg.eval_path, data_cfg.eval_split, "data.eval_path"
+    else:
+        path, path_key = data_path(data_cfg, sample), "data.path"
+        split = data_cfg.eval_split if evaluation else data_cfg.split
+    raw = read_any(
+        path,
+        data_cfg.subset,
+        split,
+        found,
+        key="data.eval_split" if evaluation else "data.split",
+        split_names=(data_cfg.split, data_cfg.eval_split),
+        path_key=path_key,
+    )
     rename_columns(raw, dict(data_cfg.columns))
     if data_cfg.max_samples:
         raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
@@ -128,6 +162,73 @@ def read_and_convert(
     if problems is None:
         found.raise_if_any(raw.source)
     return loaded
+
+
+def check_disjoint(train: Loaded, evaluation: Loaded, data_cfg: DataConfig) -> None:
+    """Raises AlignError when the evaluation split reads a file (or hub split) that training reads."""
+    trained = set(train.files)
+    shared = [f for f in evaluation.files if f in trained]
+    if shared:
+        key = (
+            f"data.eval_path={data_cfg.eval_path}"
+            if data_cfg.eval_path
+            else f"data.eval_split={data_cfg.eval_split}"
+        )
+        raise AlignError(
+            f"{key}: evaluation would read {shared[0].removeprefix('hub:')}, which training reads too "
+            "(scores on training rows say nothing about new data): point data.eval_path at other rows, "
+            "or use data.eval_ratio to hold rows out"
+        )
+
+
+def prompt_key(row: dict) -> str | None:
+    """What the rows about one prompt share: the prompt, or a conversation's turns before its
+    answer (SFT `messages`); None when a row has neither."""
+    if "prompt" in row:
+        value = row["prompt"]
+    elif isinstance(row.get("messages"), list):
+        value = row["messages"][:-1]
+    else:
+        return None
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def held_out(rows: list[dict], ratio: float, seed: int) -> list[int]:
+    """The indices (in order) of the rows held out for evaluation, whole prompts at a time.
+
+    Prompts are visited in an order shuffled with `seed`; each is held out when that brings
+    the held-out count closer to `round(len(rows) * ratio)` and leaves rows for training. With
+    one row per prompt this is exactly that many rows (the rows a plain row shuffle picks);
+    with several, a prompt whose rows would overshoot the target more than fill it stays in
+    training.
+
+    Raises:
+        AlignError: `ratio` is not in [0, 1).
+    """
+    if not 0 <= ratio < 1:
+        raise AlignError(f"data.eval_ratio={ratio} must be in [0, 1)")
+    target = int(round(len(rows) * ratio))
+    if target == 0:
+        return []
+    groups: dict[object, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = prompt_key(row)
+        groups.setdefault(("row", i) if key is None else key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    held: list[int] = []
+    for group in order:
+        size = len(held) + len(group)
+        if abs(size - target) < abs(len(held) - target) and size < len(rows):
+            held += group
+    if not held:
+        log.warning(
+            "data.eval_ratio=%s holds out nothing: held-out rows go by prompt (no prompt in both splits), "
+            "and no prompt's rows fit in %d rows; raise data.eval_ratio or set data.eval_path",
+            ratio,
+            target,
+        )
+    return sorted(held)
 
 
 @dataclass
@@ -189,7 +290,7 @@ def load_datasets(
         data_cfg: the `data` config.
         standard: the method's standard format (see formats.py).
         conversational: emit chat messages (the tokenizer has a chat template) or plain text.
-        seed: shuffles the held-out split reproducibly.
+        seed: picks the held-out prompts reproducibly (see `held_out`).
         sample: the method's sample file in data_samples/, used when data.path is null.
         tokenizer: with `room`, checks that every prompt fits in it.
         room: the most tokens a prompt may have (the method's `PromptRoom`).
@@ -201,21 +302,15 @@ def load_datasets(
     train = read_and_convert(data_cfg, standard, conversational, sample)
     if tokenizer is not None and room is not None:
         check_prompt_lengths(train, standard, tokenizer, room)
-    if data_cfg.eval_split:
-        evaluation = read_and_convert(data_cfg, standard, conversational, sample, split=data_cfg.eval_split)
+    if has_eval_source(data_cfg):
+        evaluation = read_and_convert(data_cfg, standard, conversational, sample, evaluation=True)
+        check_disjoint(train, evaluation, data_cfg)
         if tokenizer is not None and room is not None:
             check_prompt_lengths(evaluation, standard, tokenizer, room)
         return _to_dataset(train.rows), _to_dataset(evaluation.rows)
-    if not 0 <= data_cfg.eval_ratio < 1:
-        raise AlignError(f"data.eval_ratio={data_cfg.eval_ratio} must be in [0, 1)")
-    n_eval = int(round(len(train.rows) * data_cfg.eval_ratio))
-    if data_cfg.eval_ratio == 0 or n_eval == 0 or len(train.rows) - n_eval < 1:
+    held = set(held_out(train.rows, data_cfg.eval_ratio, seed))
+    if not held:
         return _to_dataset(train.rows), None
-    import random
-
-    order = list(range(len(train.rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
     train_rows = [r for i, r in enumerate(train.rows) if i not in held]
     eval_rows = [train.rows[i] for i in sorted(held)]
     return _to_dataset(train_rows), _to_dataset(eval_rows)

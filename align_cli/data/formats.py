@@ -284,15 +284,36 @@ def _point_alpaca(row, opts):
     }
 
 
+def _ranking(row: Row, n: int) -> list[int]:
+    """The `ranking` column: ranking[i] is the rank of response i, 0 = best, each rank once."""
+    ranking = row.get("ranking")
+    # bool is a subclass of int: [true, false] must not pass for [1, 0].
+    if not isinstance(ranking, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) for r in ranking
+    ):
+        raise RowError(
+            f"column 'ranking' must be a list of integer ranks (0 = best), got {type(ranking).__name__} "
+            f"{ranking!r:.60}"
+        )
+    if sorted(ranking) != list(range(n)):
+        hint = " (ranks are 0-based: subtract 1)" if sorted(ranking) == list(range(1, n + 1)) else ""
+        raise RowError(
+            f"column 'ranking' must be a permutation of 0..{n - 1} (one rank per response, 0 = best), "
+            f"got {ranking!r:.60}{hint}"
+        )
+    return ranking
+
+
 def _ranked(row, key, opts):
     responses = string_list(row, key, 2)
-    ranking = row.get("ranking")
-    if ranking is not None:
+    seen: dict[str, int] = {}
+    for i, response in enumerate(responses):
+        if response in seen:
+            raise RowError(f"column '{key}': responses {seen[response]} and {i} are identical")
+        seen[response] = i
+    if row.get("ranking") is not None:
         # TRL-style: `ranking[i]` is the rank of completions[i] (0 = best); reorder best first.
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
-            raise RowError(
-                f"column 'ranking' must be a permutation of 0..{len(responses) - 1}, got {ranking!r:.60}"
-            )
+        ranking = _ranking(row, len(responses))
         responses = [r for _, r in sorted(zip(ranking, responses, strict=True))]
     if opts.conversational:
         return [[{"role": "assistant", "content": r}] for r in responses]
@@ -365,6 +386,29 @@ BY_NAME = {f.name: f for f in INPUT_FORMATS}
 STANDARD_FORMATS = sorted({f.standard for f in INPUT_FORMATS})
 
 
+# Column names that suggest a ranking under another name.
+RANKING_LIKE = ("rank", "order")
+
+
+def check_ranking_column(fmt: InputFormat, columns: set[str], source: str) -> None:
+    """Raises AlignError when listwise data has no `ranking` but a column that looks like one.
+
+    Without `ranking` the responses are taken as best first; a ranking under another name
+    (`rankings`, `rank`, `order`) would be ignored and the model trained on the wrong order.
+    """
+    if fmt.standard != "listwise" or "ranking" in columns:
+        return
+    lookalikes = sorted(c for c in columns if any(word in c.lower() for word in RANKING_LIKE))
+    if lookalikes:
+        col = lookalikes[0]
+        listed = "responses" if "responses" in fmt.required else "completions"
+        raise AlignError(
+            f"{source}: column '{col}' looks like a ranking, but listwise data reads its ranking from "
+            f"'ranking' (without one, '{listed}' are taken as best first): set data.columns.ranking={col}, "
+            "or drop or rename the column if it is not a ranking"
+        )
+
+
 def detect(standard: str, columns: set[str], requested: str, source: str) -> InputFormat:
     """Picks the input format for a method's standard format.
 
@@ -393,9 +437,11 @@ def detect(standard: str, columns: set[str], requested: str, source: str) -> Inp
                 f"{source}: data.format={requested} needs column(s) {', '.join(missing)}; "
                 f"columns found: {', '.join(sorted(columns))} (rename with data.columns.<ours>=<yours>)"
             )
+        check_ranking_column(fmt, columns, source)
         return fmt
     for fmt in candidates:
         if all(c in columns for c in fmt.required):
+            check_ranking_column(fmt, columns, source)
             return fmt
     # Does the file match another method's data? Say so: it is the most common mistake.
     # The most specific match: alpaca_kto rather than alpaca for instruction/output/kto_tag.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from ..errors import AlignError
 from .problems import Problems
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+# Names that mark a folder as holding splits, as `datasets` recognises them: `train.jsonl`,
+# `test-00000-of-00001.parquet`, `validation/`. A folder with none of these (nor a file named
+# for the split asked for) is one dataset, all its files together.
+SPLIT_NAMES = frozenset(
+    {"train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation"}
+)
 
 
 @dataclass
@@ -26,10 +33,12 @@ class Rows:
     rows: list[dict[str, Any]] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
     source: str = ""
+    files: list[str] = field(default_factory=list)  # what was read: resolved paths, or "hub:id[split]"
 
     def extend(self, other: Rows) -> None:
         self.rows += other.rows
         self.origins += other.origins
+        self.files += other.files
 
 
 def _read_text(path: Path) -> str:
@@ -157,51 +166,143 @@ def read_file(path: Path, problems: Problems | None = None) -> Rows:
         raise AlignError(
             f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .csv or .parquet"
         )
-    return READERS[kind](path, problems)
+    rows = READERS[kind](path, problems)
+    rows.files = [str(path.resolve())]
+    return rows
 
 
-def read_hub(name: str, subset: str | None, split: str) -> Rows:
+def read_hub(name: str, subset: str | None, split: str, key: str = "data.split") -> Rows:
     import datasets
 
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except ValueError as err:  # unknown split
-        raise AlignError(f"dataset '{name}': {str(err).splitlines()[0]}") from None
+        raise AlignError(f"{key}={split}: dataset '{name}': {str(err).splitlines()[0]}") from None
     except Exception as err:  # offline, not found, gated...
         raise AlignError(
             f"data.path '{name}' is not a local file or folder, and loading it as a hub dataset failed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None
     rows = ds.to_list()
-    return Rows(rows=rows, origins=[f"{name}[{split}] row {i}" for i in range(len(rows))], source=name)
+    origins = [f"{name}[{split}] row {i}" for i in range(len(rows))]
+    return Rows(rows=rows, origins=origins, source=name, files=[f"hub:{name}/{subset or ''}[{split}]"])
+
+
+def split_name(name: str) -> str:
+    """The split a file or folder name stands for: the name up to its first '-', '_', '.' or space."""
+    return re.split(r"[-_. ]", name, maxsplit=1)[0].lower()
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix.lower() in EXTENSIONS and not f.name.startswith(".")
+    )
+
+
+def folder_splits(folder: Path, split_names=()) -> dict[str, list[Path]] | None:
+    """A folder's data files by split, or None when the folder is not divided into splits.
+
+    A split is the files named for it (`train.jsonl`, `train-00001.parquet`) and the files in a
+    subfolder named for it (`train/`). The folder is divided into splits when one of its names
+    is a usual split name (SPLIT_NAMES) or one of `split_names` (the splits the config asks for).
+    """
+    splits: dict[str, list[Path]] = {}
+    for f in _data_files(folder):
+        splits.setdefault(split_name(f.stem), []).append(f)
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        files = _data_files(sub)
+        if files:
+            splits.setdefault(split_name(sub.name), []).extend(files)
+    wanted = SPLIT_NAMES | {s.lower() for s in split_names if s}
+    return splits if wanted & splits.keys() else None
+
+
+def local_files(
+    path: Path, split: str | None, key: str = "data.split", split_names=(), path_key: str = "data.path"
+) -> list[Path]:
+    """The files of one split of a local file or folder.
+
+    Args:
+        path: an existing file or folder.
+        split: the split to read; None (or "train" for undivided data) means all of it.
+        key: the config key that asked for `split`, for messages.
+        split_names: every split the config names (a folder file named for one marks a split).
+        path_key: the config key that gave `path`, for messages.
+
+    Raises:
+        AlignError: the split does not exist here (names the path, the split, the splits found),
+            or a divided folder was given without a split.
+    """
+    if path.is_file():
+        if split not in (None, "train"):
+            raise AlignError(
+                f"{key}={split}: {path} is a single file, so it has no split '{split}'; a split is a "
+                "hub dataset's or the files named for it in a folder (train.jsonl, test.jsonl): point "
+                "data.path at such a folder, or set data.eval_path=<file> for a separate evaluation file"
+            )
+        return [path]
+    splits = folder_splits(path, split_names)
+    if splits is None:
+        files = _data_files(path)
+        if not files:
+            raise AlignError(f"{path_key} '{path}': the folder holds no .json, .jsonl, .csv or .parquet file")
+        if split not in (None, "train"):
+            raise AlignError(
+                f"{key}={split}: {path} has no split '{split}'; splits found: none (its files "
+                f"{', '.join(f.name for f in files[:5])}{', ...' if len(files) > 5 else ''} are one dataset; "
+                "name split files train.jsonl, test.jsonl, ... or set data.eval_path=<file>)"
+            )
+        return files
+    if split is None:
+        raise AlignError(
+            f"{path_key}={path} holds the splits {', '.join(sorted(splits))}: choose one with {key}=<split>"
+        )
+    if split.lower() not in splits:
+        raise AlignError(
+            f"{key}={split}: {path} has no split '{split}'; splits found: {', '.join(sorted(splits))}"
+        )
+    return splits[split.lower()]
 
 
 def read_any(
-    path: str, subset: str | None = None, split: str = "train", problems: Problems | None = None
+    path: str,
+    subset: str | None = None,
+    split: str | None = "train",
+    problems: Problems | None = None,
+    key: str = "data.split",
+    split_names=(),
+    path_key: str = "data.path",
 ) -> Rows:
-    """Reads a file, every supported file in a folder, or a hub dataset id.
+    """Reads a file, a folder (one of its splits, or all of it), or a hub dataset's split.
 
     Args:
         path: a file, a folder or a hub dataset id.
         subset: the hub dataset's configuration name.
-        split: the hub dataset's split.
+        split: the split (see `local_files` for local data); None: all of a local file or folder.
         problems: where to note bad rows (malformed JSON lines...) and read on; None stops at
             the first.
+        key: the config key that chose `split`, for messages.
+        split_names: every split the config names.
+        path_key: the config key that gave `path`, for messages.
 
     Raises:
-        AlignError: the path does not exist (and is not a hub id), or a file is unreadable.
+        AlignError: the path does not exist (and is not a hub id), the split does not exist, or
+            a file is unreadable.
     """
     p = Path(os.path.expanduser(path))
-    if p.is_file():
-        return read_file(p, problems)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS)
-        if not files:
-            raise AlignError(f"data.path '{path}': the folder holds no .json, .jsonl, .csv or .parquet file")
-        out = Rows(source=str(p))
+    if p.exists():
+        files = local_files(p, split, key, split_names, path_key)
+        if len(files) == 1 and p.is_file():
+            return read_file(p, problems)
+        divided = split is not None and folder_splits(p, split_names) is not None
+        out = Rows(source=f"{p} [{split}]" if divided else str(p))
         for f in files:
             out.extend(read_file(f, problems))
         return out
     if path.startswith((".", "/", "~")) or p.suffix.lower() in EXTENSIONS or path.count("/") > 1:
-        raise AlignError(f"data.path '{path}' does not exist")
-    return read_hub(path, subset, split)
+        raise AlignError(f"{path_key} '{path}' does not exist")
+    if split is None:
+        raise AlignError(f"{key} is not set: {path} is a hub dataset; name the split to read")
+    return read_hub(path, subset, split, key)

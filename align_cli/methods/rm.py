@@ -8,7 +8,7 @@ Data, by mode (`method.format` follows `method.mode`, see conf/method/rm.yaml):
 
 - pairwise (`preference`): the seed's `instruction`/`input`/`chosen`/`rejected` or TRL's
   `prompt`/`chosen`/`rejected`, with an optional `margin` column (a row without one has 0).
-  Loss −log σ(r(x,y+) − r(x,y−) − margin): TRL's RewardTrainer as it is.
+  Loss −log σ(r(x,y+) − r(x,y−) − margin): TRL's RewardTrainer, evaluated over the whole split.
 - pointwise (`pointwise`): `prompt`/`completion`/`score` (the seed's example) or
   `instruction`/`input`/`output`/`score`. Loss: MSE between r(x,y) and the score, after the
   optional normalisation `method.normalize` (none | minmax | zscore, fitted on the train split;
@@ -19,10 +19,11 @@ Data, by mode (`method.format` follows `method.mode`, see conf/method/rm.yaml):
   r(x,y_worse)), then the mean over prompts. All K responses of a prompt share a batch, and
   `per_device_train_batch_size` counts prompts.
 
-Every mode evaluates on the held-out split (logged during training and in summary.json):
-`eval_accuracy` and `eval_margin` on the pairs the data implies, plus `eval_mse`,
-`eval_pearson`, `eval_spearman` (pointwise) or `eval_kendall_tau`, `eval_top1_accuracy`
-(listwise); see rm_metrics.py.
+Every mode evaluates on the held-out split, every metric over the whole split (logged during
+training and in summary.json): `eval_accuracy` and `eval_margin` on the pairs the data implies
+(pointwise: two responses to one prompt with different scores; none, no such metrics), plus
+`eval_mse`, `eval_pearson`, `eval_spearman` (pointwise) or `eval_kendall_tau`,
+`eval_top1_accuracy` (listwise); see rm_metrics.py.
 
 The run folder holds a sequence-classification model with one output, with its tokenizer
 and chat template and `pad_token_id` in its config (with `peft=lora`: an adapter that also
@@ -131,7 +132,7 @@ def _normalized_scores(ctx, train, evaluation):
 
 
 def build(ctx):
-    from .rm_trainer import ListwiseRewardTrainer, PointwiseRewardTrainer, RewardTrainer
+    from .rm_trainer import ListwiseRewardTrainer, PairwiseRewardTrainer, PointwiseRewardTrainer
 
     mode = check_mode(ctx.method)
     args = ctx.trl_config(config_class())
@@ -149,7 +150,7 @@ def build(ctx):
             "pointwise loss fits; use method.normalize=zscore to center the targets instead"
         )
     if mode == "pairwise":
-        trainer_cls = RewardTrainer
+        trainer_cls = PairwiseRewardTrainer
         train, evaluation = _fill_missing_margins(train), _fill_missing_margins(evaluation)
     elif mode == "pointwise":
         trainer_cls = PointwiseRewardTrainer

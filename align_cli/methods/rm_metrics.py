@@ -4,14 +4,16 @@ Every mode reports the pairwise `accuracy` (how often the better response of a p
 higher reward) and the mean `margin` (reward of the better minus reward of the worse) on the
 pairs its data implies:
 
-- pairwise: each (chosen, rejected) row (TRL's RewardTrainer computes these);
-- pointwise: every two evaluation rows whose scores differ (the scores share one scale);
+- pairwise: each (chosen, rejected) row;
+- pointwise: every two evaluation rows of the same prompt whose scores differ (rows of
+  different prompts are not compared: a 0.8 for one question does not make its answer better
+  than a 0.6 for another); when no prompt has two such rows, there is no accuracy or margin;
 - listwise: the C(K,2) ordered pairs inside each prompt's ranking.
 
 Pointwise adds `mse` (on the normalised scale the model is trained on), `pearson` and
-`spearman`; listwise adds `kendall_tau` (tau-b per prompt, averaged over prompts) and
-`top1_accuracy` (the best response gets the highest reward). Undefined correlations (a
-constant vector) are NaN, as in scipy.
+`spearman` over all rows; listwise adds `kendall_tau` (tau-b per prompt, averaged over
+prompts) and `top1_accuracy` (the best response gets the highest reward). Undefined
+correlations (a constant vector) are NaN, as in scipy (summary.json writes them as null).
 """
 
 from __future__ import annotations
@@ -63,19 +65,25 @@ def kendall_tau(x, y) -> float:
     return float(concordant_minus_discordant / denom) if denom > 0 else float("nan")
 
 
-def pair_accuracy_margin(rewards, targets, chunk: int = 2048) -> tuple[float, float, int]:
-    """Accuracy and mean margin over every pair (i, j) with targets[i] > targets[j].
+def pair_accuracy_margin(rewards, targets, groups=None, chunk: int = 2048) -> tuple[float, float, int]:
+    """Accuracy and mean margin over every pair (i, j) with targets[i] > targets[j] in one group.
 
     O(N²) comparisons done a block of rows at a time, so memory stays at chunk × N.
+
+    Args:
+        rewards: (N,) predicted rewards.
+        targets: (N,) target scores.
+        groups: (N,) a group id per row (the prompt); None: all rows are one group.
 
     Returns:
         (accuracy, mean margin r_i − r_j, number of pairs); NaN, NaN, 0 when no pair differs.
     """
     r, t = np.asarray(rewards, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    g = np.zeros(len(r), dtype=np.int64) if groups is None else np.asarray(groups).reshape(-1)
     correct, margin_sum, n_pairs = 0, 0.0, 0
     for start in range(0, len(r), chunk):
-        rb, tb = r[start : start + chunk, None], t[start : start + chunk, None]  # (c, 1)
-        better = tb > t[None, :]  # (c, N): row i is better than column j
+        rb, tb, gb = (a[start : start + chunk, None] for a in (r, t, g))  # (c, 1)
+        better = (tb > t[None, :]) & (gb == g[None, :])  # (c, N): row i is better than column j
         diff = rb - r[None, :]  # (c, N)
         correct += int((diff[better] > 0).sum())
         margin_sum += float(diff[better].sum())
@@ -85,21 +93,45 @@ def pair_accuracy_margin(rewards, targets, chunk: int = 2048) -> tuple[float, fl
     return correct / n_pairs, margin_sum / n_pairs, n_pairs
 
 
-def pointwise_metrics(rewards, scores) -> dict[str, float]:
-    """MSE, Pearson, Spearman, and pair accuracy/margin over rows with different scores.
+def pointwise_metrics(rewards, scores, groups=None) -> dict[str, float]:
+    """MSE, Pearson, Spearman, and pair accuracy/margin within prompts.
 
     Args:
         rewards: (N,) predicted rewards.
         scores: (N,) target scores on the same (normalised) scale.
+        groups: (N,) the prompt of each row as an id; None compares every two rows.
+
+    Returns:
+        `mse`, `pearson`, `spearman`, and `accuracy`, `margin` when some prompt has two rows
+        with different scores (left out otherwise, rather than NaN).
     """
     r, s = np.asarray(rewards, dtype=np.float64).reshape(-1), np.asarray(scores, dtype=np.float64).reshape(-1)
-    accuracy, margin, _ = pair_accuracy_margin(r, s)
+    accuracy, margin, n_pairs = pair_accuracy_margin(r, s, groups)
+    pairs = {"accuracy": accuracy, "margin": margin} if n_pairs else {}
     return {
-        "accuracy": accuracy,
-        "margin": margin,
+        **pairs,
         "mse": float(((r - s) ** 2).mean()),
         "pearson": pearson(r, s),
         "spearman": spearman(r, s),
+    }
+
+
+def pairwise_metrics(rewards) -> dict[str, float]:
+    """Accuracy and mean margin over every (chosen, rejected) row of the split.
+
+    Args:
+        rewards: (N, 2) the rewards of each row's chosen and rejected response.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
+    if len(rewards) == 0:
+        return {}
+    diff = rewards[:, 0] - rewards[:, 1]  # (N,)
+    return {
+        "accuracy": float((diff > 0).mean()),
+        "margin": float(diff.mean()),
+        "mean_reward": float(rewards.mean()),
+        "min_reward": float(rewards.min()),
+        "max_reward": float(rewards.max()),
     }
 
 

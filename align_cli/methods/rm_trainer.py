@@ -1,4 +1,5 @@
-"""TRL's RewardTrainer taught the seed's pointwise and listwise losses (pairwise is TRL's own).
+"""TRL's RewardTrainer taught the seed's pointwise and listwise losses, and exact held-out
+metrics in every mode (the pairwise loss is TRL's own).
 
 The subclasses keep everything RewardTrainer does around the loss (loading checks, LoRA and
 k-bit handling, the pad token written into the model config, dropout off, logging) and
@@ -10,6 +11,10 @@ replace what depends on the data layout:
 - `compute_loss`: the losses of `rm_losses`;
 - `prediction_step` + `compute_metrics`: predictions for the whole evaluation split, so the
   held-out metrics of `rm_metrics` (correlations, Kendall's tau) are not batch averages.
+
+`PairwiseRewardTrainer` keeps TRL's data handling and loss and replaces only the evaluation
+metrics: TRL logs the mean of per-batch accuracies and margins, which is not the split's value
+when the last batch is smaller (or under several processes).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import numpy as np
 import torch
 from trl import RewardTrainer
 
+from ..data import prompt_key
 from ..errors import AlignError
 from ..rewards.model import tokenize_response
 from .rm_losses import listwise_loss, pointwise_loss, ranked_pairs
-from .rm_metrics import PAD_RANK, listwise_metrics, pointwise_metrics
+from .rm_metrics import PAD_RANK, listwise_metrics, pairwise_metrics, pointwise_metrics
 
 log = logging.getLogger("align")
 
@@ -48,6 +54,7 @@ class PointwiseCollator:
     Returns:
         input_ids, attention_mask: (N, L), right-padded.
         scores: (N,) float targets.
+        groups: (N,) the prompt of each row as an id (when the examples have `group`).
     """
 
     pad_token_id: int
@@ -56,11 +63,14 @@ class PointwiseCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
         input_ids = pad_right(ids, self.pad_token_id, self.pad_to_multiple_of)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": pad_right([[1] * len(s) for s in ids], 0, self.pad_to_multiple_of),
             "scores": torch.tensor([float(e["score"]) for e in examples], dtype=torch.float32),
         }
+        if "group" in examples[0]:
+            batch["groups"] = torch.tensor([e["group"] for e in examples], dtype=torch.long)
+        return batch
 
 
 @dataclass
@@ -147,7 +157,7 @@ class _ScoredRewardTrainer(RewardTrainer):
     def _set_signature_columns_if_needed(self):
         # Keep our tokenized columns through `remove_unused_columns`.
         if self._signature_columns is None:
-            self._signature_columns = [self.processed_column, "score"]
+            self._signature_columns = [self.processed_column, "score", "group"]
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -216,28 +226,39 @@ class _ScoredRewardTrainer(RewardTrainer):
 class PointwiseRewardTrainer(_ScoredRewardTrainer):
     """MSE between the reward and the human score of each (prompt, response)."""
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self.processed_column not in dataset.column_names and "group" not in dataset.column_names:
+            # Rows about the same prompt share a group id: pair metrics compare only those.
+            ids: dict[str, int] = {}
+            groups = [ids.setdefault(prompt_key({"prompt": p}), len(ids)) for p in dataset["prompt"]]
+            dataset = dataset.add_column("group", groups)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
     def _tokenize(self, example, tokenizer):
         return {
             "input_ids": tokenize_response(tokenizer, example["prompt"], example["completion"]),
             "score": float(example["score"]),
+            "group": example["group"],
         }
 
     def _lengths(self, example):
         return [len(example["input_ids"])]
 
     def loss_and_pairs(self, rewards, inputs):
-        scores = inputs["scores"]  # (N,)
-        # In-batch pairs with different scores, oriented (better, worse): a cheap training signal;
-        # evaluation uses every pair of the split.
-        better_mask = scores[:, None] > scores[None, :]  # (N, N)
+        scores, groups = inputs["scores"], inputs["groups"]  # (N,), (N,)
+        # In-batch pairs of one prompt with different scores, oriented (better, worse): a cheap
+        # training signal; evaluation uses every such pair of the split.
+        better_mask = (scores[:, None] > scores[None, :]) & (groups[:, None] == groups[None, :])  # (N, N)
         b, w = better_mask.nonzero(as_tuple=True)
         return pointwise_loss(rewards, scores), rewards[b].detach(), rewards[w].detach()
 
     def eval_arrays(self, rewards, inputs):
-        return rewards, inputs["scores"]  # (N,), (N,)
+        # Labels (scores, groups): the evaluation loop concatenates and gathers tuples too.
+        return rewards, (inputs["scores"], inputs["groups"])  # (N,), ((N,), (N,))
 
     def eval_metrics(self, prediction):
-        return pointwise_metrics(prediction.predictions, prediction.label_ids)
+        scores, groups = prediction.label_ids
+        return pointwise_metrics(prediction.predictions, scores, groups)
 
 
 class ListwiseRewardTrainer(_ScoredRewardTrainer):
@@ -276,3 +297,28 @@ class ListwiseRewardTrainer(_ScoredRewardTrainer):
 
     def eval_metrics(self, prediction):
         return listwise_metrics(prediction.predictions, np.asarray(prediction.label_ids))
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's pairwise RewardTrainer, with accuracy and margin over the whole evaluation split."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", self.eval_metrics)
+        super().__init__(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        # TRL's compute_loss noted this batch's means; log() would average them over batches and
+        # write them over the split's values that eval_metrics computes.
+        self._metrics["eval"].clear()
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        chosen, rejected = torch.chunk(outputs.logits.detach().squeeze(-1).float(), chunks=2)  # (B,), (B,)
+        # Labels only so that the evaluation loop calls compute_metrics: the margin column, or 0.
+        labels = inputs["margin"] if "margin" in inputs else torch.zeros_like(chosen)
+        return loss.detach(), torch.stack([chosen, rejected], dim=1), labels  # (B, 2), (B,)
+
+    def eval_metrics(self, prediction) -> dict[str, float]:
+        return pairwise_metrics(prediction.predictions)
