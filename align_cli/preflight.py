@@ -175,8 +175,12 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return out
 
 
+_FIXED_ON_RESUME = ("method.", "model.name_or_path", "model.revision", "peft.", "quant.", "data.")
+
+
 def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
-    """Warns when a resumed run's settings differ from those it was started with."""
+    """Refuses to resume a run with another method, model, adapter setup or data; warns when
+    other settings differ from those it was started with."""
     saved = os.path.join(run_dir, ".hydra", "config.yaml")
     if not run_dir or not os.path.exists(saved):
         return
@@ -184,6 +188,15 @@ def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
     old = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k not in ignore}
     new = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ignore}
     changed = _differences(old, new)
+    # What would make the checkpoint mean something else: another method, model, adapter
+    # setup or data. Trainer settings (method.args) may change, with a warning.
+    fatal = [c for c in changed if c.startswith(_FIXED_ON_RESUME) and not c.startswith("method.args.")]
+    if fatal:
+        raise AlignError(
+            f"resume: {run_dir} was trained with other settings ({'; '.join(fatal[:4])}): resume it with its "
+            f"own (see {os.path.join(run_dir, '.hydra', 'overrides.yaml')}), or start a new run from a "
+            "checkpoint with model.name_or_path=<checkpoint folder>"
+        )
     if changed:
         print(
             f"align: warning: resuming with settings that differ from the run's: {'; '.join(changed[:8])}",

@@ -382,3 +382,19 @@ def test_validate_checks_a_folders_evaluation_split(tmp, capsys):
         ["data", "validate", "method=dpo", f"data.path={folder}", "data.eval_split=dev"], capsys
     )
     assert code == 1 and f"data.eval_split=dev: {folder} has no split 'dev'; splits found: test, train" in out
+
+
+def test_resuming_with_another_method_is_refused(tmp, capsys):
+    """A checkpoint continues the run it belongs to: another method, model or data is an error."""
+    run = tmp / "run"
+    code, _, err = run_inprocess(
+        ["train", "method=dpo", "method.args.max_steps=1", "method.args.save_steps=1", f"output_dir={run}"],
+        capsys,
+    )
+    assert code == 0, err[-2000:]
+    (run / "summary.json").unlink()  # as if it had stopped after its checkpoint
+    code, _, err = run_inprocess(["train", "method=sft", "resume=true", f"output_dir={run}"], capsys)
+    assert code == 1
+    assert f"resume: {run} was trained with other settings (" in err and "method.name: dpo -> sft" in err
+    assert "Traceback" not in err and not list(run.glob("checkpoint-*/adapter*"))
+    assert "method=dpo" in (run / ".hydra" / "overrides.yaml").read_text()  # the run's record is intact
