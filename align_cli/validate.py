@@ -110,8 +110,13 @@ def _notes(rows: list[dict], standard: str, lengths, max_length: int) -> list[st
     return notes
 
 
-def check_split(data_cfg, method: dict, tokenizer, max_length: int, split: str | None = None) -> SplitReport:
-    """Reads, converts and measures one split, collecting every problem instead of stopping."""
+def check_split(
+    data_cfg, method: dict, tokenizer, max_length: int, split: str | None = None, row_check=None
+) -> SplitReport:
+    """Reads, converts and measures one split, collecting every problem instead of stopping.
+
+    `row_check` is the extra per-row check `align train` runs too (the rewards' one).
+    """
     from .data import data_path, long_prompts_problem, read_and_convert
     from .data.lengths import measure, percentiles
     from .data.problems import Problems
@@ -128,6 +133,7 @@ def check_split(data_cfg, method: dict, tokenizer, max_length: int, split: str |
             sample=method.get("sample"),
             split=split,
             problems=problems,
+            row_check=row_check,
         )
     except AlignError as err:  # nothing readable: the file, its type or its columns
         problems.add(str(err))
@@ -165,6 +171,7 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
+    from .rewards import row_check
     from .train import check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
@@ -173,12 +180,14 @@ def validate(cfg: DictConfig) -> Report:
     check_method_format(method)
     model_cfg = typed(cfg, "model", schema.ModelConfig)
     data_cfg = typed(cfg, "data", schema.DataConfig)
+    reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None
+    check = row_check(reward)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length))
+    report.splits.append(check_split(data_cfg, method, tokenizer, model_cfg.max_length, row_check=check))
     if data_cfg.eval_split:
         report.splits.append(
-            check_split(data_cfg, method, tokenizer, model_cfg.max_length, data_cfg.eval_split)
+            check_split(data_cfg, method, tokenizer, model_cfg.max_length, data_cfg.eval_split, check)
         )
     return report
 

@@ -176,3 +176,48 @@ def test_user_function_errors_name_the_path(user_module):
         AlignError, match=r"'my_rewards:wrong_length' .* returned 1 values; .* list of 2 floats"
     ):
         wrong(["p", "p"], ["a", "b"])
+
+
+# --- data values the rewards cannot use -----------------------------------------------------
+
+
+def test_row_check_finds_answers_without_a_number():
+    from align_cli.rewards import row_check
+
+    check = row_check({"match": {"mode": "numeric"}, "length": 10, "function": {"path": "not_built:f"}})
+    assert check({"prompt": "p", "answer": "The answer is 1,234."}) is None
+    assert check({"prompt": "p", "answer": 7}) is None
+    assert check({"prompt": "p", "answer": ""}) is None  # no answer: the row is skipped, not wrong
+    assert check({"prompt": "p"}) is None  # a missing column is check_columns' to report
+    problem = check({"prompt": "p", "answer": "four"})
+    assert problem.startswith(
+        "reward.match (mode=numeric) compares with the column 'answer', whose value 'four'"
+    )
+    assert row_check({"match": {"mode": "exact"}})({"prompt": "p", "answer": "four"}) is None
+    assert row_check({"length": 10, "keyword": ["a"]}) is None  # no reward here reads values
+    assert row_check(None) is None and row_check({}) is None
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_an_answer_without_a_number_stops_the_run_before_training(method, tmp_path, monkeypatch):
+    """Named by file:line and column while the data is read, before any model loads."""
+    import align_cli.methods.base as base
+    from align_cli.testing import compose
+    from align_cli.train import train
+
+    path = tmp_path / "arith.jsonl"
+    rows = [("2+2?", "4"), ("3+3?", "6"), ("2+2, in words?", "four"), ("1+1?", "2"), ("5+5?", "ten")]
+    path.write_text("".join(f'{{"prompt": "{q}", "answer": "{a}"}}\n' for q, a in rows))
+    monkeypatch.setattr(base.MethodContext, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    overrides = [f"method={method}", "reward=match", "reward.match.mode=numeric", f"data.path={path}"]
+    with pytest.raises(
+        AlignError,
+        match=rf"^{path}:3: reward\.match \(mode=numeric\) compares with the column 'answer', "
+        r"whose value 'four' holds no number.* \(and 1 more problem in ",
+    ):
+        train(compose([*overrides, "method.args.max_steps=1", "plot=false"], tmp_path / "run"))
+    if method == "grpo":  # `align data validate` lists every such row
+        from align_cli.validate import validate
+
+        report = validate(compose(overrides))
+        assert [p.split(": ")[0] for p in report.splits[0].problems] == [f"{path}:3", f"{path}:5"]

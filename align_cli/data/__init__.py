@@ -6,6 +6,7 @@ train, evaluation = load_datasets(cfg.data, "preference", conversational=True, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -60,8 +61,18 @@ def rename_columns(raw: Rows, mapping: dict[str, str]) -> None:
     raw.rows = [{inverse.get(k, k): v for k, v in row.items()} for row in raw.rows]
 
 
+# Checks one converted row beyond its format (e.g. against the rewards that read its columns):
+# returns what is wrong with it, or None.
+RowCheck = Callable[[dict], str | None]
+
+
 def convert(
-    raw: Rows, standard: str, requested: str, opts: ConvertOptions, problems: Problems | None = None
+    raw: Rows,
+    standard: str,
+    requested: str,
+    opts: ConvertOptions,
+    problems: Problems | None = None,
+    row_check: RowCheck | None = None,
 ) -> Loaded:
     """Converts every row to the standard format.
 
@@ -71,6 +82,8 @@ def convert(
         requested: `data.format` (`auto` or an input format's name).
         opts: conversion options.
         problems: where bad rows are noted (conversion goes on); None raises after the last row.
+        row_check: an extra check of each converted row (see `RowCheck`); a row it faults is
+            a problem like a row that does not convert.
 
     Raises:
         AlignError: the dataset is empty or its columns fit no input format of `standard`.
@@ -91,14 +104,20 @@ def convert(
                 raise RowError(
                     f"missing column(s) {', '.join(missing)}; this row has: {', '.join(row) or 'none'}"
                 )
-            rows.append(fmt.convert(row, opts))
-            origins.append(origin)
+            converted = fmt.convert(row, opts)
         except RowError as err:
             found.add(f"{origin}: {err} ({fmt.name} format)")
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             # A shape no check anticipated (e.g. `history` that is not a list of pairs): still
             # a problem of this row, not a crash.
             found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
+        else:
+            problem = row_check(converted) if row_check is not None else None
+            if problem:
+                found.add(f"{origin}: {problem}")
+            else:
+                rows.append(converted)
+                origins.append(origin)
     if problems is None:
         found.raise_if_any(raw.source)
     return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows))
@@ -112,19 +131,22 @@ def read_and_convert(
     split: str | None = None,
     path: str | None = None,
     problems: Problems | None = None,
+    row_check: RowCheck | None = None,
 ) -> Loaded:
     """Reads and converts one split; every bad row is collected before stopping.
 
     Args:
         problems: where to collect bad rows and go on (`align data validate`); None raises a
             DataError naming the first bad row and the count once all rows were read.
+        row_check: an extra check of each converted row (see `convert`).
     """
     found = problems if problems is not None else Problems()
     raw = read_any(path or data_path(data_cfg, sample), data_cfg.subset, split or data_cfg.split, found)
     rename_columns(raw, dict(data_cfg.columns))
     if data_cfg.max_samples:
         raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
-    loaded = convert(raw, standard, data_cfg.format, ConvertOptions(conversational, data_cfg.system), found)
+    opts = ConvertOptions(conversational, data_cfg.system)
+    loaded = convert(raw, standard, data_cfg.format, opts, found, row_check)
     if problems is None:
         found.raise_if_any(raw.source)
     return loaded
@@ -168,6 +190,7 @@ def load_datasets(
     sample: str | None = None,
     tokenizer=None,
     max_length: int | None = None,
+    row_check: RowCheck | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """Loads the train split and the evaluation split in the method's standard format.
 
@@ -181,16 +204,20 @@ def load_datasets(
         sample: the method's sample file in data_samples/, used when data.path is null.
         tokenizer: with `max_length`, checks that no prompt fills the maximum length on its own.
         max_length: the model's maximum length (prompt + answer tokens).
+        row_check: an extra check of each converted row, in both splits (e.g.
+            `align_cli.rewards.row_check`: values the configured rewards cannot use).
 
     Raises:
         AlignError: unreadable or empty data, columns that fit no input format of `standard`,
             prompts too long; DataError (a subclass) for bad rows: the first and the count.
     """
-    train = read_and_convert(data_cfg, standard, conversational, sample)
+    train = read_and_convert(data_cfg, standard, conversational, sample, row_check=row_check)
     if tokenizer is not None and max_length:
         check_prompt_lengths(train, standard, tokenizer, max_length)
     if data_cfg.eval_split:
-        evaluation = read_and_convert(data_cfg, standard, conversational, sample, split=data_cfg.eval_split)
+        evaluation = read_and_convert(
+            data_cfg, standard, conversational, sample, split=data_cfg.eval_split, row_check=row_check
+        )
         if tokenizer is not None and max_length:
             check_prompt_lengths(evaluation, standard, tokenizer, max_length)
         return _to_dataset(train.rows), _to_dataset(evaluation.rows)

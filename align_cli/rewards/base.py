@@ -81,6 +81,15 @@ class Reward:
         """Scores one completion's text; `row` holds that row's dataset columns."""
         raise NotImplementedError
 
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        """What in one dataset row would make this reward fail mid-training, or None.
+
+        Called on every converted row before any model loads (`align data validate` lists
+        them all), so a bad value is reported with its file and line instead of at some step.
+        Subclasses whose scores depend on column values override it.
+        """
+        return None
+
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         columns = {k: v for k, v in kwargs.items() if k not in TRL_EXTRA_KWARGS}
         rewards = []
