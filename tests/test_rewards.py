@@ -178,6 +178,85 @@ def test_user_function_errors_name_the_path(user_module):
         wrong(["p", "p"], ["a", "b"])
 
 
+def test_user_functions_may_be_async(user_module):
+    """`async def` reward functions (TRL allows them) are awaited, even from inside a running loop."""
+    import asyncio
+
+    (user_module / "async_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+
+            async def judge(prompts, completions, answer, **kwargs):
+                await asyncio.sleep(0)
+                return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+            async def broken(prompts, completions, **kwargs):
+                await asyncio.sleep(0)
+                raise TimeoutError("judge did not answer")
+            """
+        )
+    )
+    f, _ = one({"judge": {"type": "function", "path": "async_rewards:judge"}})
+    assert f(["p", "p"], ["it is 42", "41"], answer=["42", "42"]) == [1.0, 0.0]
+
+    async def from_a_notebook():  # the caller's thread already runs an event loop
+        return f(["p"], ["42"], answer=["42"])
+
+    assert asyncio.run(from_a_notebook()) == [1.0]
+    broken, _ = one({"function": "async_rewards:broken"})
+    with pytest.raises(AlignError, match=r"'async_rewards:broken' \(reward\.function\) raised TimeoutError"):
+        broken(["p"], ["c"])
+    sys.modules.pop("async_rewards", None)
+
+
+def test_trl_logging_callables_are_tolerated_and_passed_on(user_module, caplog):
+    """TRL's GRPO passes log_metric / log_extra: rule rewards ignore them, user functions get them,
+    and where a trainer does not pass them (our PPO loop) a function that uses them still runs."""
+    logged: list = []
+    trl_extras = {
+        "log_metric": lambda name, value: logged.append((name, value)),
+        "log_extra": lambda column, values: logged.append((column, values)),
+        "trainer_state": None,
+        "completion_ids": [[1]],
+    }
+    rules = {
+        "length": 3,
+        "format": {"type": "regex", "pattern": "a"},
+        "match": {"mode": "numeric"},
+        "keyword": {"include": ["a"]},
+    }
+    funcs, _ = build_reward_functions(rules)
+    for f in funcs:
+        assert f(["p"], ["a 1"], answer=["1"], **trl_extras) == [pytest.approx(1.0)], f.__name__
+
+    (user_module / "logging_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def named(prompts, completions, log_metric, log_extra):
+                log_metric("named/len", float(len(completions[0])))
+                log_extra("why", ["long"])
+                return [1.0]
+
+            def through_kwargs(prompts, completions, **kwargs):
+                kwargs["log_metric"]("kw/count", 1.0)
+                return [2.0]
+            """
+        )
+    )
+    named, _ = one({"function": "logging_rewards:named"})
+    kw, _ = one({"function": "logging_rewards:through_kwargs"})
+    assert named(["p"], ["abc"], **trl_extras) == [1.0] and kw(["p"], ["abc"], **trl_extras) == [2.0]
+    assert logged == [("named/len", 3.0), ("why", ["long"]), ("kw/count", 1.0)]
+    # Called as our PPO loop calls reward functions (no logging callables): runs, warns once.
+    with caplog.at_level("WARNING", logger="align"):
+        assert named(["p"], ["abc"], trainer_state=None) == [1.0]
+        assert named(["p"], ["abc"], trainer_state=None) == [1.0]
+    warnings = [r.getMessage() for r in caplog.records if "does not record" in r.getMessage()]
+    assert len(warnings) == 2 and "calls log_metric" in warnings[0] and "calls log_extra" in warnings[1]
+    sys.modules.pop("logging_rewards", None)
+
+
 # --- data values the rewards cannot use -----------------------------------------------------
 
 
