@@ -300,3 +300,44 @@ def test_an_answer_without_a_number_stops_the_run_before_training(method, tmp_pa
 
         report = validate(compose(overrides))
         assert [p.split(": ")[0] for p in report.splits[0].problems] == [f"{path}:3", f"{path}:5"]
+
+
+# --- reward models: what the path must hold ------------------------------------------------------
+
+
+def test_reward_model_path_mistakes_fail_fast_and_name_the_key(tmp_path, monkeypatch):
+    """No hub retries for a local-looking mistake, and the message names reward.<entry>.path."""
+    import huggingface_hub.constants
+
+    import align_cli.modeling as modeling
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("the model loader was called")
+
+    monkeypatch.setattr(modeling, "load_tokenizer", no_loading)
+    monkeypatch.setattr(modeling, "load_model", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    where = r": point reward\.rm\.path at an `rm` run folder, a saved reward model, or a hub id"
+
+    def refused(path: str, message: str) -> None:
+        with pytest.raises(AlignError, match=rf"^reward\.rm\.path='{path}' {message}") as err:
+            build_reward_functions({"rm": {"type": "model", "path": path}})
+        assert "model.name_or_path" not in str(err.value) and "\n" not in str(err.value)
+
+    for offline in (False, True):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        refused(
+            "runs/nonexist",
+            r"does not exist \(there is a local folder 'runs/', so it is not taken for a hub id\)" + where,
+        )
+        refused("empty", r"is a folder without config\.json or adapter_config\.json" + where)
+        refused("notes.txt", r"is a file, not a model folder" + where)
+        refused("./gone", r"does not exist" + where)
+    # Offline, a hub id not in the hub cache cannot load: said at once.
+    refused(
+        "someone/some-reward-model",
+        r"is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE is set",
+    )

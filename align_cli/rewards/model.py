@@ -7,14 +7,63 @@
 merged into its base). The reward model keeps its own tokenizer, so it may differ from the
 policy's: each (prompt, completion) pair is decoded to text and re-tokenized for it, through
 its chat template when the data is conversational.
+
+The path is checked before anything loads: a folder that holds no model, a missing local path
+that would otherwise be tried as a hub id, or a hub id while offline and not in the hub cache
+fail at once, with a message that names the reward's key.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import AlignError
 from .base import Reward, message_text
+
+
+def check_path(path: str, key: str) -> None:
+    """Fails fast, naming `key`, on a path that cannot be a loadable model.
+
+    Mirrors what the model loader would find, without its slow failures: a hub-id-looking path
+    whose first part is a local folder (`runs/nonexist` beside a `runs/`) is a missing local
+    path, not a hub id to retry for a minute; offline (HF_HUB_OFFLINE), a hub id is only
+    loadable from the hub cache.
+
+    Raises:
+        AlignError: a folder without config.json or adapter_config.json, a file, a missing
+            local path, or a hub id that cannot be loaded offline.
+    """
+    if path == "tiny":
+        return
+    expanded = os.path.expanduser(path)
+    where = f"point {key} at an `rm` run folder, a saved reward model, or a hub id"
+    if os.path.isdir(expanded):
+        if not any(os.path.exists(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
+            raise AlignError(
+                f"{key}={path!r} is a folder without config.json or adapter_config.json: {where}"
+            )
+        return
+    if os.path.exists(expanded):
+        raise AlignError(f"{key}={path!r} is a file, not a model folder: {where}")
+    # Hub ids are "name" or "org/name"; anything else with path syntax is meant to be local.
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+    first = path.split("/", 1)[0]
+    if local or ("/" in path and os.path.isdir(first)):
+        why = "" if local else f" (there is a local folder '{first}/', so it is not taken for a hub id)"
+        raise AlignError(f"{key}={path!r} does not exist{why}: {where}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.is_offline_mode():
+        try:
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        except ValueError:  # not a valid repo id either
+            cached = False
+        if not cached:
+            raise AlignError(
+                f"{key}={path!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE is set, "
+                f"so it cannot be downloaded: {where} that is cached (or unset HF_HUB_OFFLINE)"
+            )
 
 
 def _as_messages(item: Any, role: str) -> list[dict]:
@@ -57,6 +106,8 @@ class ModelReward(Reward):
         from ..config import ModelConfig
         from ..modeling import load_model, load_tokenizer
 
+        key = f"reward.{name}.path"
+        check_path(str(self.path), key)
         model_cfg = ModelConfig(name_or_path=str(self.path), dtype=str(self.dtype))
         try:
             self.tokenizer = load_tokenizer(model_cfg)
@@ -64,7 +115,7 @@ class ModelReward(Reward):
                 model_cfg, kind="seq_cls", num_labels=1, pad_token_id=self.tokenizer.pad_token_id
             )
         except AlignError as err:
-            raise AlignError(f"reward.{name}.path: {err}") from None
+            raise AlignError(f"{key}: {err}") from None
         if self.model.config.num_labels != 1:
             raise AlignError(
                 f"reward.{name}.path={self.path!r} is a classifier with {self.model.config.num_labels} outputs; "
