@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from align_cli.errors import AlignError
 from align_cli.rewards import build_reward_functions, check_columns
@@ -303,6 +304,120 @@ def test_an_answer_without_a_number_stops_the_run_before_training(method, tmp_pa
 
 
 # --- reward models: what the path must hold ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Folders a user might pass as reward.model.path, keyed by what they are."""
+    import json
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align_cli import modeling
+    from align_cli.config import ModelConfig
+    from align_cli.testing import compose
+    from align_cli.train import train
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    tiny = modeling.build_tiny_model()
+    tokenizer = modeling.load_tokenizer(ModelConfig())
+    out = {"causal_lm": tiny}
+
+    def save(model, name: str):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+
+    torch.manual_seed(0)
+    pad = tokenizer.pad_token_id
+    save(
+        AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1, pad_token_id=pad), "classifier"
+    )
+    save(
+        AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=2, pad_token_id=pad),
+        "two_outputs",
+    )
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    save(get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), lora), "sft_adapter")
+    # A config that claims a classifier over weights without a head (a hand-edited SFT folder).
+    shutil.copytree(tiny, root / "headless")
+    config = json.loads((root / "headless" / "config.json").read_text())
+    config.update(
+        architectures=["Qwen2ForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+    )
+    (root / "headless" / "config.json").write_text(json.dumps(config))
+    out["headless"] = root / "headless"
+    # An `rm` run with LoRA: adapter + the trained head (modules_to_save), no config.json.
+    rm_lora = root / "rm_lora"
+    train(
+        compose(
+            ["method=rm", "peft=lora", "peft.r=4", "method.args.max_steps=1", "data.eval_ratio=0"], rm_lora
+        )
+    )
+    out["rm_lora"] = rm_lora
+    # The same adapter without its head.
+    shutil.copytree(rm_lora, root / "rm_lora_headless")
+    weights = load_file(rm_lora / "adapter_model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if "score" not in k},
+        root / "rm_lora_headless" / "adapter_model.safetensors",
+    )
+    out["rm_lora_headless"] = root / "rm_lora_headless"
+    return out
+
+
+def test_reward_model_path_must_hold_a_trained_one_output_head(checkpoints):
+    """A causal LM (base model, SFT run, SFT adapter) would load with a random head: refused by name."""
+    from safetensors.torch import load_file
+
+    head = r"has no trained classification head: "
+    hint = (
+        r".*train one with `align train method=rm`, or pass a sequence-classification model with one output$"
+    )
+    refused = {
+        "causal_lm": r"it is a Qwen2ForCausalLM \(a causal LM, e\.g\. a base model or an SFT run\), not a reward model",
+        "sft_adapter": r"it holds a LoRA adapter for task_type CAUSAL_LM \(e\.g\. an SFT run\), not a reward model",
+        "headless": r"its checkpoint stores no score\.weight, so the head would be random",
+        "rm_lora_headless": r"its LoRA adapter saves none .* is Qwen2ForCausalLM",
+    }
+    for name, why in refused.items():
+        path = str(checkpoints[name])
+        with pytest.raises(AlignError, match=rf"^reward\.model\.path='{path}' {head}{why}{hint}"):
+            build_reward_functions({"model": path})
+    with pytest.raises(AlignError, match=rf"^reward\.model\.path='tiny' {head}it is a Qwen2ForCausalLM"):
+        build_reward_functions({"model": "tiny"})
+    with pytest.raises(
+        AlignError, match=r"'.*two_outputs' is a classifier with 2 outputs; a reward model has exactly one"
+    ):
+        build_reward_functions({"model": str(checkpoints["two_outputs"])})
+
+    # Accepted: a saved one-output classifier, and an `rm` LoRA run folder whose head is the trained one.
+    f, _ = one({"model": str(checkpoints["classifier"])})
+    assert f.model.config.num_labels == 1
+    f, _ = one({"rm": {"type": "model", "path": str(checkpoints["rm_lora"])}})
+    trained = load_file(checkpoints["rm_lora"] / "adapter_model.safetensors")["base_model.model.score.weight"]
+    assert torch.equal(f.model.score.weight.detach().float(), trained.float())
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_a_causal_lm_as_reward_model_stops_grpo_and_ppo_before_loading(
+    method, checkpoints, tmp_path, monkeypatch
+):
+    """Both methods (and PPO's critic, which starts from the reward model) build rewards through ModelReward."""
+    import align_cli.methods.base as base
+    from align_cli.testing import compose
+    from align_cli.train import train
+
+    monkeypatch.setattr(base.MethodContext, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    overrides = [f"method={method}", "reward=model", f"reward.model.path={checkpoints['sft_adapter']}"]
+    with pytest.raises(
+        AlignError, match=r"^reward\.model\.path='.*sft_adapter' has no trained classification head"
+    ):
+        train(compose([*overrides, "method.args.max_steps=1", "plot=false"], tmp_path / "run"))
 
 
 def test_reward_model_path_mistakes_fail_fast_and_name_the_key(tmp_path, monkeypatch):
