@@ -258,6 +258,30 @@ def test_trl_logging_callables_are_tolerated_and_passed_on(user_module, caplog):
     sys.modules.pop("logging_rewards", None)
 
 
+# --- text rendering ------------------------------------------------------------------------------
+
+
+def test_message_text_keeps_a_prompts_whole_conversation():
+    from align_cli.rewards import message_text
+
+    multi_turn = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And times 3?"},
+    ]
+    assert message_text(multi_turn) == (
+        "System: Be brief.\n\nUser: What is 2+2?\n\nAssistant: 4\n\nUser: And times 3?"
+    )
+    assert message_text(CHAT) == "What is 12 plus 30?"  # a lone turn is its text
+    # Completions: the assistant's content only, also around tool results.
+    assert message_text(reply("42")) == "42"
+    tool_use = [*reply("calling"), {"role": "tool", "content": "42"}, *reply("It is 42.")]
+    assert message_text(tool_use) == "calling\nIt is 42."
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image"}]}]
+    assert message_text(parts) == "Describe"
+
+
 # --- data values the rewards cannot use -----------------------------------------------------
 
 
@@ -456,3 +480,20 @@ def test_reward_model_path_mistakes_fail_fast_and_name_the_key(tmp_path, monkeyp
         "someone/some-reward-model",
         r"is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE is set",
     )
+
+
+def test_reward_model_reads_a_multi_turn_prompt_whole_without_a_chat_template(checkpoints):
+    f, _ = one({"model": str(checkpoints["classifier"])})
+    f.tokenizer.chat_template = None  # a reward model whose tokenizer has none
+    prompt = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And times 3?"},
+    ]
+    (ids,) = f.input_ids([prompt], [reply("12")])
+    # Before: only the assistant's "4" of the prompt reached the model, never the question.
+    conversation = "User: What is 2+2?\n\nAssistant: 4\n\nUser: And times 3?\n\nAssistant: 12"
+    assert f.tokenizer.decode(ids) == conversation + f.tokenizer.eos_token
+    with torch.no_grad():
+        logit = f.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert f([prompt], [reply("12")]) == [pytest.approx(logit, abs=1e-5)]

@@ -6,7 +6,7 @@
 `path` is a hub id, a saved model, or an `rm` run folder as it is (a LoRA adapter folder is
 merged into its base). The reward model keeps its own tokenizer, so it may differ from the
 policy's: each (prompt, completion) pair is decoded to text and re-tokenized for it, through
-its chat template when the data is conversational.
+its chat template when the data is conversational (as plain text when it has none).
 
 The path is checked before anything loads: a folder that holds no model, a missing local path
 that would otherwise be tried as a hub id, or a hub id while offline and not in the hub cache
@@ -290,13 +290,14 @@ class ModelReward(Reward):
 
     def input_ids(self, prompts: list, completions: list) -> list[list[int]]:
         """What the reward model reads for each pair, truncated from the left to max_length."""
-        conversational = bool(prompts) and isinstance(prompts[0], list) and bool(self.tokenizer.chat_template)
         out = []
         for p, c in zip(prompts, completions, strict=True):
-            if conversational:
-                ids = tokenize_response(self.tokenizer, _as_messages(p, "user"), _as_messages(c, "assistant"))
-            else:
+            if not isinstance(p, list):
                 ids = tokenize_response(self.tokenizer, message_text(p), message_text(c))
+            elif self.tokenizer.chat_template:
+                ids = tokenize_response(self.tokenizer, _as_messages(p, "user"), _as_messages(c, "assistant"))
+            else:  # no chat template: the whole conversation, the completion's turn last, as text
+                ids = tokenize_response(self.tokenizer, message_text(p + _as_messages(c, "assistant")), "")
             out.append(ids[-self.max_length :])
         return out
 
