@@ -259,6 +259,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
     from .methods import load_method, prompt_room
     from .methods.base import MethodContext
+    from .rewards import row_check
 
     started = time.time()
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
@@ -302,6 +303,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         sample=method.get("sample"),
         tokenizer=tokenizer,
         room=prompt_room(module, args, model_cfg),
+        row_check=row_check(reward),  # values a reward cannot use, named by file:line
     )
     log.info("data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0)
 

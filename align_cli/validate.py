@@ -120,6 +120,7 @@ def check_split(
     evaluation: bool = False,
     train=None,
     seed: int = 42,
+    row_check=None,
 ) -> tuple[SplitReport, Any]:
     """Reads, converts and measures one split, collecting every problem instead of stopping.
 
@@ -128,6 +129,7 @@ def check_split(
         evaluation: check the evaluation split (`data.eval_path` / `data.eval_split`).
         train: the training split's rows as loaded, to check that evaluation reads none of its files.
         seed: the run's seed, which picks the prompts held out by `data.eval_ratio`.
+        row_check: the extra per-row check `align train` runs too (the rewards' one).
 
     Returns:
         The report, and the rows as loaded (None when nothing was readable).
@@ -159,6 +161,7 @@ def check_split(
             sample=method.get("sample"),
             evaluation=evaluation,
             problems=problems,
+            row_check=row_check,
         )
     except AlignError as err:  # nothing readable: the file, its type, its columns or its split
         problems.add(str(err))
@@ -224,6 +227,7 @@ def validate(cfg: DictConfig) -> Report:
     from .data import has_eval_source
     from .methods import load_method, prompt_room
     from .methods.base import MethodContext
+    from .rewards import row_check
     from .train import check_known_keys, check_method_args, check_method_format, typed
 
     method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
@@ -249,14 +253,26 @@ def validate(cfg: DictConfig) -> Report:
         ),
     )
     room = prompt_room(module, args, model_cfg)
+    reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None
+    check = row_check(reward)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
     seed = int(cfg.get("seed", 42))
-    train_report, train = check_split(data_cfg, method, tokenizer, model_cfg.max_length, room, seed=seed)
+    train_report, train = check_split(
+        data_cfg, method, tokenizer, model_cfg.max_length, room, seed=seed, row_check=check
+    )
     report.splits.append(train_report)
     if has_eval_source(data_cfg):
         eval_report, _ = check_split(
-            data_cfg, method, tokenizer, model_cfg.max_length, room, evaluation=True, train=train, seed=seed
+            data_cfg,
+            method,
+            tokenizer,
+            model_cfg.max_length,
+            room,
+            evaluation=True,
+            train=train,
+            seed=seed,
+            row_check=check,
         )
         report.splits.append(eval_report)
     return report

@@ -199,6 +199,29 @@ def test_user_function_with_lora_rank_and_plain_prompts(tmp_path, monkeypatch, u
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_async_user_function_and_log_metric(tmp_path, monkeypatch, user_modules):
+    """An `async def` reward function (TRL allows them) trains through our wrapper, and what it
+    gives TRL's `log_metric` reaches metrics.jsonl."""
+    (tmp_path / "grpo_user_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+
+            async def judged(prompts, completions, log_metric, **kwargs):
+                await asyncio.sleep(0)  # e.g. a judge model's API
+                lengths = [len(c[0]["content"]) for c in completions]
+                log_metric("judge/mean_length", sum(lengths) / len(lengths))
+                return [n / 100 for n in lengths]
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    overrides = ["reward=function", "reward.function.path=grpo_user_rewards:judged", *SHORT]
+    _, _, records = run(tmp_path, overrides, monkeypatch)
+    assert len(records) == 3 and all(r["judge/mean_length"] > 0 for r in records)
+    assert records[0]["rewards/function/std"] > 0
+
+
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory):
     """A tiny sequence-classification reward model saved like an `rm` run folder."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -75,8 +76,18 @@ def rename_columns(raw: Rows, mapping: dict[str, str]) -> None:
     raw.rows = [{inverse.get(k, k): v for k, v in row.items()} for row in raw.rows]
 
 
+# Checks one converted row beyond its format (e.g. against the rewards that read its columns):
+# returns what is wrong with it, or None.
+RowCheck = Callable[[dict], str | None]
+
+
 def convert(
-    raw: Rows, standard: str, requested: str, opts: ConvertOptions, problems: Problems | None = None
+    raw: Rows,
+    standard: str,
+    requested: str,
+    opts: ConvertOptions,
+    problems: Problems | None = None,
+    row_check: RowCheck | None = None,
 ) -> Loaded:
     """Converts every row to the standard format.
 
@@ -86,6 +97,8 @@ def convert(
         requested: `data.format` (`auto` or an input format's name).
         opts: conversion options.
         problems: where bad rows are noted (conversion goes on); None raises after the last row.
+        row_check: an extra check of each converted row (see `RowCheck`); a row it faults is
+            a problem like a row that does not convert.
 
     Raises:
         AlignError: the dataset is empty or its columns fit no input format of `standard`.
@@ -106,14 +119,20 @@ def convert(
                 raise RowError(
                     f"missing column(s) {', '.join(missing)}; this row has: {', '.join(row) or 'none'}"
                 )
-            rows.append(fmt.convert(row, opts))
-            origins.append(origin)
+            converted = fmt.convert(row, opts)
         except RowError as err:
             found.add(f"{origin}: {err} ({fmt.name} format)")
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             # A shape no check anticipated (e.g. `history` that is not a list of pairs): still
             # a problem of this row, not a crash.
             found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
+        else:
+            problem = row_check(converted) if row_check is not None else None
+            if problem:
+                found.add(f"{origin}: {problem}")
+            else:
+                rows.append(converted)
+                origins.append(origin)
     if problems is None:
         found.raise_if_any(raw.source)
     return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files)
@@ -131,6 +150,7 @@ def read_and_convert(
     sample: str | None = None,
     evaluation: bool = False,
     problems: Problems | None = None,
+    row_check: RowCheck | None = None,
 ) -> Loaded:
     """Reads and converts the training split, or the evaluation split; every bad row is
     collected before stopping.
@@ -139,6 +159,7 @@ def read_and_convert(
         evaluation: read `data.eval_path` / `data.eval_split` instead of `data.path` / `data.split`.
         problems: where to collect bad rows and go on (`align data validate`); None raises a
             DataError naming the first bad row and the count once all rows were read.
+        row_check: an extra check of each converted row (see `convert`).
     """
     found = problems if problems is not None else Problems()
     if evaluation and data_cfg.eval_path:
@@ -158,7 +179,8 @@ def read_and_convert(
     rename_columns(raw, dict(data_cfg.columns))
     if data_cfg.max_samples:
         raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
-    loaded = convert(raw, standard, data_cfg.format, ConvertOptions(conversational, data_cfg.system), found)
+    opts = ConvertOptions(conversational, data_cfg.system)
+    loaded = convert(raw, standard, data_cfg.format, opts, found, row_check)
     if problems is None:
         found.raise_if_any(raw.source)
     return loaded
@@ -281,6 +303,7 @@ def load_datasets(
     sample: str | None = None,
     tokenizer=None,
     room: PromptRoom | None = None,
+    row_check: RowCheck | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """Loads the train split and the evaluation split in the method's standard format.
 
@@ -294,16 +317,20 @@ def load_datasets(
         sample: the method's sample file in data_samples/, used when data.path is null.
         tokenizer: with `room`, checks that every prompt fits in it.
         room: the most tokens a prompt may have (the method's `PromptRoom`).
+        row_check: an extra check of each converted row, in both splits (e.g.
+            `align_cli.rewards.row_check`: values the configured rewards cannot use).
 
     Raises:
         AlignError: unreadable or empty data, columns that fit no input format of `standard`,
             prompts too long; DataError (a subclass) for bad rows: the first and the count.
     """
-    train = read_and_convert(data_cfg, standard, conversational, sample)
+    train = read_and_convert(data_cfg, standard, conversational, sample, row_check=row_check)
     if tokenizer is not None and room is not None:
         check_prompt_lengths(train, standard, tokenizer, room)
     if has_eval_source(data_cfg):
-        evaluation = read_and_convert(data_cfg, standard, conversational, sample, evaluation=True)
+        evaluation = read_and_convert(
+            data_cfg, standard, conversational, sample, evaluation=True, row_check=row_check
+        )
         check_disjoint(train, evaluation, data_cfg)
         if tokenizer is not None and room is not None:
             check_prompt_lengths(evaluation, standard, tokenizer, room)

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import AlignError, nearest
 from .base import Reward, message_text
 
-__all__ = ["TYPES", "Reward", "build_reward_functions", "check_columns", "message_text"]
+__all__ = ["TYPES", "Reward", "build_reward_functions", "check_columns", "message_text", "row_check"]
 
 # type name -> "module:class"; imported on use so that rule rewards never import torch.
 TYPES: dict[str, str] = {
@@ -56,8 +56,8 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
-def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
-    """Builds one reward function and its weight from a config entry."""
+def _resolve(name: str, entry: Any) -> tuple[type[Reward], dict]:
+    """The reward class of a config entry and its options (a bare value set as the main one)."""
     if not isinstance(entry, dict):
         entry = {"type": name, "_main": entry}
     entry = dict(entry)
@@ -70,6 +70,12 @@ def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
     cls = _reward_class(type_name)
     if "_main" in entry:
         entry[cls.main] = entry.pop("_main")
+    return cls, entry
+
+
+def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
+    """Builds one reward function and its weight from a config entry."""
+    cls, entry = _resolve(name, entry)
     for key, value in entry.items():
         if value == "???":  # a mandatory value the chosen conf/reward file leaves to the user
             raise AlignError(f"reward.{name}.{key} is required: set reward.{name}.{key}=<value>")
@@ -137,10 +143,54 @@ def check_columns(funcs: list[Callable], columns: list[str], source: str = "the 
                 )
 
 
+def row_check(reward_cfg: dict | None) -> Callable[[dict], str | None] | None:
+    """A check of one data row against the rewards that depend on column values, or None.
+
+    The data layer runs it on every converted row, so a value that would stop training at
+    some step (e.g. an `answer` without a number for `match` in numeric mode) is reported
+    with its file and line before any model loads. Only rewards that check rows are built
+    here (rule rewards, cheap); reward models and user functions are not.
+
+    Args:
+        reward_cfg: the `reward` config (see the module docstring); None or empty: no check.
+
+    Returns:
+        `check(row) -> message | None` (the first problem of the row), or None when no
+        configured reward checks rows.
+
+    Raises:
+        AlignError: an unknown reward type or a bad option of a reward that checks rows.
+    """
+    reward_cfg = _plain(reward_cfg) or {}
+    if not isinstance(reward_cfg, dict):
+        return None  # build_reward_functions says what is wrong with it
+    checkers = []
+    for name, entry in reward_cfg.items():
+        if entry is None:
+            continue
+        cls, _ = _resolve(str(name), entry)
+        if cls.row_problem is not Reward.row_problem:
+            checkers.append(build_reward(str(name), entry)[0])
+    if not checkers:
+        return None
+
+    def check(row: dict) -> str | None:
+        for reward in checkers:
+            problem = reward.row_problem(row)
+            if problem:
+                return problem
+        return None
+
+    return check
+
+
 def rewards_for(
     method: str, reward_cfg: dict | None, columns: list[str]
 ) -> tuple[list[Callable], list[float]]:
     """The reward functions and weights of a run of `method` (ppo, grpo), checked against its data.
+
+    The data's values were checked as it was read (`row_check`, with file:line); here the
+    columns the rewards read are checked against the columns the data has.
 
     Raises:
         AlignError: the run has no reward, one of the rewards cannot be built, or one reads a

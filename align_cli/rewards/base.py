@@ -21,19 +21,37 @@ from ..errors import AlignError, nearest
 TRL_EXTRA_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
 
 
-def message_text(item: Any) -> str:
-    """The text of a prompt or completion, plain or conversational.
+def _content(message: dict) -> str:
+    content = message.get("content", "")
+    if isinstance(content, list):  # multimodal parts: keep the text ones
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
 
-    A conversational completion is a list of messages; its text is the content of the
-    assistant turns, joined (usually there is exactly one).
+
+def message_text(item: Any) -> str:
+    """The plain text of a prompt or completion, plain or conversational.
+
+    A completion (messages from the assistant only, with tool results between its turns) is
+    the content of the assistant turns, joined: what rule rewards score. A conversation with
+    anyone else's turns in it (a prompt) keeps every turn, so a reader without a chat template
+    still sees the question: one turn is its content, several are `Role: content` paragraphs,
+    e.g. `User: q1\n\nAssistant: a1\n\nUser: q2`.
     """
     if isinstance(item, str):
         return item
     if isinstance(item, dict):
-        return str(item.get("content", ""))
+        return _content(item)
     if isinstance(item, list):
-        turns = [m for m in item if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
-        return "\n".join(message_text(m) for m in (turns or item))
+        messages = [m for m in item if isinstance(m, dict)]
+        roles = [str(m.get("role", "assistant")) for m in messages]
+        if any(r not in ("assistant", "tool") for r in roles):
+            if len(messages) == 1:
+                return _content(messages[0])
+            return "\n\n".join(
+                f"{r.capitalize()}: {_content(m)}" for r, m in zip(roles, messages, strict=True)
+            )
+        turns = [m for m, r in zip(messages, roles, strict=True) if r == "assistant"]
+        return "\n".join(_content(m) for m in (turns or messages))
     return "" if item is None else str(item)
 
 
@@ -80,6 +98,15 @@ class Reward:
     def score(self, text: str, row: dict[str, Any]) -> float | None:
         """Scores one completion's text; `row` holds that row's dataset columns."""
         raise NotImplementedError
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        """What in one dataset row would make this reward fail mid-training, or None.
+
+        Called on every converted row before any model loads (`align data validate` lists
+        them all), so a bad value is reported with its file and line instead of at some step.
+        Subclasses whose scores depend on column values override it.
+        """
+        return None
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         columns = {k: v for k, v in kwargs.items() if k not in TRL_EXTRA_KWARGS}

@@ -6,15 +6,212 @@
 `path` is a hub id, a saved model, or an `rm` run folder as it is (a LoRA adapter folder is
 merged into its base). The reward model keeps its own tokenizer, so it may differ from the
 policy's: each (prompt, completion) pair is decoded to text and re-tokenized for it, through
-its chat template when the data is conversational.
+its chat template when the data is conversational (as plain text when it has none).
+
+The path is checked before anything loads: a folder that holds no model, a missing local path
+that would otherwise be tried as a hub id, or a hub id while offline and not in the hub cache
+fail at once; and the checkpoint must hold a trained one-output head. A causal LM (a base
+model, an SFT run) would load as a classifier with a random head, score noise and train
+nothing, so it is refused with the key to fix. PPO's critic starts from this same checked model.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from ..errors import AlignError
 from .base import Reward, message_text
+
+# What to do instead, at the end of every "not a reward model" message.
+REWARD_MODEL_HINT = (
+    "train one with `align train method=rm`, or pass a sequence-classification model with one output"
+)
+
+
+def check_path(path: str, key: str) -> None:
+    """Fails fast, naming `key`, on a path that cannot be a loadable model.
+
+    Mirrors what the model loader would find, without its slow failures: a hub-id-looking path
+    whose first part is a local folder (`runs/nonexist` beside a `runs/`) is a missing local
+    path, not a hub id to retry for a minute; offline (HF_HUB_OFFLINE), a hub id is only
+    loadable from the hub cache.
+
+    Raises:
+        AlignError: a folder without config.json or adapter_config.json, a file, a missing
+            local path, or a hub id that cannot be loaded offline.
+    """
+    if path == "tiny":
+        return
+    expanded = os.path.expanduser(path)
+    where = f"point {key} at an `rm` run folder, a saved reward model, or a hub id"
+    if os.path.isdir(expanded):
+        if not any(os.path.exists(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
+            raise AlignError(
+                f"{key}={path!r} is a folder without config.json or adapter_config.json: {where}"
+            )
+        return
+    if os.path.exists(expanded):
+        raise AlignError(f"{key}={path!r} is a file, not a model folder: {where}")
+    # Hub ids are "name" or "org/name"; anything else with path syntax is meant to be local.
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+    first = path.split("/", 1)[0]
+    if local or ("/" in path and os.path.isdir(first)):
+        why = "" if local else f" (there is a local folder '{first}/', so it is not taken for a hub id)"
+        raise AlignError(f"{key}={path!r} does not exist{why}: {where}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.is_offline_mode():
+        try:
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        except ValueError:  # not a valid repo id either
+            cached = False
+        if not cached:
+            raise AlignError(
+                f"{key}={path!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE is set, "
+                f"so it cannot be downloaded: {where} that is cached (or unset HF_HUB_OFFLINE)"
+            )
+
+
+def _is_classifier(config: dict) -> bool | None:
+    """Whether a config.json describes a sequence classifier; None when it does not say."""
+    if "AutoModelForSequenceClassification" in (config.get("auto_map") or {}):
+        return True
+    architectures = config.get("architectures") or []
+    if not architectures:
+        return None
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
+def _num_labels(config: dict) -> int:
+    # As transformers reads it: id2label decides, then num_labels, then its default of 2.
+    return len(config["id2label"]) if config.get("id2label") else int(config.get("num_labels", 2))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:
+        raise AlignError(f"{path} is not valid JSON: {err}") from None
+
+
+def _config(path: str, key: str) -> dict:
+    """config.json of a local folder or a hub id (from the hub cache or a download)."""
+    if os.path.isdir(path):
+        return _read_json(os.path.join(path, "config.json"))
+    from transformers import PretrainedConfig
+
+    try:
+        return PretrainedConfig.get_config_dict(path)[0]
+    except OSError as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise AlignError(f"{key}={path!r} could not be loaded: {type(err).__name__}: {first}") from None
+
+
+def check_checkpoint(path: str, key: str, shown: str | None = None) -> None:
+    """Refuses, before loading, a checkpoint whose config says it is no one-output classifier.
+
+    Args:
+        path: a resolved model path: a local folder (a saved model or a LoRA adapter) or a hub id.
+        key: the setting that names it, for the message.
+        shown: the value as the user wrote it (default: `path`).
+
+    Raises:
+        AlignError: a causal LM (or another non-classifier), a LoRA adapter trained for another
+            task than sequence classification, or a classifier with more than one output.
+    """
+    shown = path if shown is None else shown
+    adapter_file = os.path.join(path, "adapter_config.json")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        adapter = _read_json(adapter_file) if os.path.exists(adapter_file) else {}
+        if adapter.get("task_type") != "SEQ_CLS":
+            raise AlignError(
+                f"{key}={shown!r} has no trained classification head: it holds a LoRA adapter for "
+                f"task_type {adapter.get('task_type')} (e.g. an SFT run), not a reward model; {REWARD_MODEL_HINT}"
+            )
+        # An `rm` run saves its trained head beside the adapter (modules_to_save); without one,
+        # only a base model that is a classifier itself has a head to keep.
+        saved = [f".{m}." for m in adapter.get("modules_to_save") or ()]
+        names = _tensor_names(path, "adapter_model")
+        if names is not None and not any(m in f".{n}" for m in saved for n in names):
+            base = adapter.get("base_model_name_or_path")
+            config = _config(base, key) if base else {}
+            if not _is_classifier(config):
+                raise AlignError(
+                    f"{key}={shown!r} has no trained classification head: its LoRA adapter saves none "
+                    f"(no modules_to_save weights) and its base {base!r} is "
+                    f"{', '.join(config.get('architectures') or ['no classifier'])}; {REWARD_MODEL_HINT}"
+                )
+        return
+    config = _config(path, key)
+    classifier = _is_classifier(config)
+    if classifier is False:
+        arch = ", ".join(config["architectures"])
+        kind = (
+            "a causal LM, e.g. a base model or an SFT run" if "CausalLM" in arch else "no sequence classifier"
+        )
+        raise AlignError(
+            f"{key}={shown!r} has no trained classification head: it is a {arch} ({kind}), not a reward model; "
+            f"{REWARD_MODEL_HINT}"
+        )
+    if classifier and _num_labels(config) != 1:
+        raise AlignError(
+            f"{key}={shown!r} is a classifier with {_num_labels(config)} outputs; a reward model has exactly one "
+            "(train one with `align train method=rm`)"
+        )
+
+
+def _tensor_names(folder: str, stem: str) -> set[str] | None:
+    """Names of the tensors `folder` stores as `<stem>.safetensors` (or sharded, or .bin); None if unknown."""
+    indexes = [f"{stem}.safetensors.index.json"] + (
+        ["pytorch_model.bin.index.json"] if stem == "model" else []
+    )
+    for index in indexes:
+        if os.path.exists(os.path.join(folder, index)):
+            return set(_read_json(os.path.join(folder, index)).get("weight_map", {}))
+    file = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.exists(file):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:  # reads the header only
+            return set(f.keys())
+    file = os.path.join(folder, "pytorch_model.bin" if stem == "model" else f"{stem}.bin")
+    if os.path.exists(file):
+        import torch
+
+        try:
+            return set(torch.load(file, map_location="meta", weights_only=True))
+        except Exception:  # an unreadable or unusual file: leave the loader to judge
+            return None
+    return None
+
+
+def stored_weights(path: str) -> set[str] | None:
+    """Parameter names a local checkpoint stores, as the loaded (merged) model names them.
+
+    A LoRA adapter folder stores its trained copies of `modules_to_save` (the head of an `rm`
+    run) as `base_model.model.<name>`; its base supplies the rest. None when it cannot tell
+    (a hub id, an unknown file layout).
+    """
+    if not os.path.isdir(path):
+        return None
+    if os.path.exists(os.path.join(path, "config.json")):
+        return _tensor_names(path, "model")
+    adapter = _tensor_names(path, "adapter_model")
+    if adapter is None:
+        return None
+    names = {n.removeprefix("base_model.model.") for n in adapter}
+    base = _read_json(os.path.join(path, "adapter_config.json")).get("base_model_name_or_path")
+    base_names = stored_weights(base) if base else None
+    return names | (base_names or set())
+
+
+def head_parameters(model) -> list[str]:
+    """Names of a sequence classifier's head parameters: those outside its base model."""
+    prefix = f"{model.base_model_prefix}."
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
 
 
 def _as_messages(item: Any, role: str) -> list[dict]:
@@ -55,20 +252,28 @@ class ModelReward(Reward):
     def __init__(self, name: str, **options: Any) -> None:
         super().__init__(name, **options)
         from ..config import ModelConfig
-        from ..modeling import load_model, load_tokenizer
+        from ..modeling import load_model, load_tokenizer, resolve_model_path
 
+        key = f"reward.{name}.path"
+        check_path(str(self.path), key)
         model_cfg = ModelConfig(name_or_path=str(self.path), dtype=str(self.dtype))
         try:
+            path = resolve_model_path(model_cfg)
+            check_checkpoint(path, key, str(self.path))
             self.tokenizer = load_tokenizer(model_cfg)
             self.model = load_model(
                 model_cfg, kind="seq_cls", num_labels=1, pad_token_id=self.tokenizer.pad_token_id
             )
         except AlignError as err:
-            raise AlignError(f"reward.{name}.path: {err}") from None
-        if self.model.config.num_labels != 1:
+            if str(err).startswith(key):
+                raise
+            raise AlignError(f"{key}: {err}") from None
+        stored = stored_weights(path)
+        head = head_parameters(self.model)
+        if stored is not None and head and not any(n in stored for n in head):
             raise AlignError(
-                f"reward.{name}.path={self.path!r} is a classifier with {self.model.config.num_labels} outputs; "
-                "a reward model has exactly one (train one with method=rm)"
+                f"{key}={self.path!r} has no trained classification head: its checkpoint stores no "
+                f"{', '.join(head)}, so the head would be random; {REWARD_MODEL_HINT}"
             )
         self.model.eval().requires_grad_(False)
         # Too-long inputs lose their start, not the completion the score is about.
@@ -85,13 +290,14 @@ class ModelReward(Reward):
 
     def input_ids(self, prompts: list, completions: list) -> list[list[int]]:
         """What the reward model reads for each pair, truncated from the left to max_length."""
-        conversational = bool(prompts) and isinstance(prompts[0], list) and bool(self.tokenizer.chat_template)
         out = []
         for p, c in zip(prompts, completions, strict=True):
-            if conversational:
-                ids = tokenize_response(self.tokenizer, _as_messages(p, "user"), _as_messages(c, "assistant"))
-            else:
+            if not isinstance(p, list):
                 ids = tokenize_response(self.tokenizer, message_text(p), message_text(c))
+            elif self.tokenizer.chat_template:
+                ids = tokenize_response(self.tokenizer, _as_messages(p, "user"), _as_messages(c, "assistant"))
+            else:  # no chat template: the whole conversation, the completion's turn last, as text
+                ids = tokenize_response(self.tokenizer, message_text(p + _as_messages(c, "assistant")), "")
             out.append(ids[-self.max_length :])
         return out
 

@@ -30,6 +30,11 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", ""))
 
 
+def _no_answer(answer: Any) -> bool:
+    # An empty or null answer marks a row the reward does not apply to (scored None).
+    return answer is None or (isinstance(answer, str) and not answer.strip())
+
+
 def _normalise(text: str, ignore_case: bool) -> str:
     # Whitespace differences and a trailing full stop never decide an exact match.
     text = " ".join(text.split()).rstrip(".。")
@@ -126,19 +131,23 @@ class MatchReward(Reward):
             )
         return super().__call__(prompts, completions, **kwargs)
 
-    def _answer_number(self, answer: Any) -> float:
+    def _answer_number(self, answer: Any) -> float | None:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             return float(answer)
-        number = last_number(str(answer))
-        if number is None:
-            raise AlignError(
-                f"reward.{self.name} (mode=numeric): the '{self.column}' value {answer!r} holds no number"
-            )
-        return number
+        return last_number(str(answer))
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        answer = row.get(self.column)
+        if self.mode != "numeric" or _no_answer(answer) or self._answer_number(answer) is not None:
+            return None
+        return (
+            f"reward.{self.name} (mode=numeric) compares with the column '{self.column}', whose value "
+            f"{answer!r} holds no number: write it with digits, or use reward.{self.name}.mode=exact or contains"
+        )
 
     def score(self, text: str, row: dict[str, Any]) -> float | None:
         answer = row.get(self.column)
-        if answer is None or (isinstance(answer, str) and not answer.strip()):
+        if _no_answer(answer):
             return None
         if self.extractor is not None:
             found = self.extractor.search(text)
@@ -148,6 +157,8 @@ class MatchReward(Reward):
         if self.mode == "numeric":
             got = last_number(text)
             want = self._answer_number(answer)
+            if want is None:  # data that skipped the check before training (see row_problem)
+                raise AlignError(f"{self.row_problem(row)} (found during training)")
             ok = got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=float(self.tolerance))
             return 1.0 if ok else 0.0
         want, got = _normalise(str(answer), self.ignore_case), _normalise(text, self.ignore_case)

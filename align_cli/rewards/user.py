@@ -10,20 +10,60 @@ installed packages) or `file.py:function`. The function has TRL's reward signatu
 and receives every extra dataset column as a keyword argument (e.g. `answer`). A function
 that does not take `**kwargs` gets only the keyword arguments it names. `kwargs:` in the
 reward's config are bound as fixed keyword arguments (`reward.function.kwargs.scale=2`).
+
+It may be `async def` (e.g. it awaits a judge model's API), as TRL allows: its coroutine runs
+to completion on one event loop kept for reward functions (on its own thread, so the loop and
+what the function binds to it, such as an HTTP client, last for the whole run).
+
+Besides the columns it gets TRL's extras: `completion_ids`, `trainer_state`, and under GRPO
+`log_metric(name, value)` (a scalar averaged into each logged step) and
+`log_extra(column, values)` (a column of the completions table). Under method=ppo the two
+logging callables are passed too, so one function serves both methods, but what they are
+given is not recorded yet (a warning says so once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import AlignError, nearest
 from .base import Reward
+
+log = logging.getLogger("align")
+
+# TRL's logging callables, which our PPO loop does not pass (see the module docstring).
+LOGGING_KWARGS = ("log_metric", "log_extra")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def run_awaitable(awaitable: Any) -> Any:
+    """Runs a coroutine (or other awaitable) to completion and returns its result.
+
+    All of them run on one event loop on a daemon thread, as TRL runs async reward functions:
+    this works whether or not the calling thread runs a loop itself (a notebook does), and
+    state bound to the loop survives from one call to the next.
+    """
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="align-reward-loop", daemon=True).start()
+
+    async def wait():
+        return await awaitable
+
+    return asyncio.run_coroutine_threadsafe(wait(), _loop).result()
 
 
 def load_function(path: str, where: str = "reward function") -> Callable:
@@ -113,13 +153,32 @@ class FunctionReward(Reward):
             params = []
         self.takes_any = not params or any(p.kind is p.VAR_KEYWORD for p in params)
         self.accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        self._stand_ins = {name: self._unrecorded(name) for name in LOGGING_KWARGS}
+
+    def _unrecorded(self, name: str) -> Callable:
+        """What a caller without TRL's `name` callable (our PPO loop) passes: warns once, drops."""
+        warned = []
+
+        def stand_in(*args: Any, **kwargs: Any) -> None:
+            if not warned:
+                warned.append(True)
+                log.warning(
+                    "reward.%s: '%s' calls %s, which this trainer does not record (GRPO does); its values are dropped",
+                    self.name,
+                    self.path,
+                    name,
+                )
+
+        return stand_in
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-        kwargs = {"prompts": prompts, "completions": completions, **kwargs, **self.kwargs}
+        kwargs = {"prompts": prompts, "completions": completions, **self._stand_ins, **kwargs, **self.kwargs}
         if not self.takes_any:
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepted}
         try:
             out = self.func(**kwargs)
+            if inspect.isawaitable(out):  # an async function, as TRL allows
+                out = run_awaitable(out)
         except AlignError:
             raise
         except Exception as err:
