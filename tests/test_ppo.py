@@ -335,3 +335,29 @@ def test_token_reward_scores_match_the_reward_models_own_forward(pad_is_eos):
     with torch.no_grad():
         expected = torch.cat([model(input_ids=torch.tensor([row])).logits[:, 0] for row in rows])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_reward_functions_log_metrics_and_columns_under_ppo(tmp_path, monkeypatch):
+    """TRL's log_metric / log_extra work under our PPO as under GRPO: per-step and eval metrics,
+    and extra columns in the sample table."""
+    (tmp_path / "ppo_logging_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def counted(prompts, completions, completion_ids, log_metric, log_extra, **kwargs):
+                log_metric("judge/batch", float(len(completions)))
+                log_extra("judge_note", [f"n={len(ids)}" for ids in completion_ids])
+                return [len(ids) / 10 for ids in completion_ids]
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        overrides = ["reward=function", "reward.function.path=ppo_logging_rewards:counted", *SHORT]
+        result, _, steps = run(tmp_path, [*overrides, "data.eval_ratio=0.1"], monkeypatch)
+    finally:
+        sys.modules.pop("ppo_logging_rewards", None)
+    assert [r["judge/batch"] for r in steps] == [8.0, 8.0]  # each step scores its rollout batch of 8 at once
+    out = tmp_path / "run"
+    assert any("eval_judge/batch" in r for r in records(out))
+    table = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert table and all(row["judge_note"].startswith("n=") for row in table)

@@ -356,6 +356,9 @@ class PPOTrainer(Trainer):
         self._permutations: dict[int, list[int]] = {}
         self._shuffle = torch.Generator().manual_seed(args.seed)
         self._log_buffer: dict[str, list[float]] = defaultdict(list)
+        # What reward functions hand to TRL's `log_metric` / `log_extra` (as under GRPO).
+        self._user_metrics: dict[str, list[float]] = defaultdict(list)
+        self._user_extra: dict[str, list[Any]] = defaultdict(list)
 
     # --- placement, data --------------------------------------------------------------------
 
@@ -466,6 +469,27 @@ class PPOTrainer(Trainer):
         return sequences, attention_mask, response_mask
 
     @torch.no_grad()
+    def _log_metric(self, name: str, value: float) -> None:
+        self._user_metrics[name].append(float(value))
+
+    def _log_extra(self, column: str, values: list) -> None:
+        self._user_extra[column].extend(values)
+
+    def _user_metrics_of_step(self) -> dict[str, float]:
+        """The step's `log_metric` values, each averaged (over calls, then over processes)."""
+        local = {name: sum(v) / len(v) for name, v in self._user_metrics.items() if v}
+        self._user_metrics.clear()
+        self._user_extra.clear()  # training completions have no table; evaluation's keep theirs
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            merged: dict[str, list[float]] = defaultdict(list)
+            for part in gather_object([local]):
+                for name, value in part.items():
+                    merged[name].append(value)
+            local = {name: sum(v) / len(v) for name, v in merged.items()}
+        return local
+
     def _score(
         self,
         rows: list[int],
@@ -504,6 +528,8 @@ class PPOTrainer(Trainer):
                     completions=completions,
                     completion_ids=response_ids,
                     trainer_state=self.state,
+                    log_metric=self._log_metric,
+                    log_extra=self._log_extra,
                     **columns,
                 )
                 per_func[:, i] = torch.tensor([float("nan") if v is None else float(v) for v in out])
@@ -737,6 +763,7 @@ class PPOTrainer(Trainer):
             experience, metrics = self.make_experience(self._batch_rows(self.state.global_step))
             metrics.update(self.ppo_update(model, experience))
             metrics = self._reduce(metrics)
+            metrics.update(self._user_metrics_of_step())
             self.kl_ctl.update(metrics["kl"], episodes_per_step)
             self.state.global_step += 1
             self.state.epoch = self.state.global_step * episodes_per_step / n_prompts
@@ -817,10 +844,17 @@ class PPOTrainer(Trainer):
             eos.append(has_eos.float().cpu())
             funcs.append(per_func)
             prompts = dataset[rows]["prompt"]
-            table += [
+            batch = [
                 {"prompt": message_text(p), "completion": t, "score": round(float(v), 6)}
                 for p, t, v in zip(prompts, texts, score.tolist(), strict=True)
             ]
+            for column, values in self._user_extra.items():  # a reward's log_extra columns
+                if len(values) == len(batch):
+                    for row, value in zip(batch, values, strict=True):
+                        row.setdefault(column, value)
+            self._user_extra.clear()
+            table += batch
+        logged = self._user_metrics_of_step()  # log_metric during evaluation
         # Gathered as objects: ranks may hold different numbers of prompts, even none, and each
         # must join every collective call.
         local = (
@@ -849,6 +883,7 @@ class PPOTrainer(Trainer):
             if len(self.reward_funcs) > 1:
                 for i, name in enumerate(self.reward_names):
                     metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = every[:, 3 + i].nanmean().item()
+        metrics.update({f"{metric_key_prefix}_{name}": value for name, value in logged.items()})
         if self.args.should_save and table:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, SAMPLES_NAME), "a", encoding="utf-8") as f:

@@ -15,11 +15,11 @@ It may be `async def` (e.g. it awaits a judge model's API), as TRL allows: its c
 to completion on one event loop kept for reward functions (on its own thread, so the loop and
 what the function binds to it, such as an HTTP client, last for the whole run).
 
-Besides the columns it gets TRL's extras: `completion_ids`, `trainer_state`, and under GRPO
+Besides the columns it gets TRL's extras: `completion_ids`, `trainer_state`,
 `log_metric(name, value)` (a scalar averaged into each logged step) and
-`log_extra(column, values)` (a column of the completions table). Under method=ppo the two
-logging callables are passed too, so one function serves both methods, but what they are
-given is not recorded yet (a warning says so once).
+`log_extra(column, values)` (a column of the completions table), under GRPO (TRL's) and
+PPO (ours: metrics join the step's log, or `eval_<name>` while evaluating; extra columns join
+the evaluation rows of samples.jsonl). A caller without them gets stand-ins that warn once.
 """
 
 from __future__ import annotations
