@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,7 +184,9 @@ def merge_adapter_folder(model_cfg: ModelConfig, path: str, target: str) -> str:
     else:
         cls = AutoModelForCausalLM
     try:
-        model = PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path).merge_and_unload()
+        with quiet_transformers() if task == "SEQ_CLS" else nullcontext():  # the adapter has the head
+            base_model = cls.from_pretrained(base, **kwargs)
+        model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
     except OSError as err:
         raise _hub_error(base, err) from None
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
@@ -253,6 +256,21 @@ def bnb_config(quant_cfg: QuantConfig):
     )
 
 
+@contextmanager
+def quiet_transformers():
+    """Silences transformers' warnings where they are expected: the load report of a model whose
+    missing weights come next (a classification head a LoRA adapter or the caller provides), or
+    the tokenizer's length warning while counting tokens of long texts."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def load_model(
     model_cfg: ModelConfig,
     quant_cfg: QuantConfig | None = None,
@@ -304,7 +322,9 @@ def load_model(
                 )
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path).merge_and_unload()
+            with quiet_transformers() if kind == "seq_cls" else nullcontext():  # the adapter has the head
+                base_model = cls.from_pretrained(base, **kwargs)
+            model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
             model.requires_grad_(True)  # peft loads the adapter frozen; the merged model trains as any other
         else:
             model = cls.from_pretrained(path, **kwargs)

@@ -39,10 +39,13 @@ def _render_prompt(prompt: Any, tokenizer) -> str:
 
 def _count(texts: list[str], tokenizer, chunk: int = 1024) -> list[int]:
     """Token counts without special tokens; in chunks, so a big dataset never sits in memory twice."""
+    from ..modeling import quiet_transformers  # counting long texts is the point
+
     out: list[int] = []
-    for start in range(0, len(texts), chunk):
-        ids = tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
-        out += [len(x) for x in ids]
+    with quiet_transformers():
+        for start in range(0, len(texts), chunk):
+            ids = tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
+            out += [len(x) for x in ids]
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 
 from ..data import PromptRoom
 from ..errors import AlignError
+from ..modeling import quiet_transformers
 from ..ppo.config import PPOConfig
 from ..ppo.trainer import PPOTrainer, value_head
 from ..rewards import rewards_for
@@ -119,7 +120,9 @@ def build(ctx):
     args = ctx.trl_config(config_class())
     source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)
     if source is None:
-        critic = ctx.load_model(kind="seq_cls")
+        log.info("critic: the policy's weights with a new value head (V = 0 at the start)")
+        with quiet_transformers():
+            critic = ctx.load_model(kind="seq_cls")
         head = value_head(critic)
         if type(head) is torch.nn.Linear:  # a new head: start from V = 0 rather than noise
             torch.nn.init.zeros_(head.weight)
