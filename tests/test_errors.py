@@ -36,6 +36,22 @@ FILES: dict[str, str | bytes] = {
     "typed.jsonl": '{"prompt": 42, "chosen": "a", "rejected": "b"}\n',
     "rankings.jsonl": '{"prompt": "p", "completions": ["a", "b"], "rankings": [1, 0]}\n',
     "bool_rank.jsonl": '{"prompt": "p", "completions": ["a", "b"], "ranking": [true, false]}\n',
+    # Characters str.splitlines() breaks at, unescaped inside a value as json.dumps(ensure_ascii=False)
+    # writes them (it escapes the control characters among them): row 1 is valid, row 2 is bad.
+    "u2028.jsonl": json.dumps(
+        {"prompt": "a\u2028b\u2029c\x85d\x0be\x1cf", "chosen": "a", "rejected": "b"}, ensure_ascii=False
+    )
+    + '\n{"prompt": "p", "chosen": "", "rejected": "b"}\n',
+    "badquote.csv": 'prompt,chosen,rejected\np1,a,b\np2,"a,b\np3,a,b\np4,a,b\n',
+    "wrapped.json": json.dumps(
+        {
+            "data": [
+                {"prompt": "p", "chosen": "a", "rejected": "b"},
+                {"prompt": "p", "chosen": "", "rejected": "b"},
+            ]
+        },
+        indent=2,
+    ),
 }
 
 # (argv, message it must contain, exit code). `{tmp}` is the test's folder.
@@ -228,6 +244,29 @@ CASES = [
         1,
     ),
     (["data", "validate", "method=nope"], "unknown method 'nope'", 1),
+    # Readers: lines are split at "\n" only; a quote left open is named where it opened; rows of a
+    # JSON array are named by the line they start on.
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/u2028.jsonl"],
+        "u2028.jsonl:2: column 'chosen' is empty",
+        1,
+    ),
+    (["data", "validate", "method=dpo", "data.path={tmp}/u2028.jsonl"], "1 problem in", 1),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/badquote.csv"],
+        'badquote.csv:3: unterminated quoted field (a " opened here is never closed',
+        1,
+    ),
+    (
+        ["train", "method=dpo", "data.path={tmp}/badquote.csv", "output_dir={tmp}/run"],
+        'badquote.csv:3: unterminated quoted field (a " opened here is never closed',
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/wrapped.json"],
+        "wrapped.json:8: column 'chosen' is empty",
+        1,
+    ),
     (
         ["data", "validate", "method=rm", "method.mode=foo"],
         "method=rm has no valid data format: method.mode=foo is not pairwise, pointwise or listwise",
