@@ -448,3 +448,33 @@ def test_json_array_rows_are_named_by_the_line_they_start_on(tmp_path, wrapped):
     read_and_convert(DataConfig(path=str(path)), "preference", False, problems=problems)
     where = sorted((p.split(": ")[0] for p in problems.items), key=lambda w: int(w.rsplit(":", 1)[1]))
     assert where == [f"{path}:{n}" for n in starts[1:]]  # the empty `chosen`, the 7, the identical pair
+
+
+def test_column_mapping_names_are_checked_on_both_sides(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("question,good,bad,prompt\nq1,yes,no,ignored\n", encoding="utf-8")
+    with pytest.raises(
+        AlignError,
+        match=r"data\.columns\.promt=question: 'promt' is not a column of preference data \(did you mean: "
+        r"prompt\?\); data\.columns\.<ours> takes one of chosen, history, input, instruction, margin, "
+        r"prompt, rejected, system$",
+    ):
+        load(str(path), "preference", columns={"promt": "question"})
+    with pytest.raises(
+        AlignError,
+        match=r"data\.columns\.chosen=goood: .*c\.csv has no column 'goood' \(did you mean: good\?\); "
+        r"its columns: bad, good, prompt, question$",
+    ):
+        load(str(path), "preference", columns={"chosen": "goood"})
+    with pytest.raises(AlignError, match=r"data\.columns\.chosen=good and data\.columns\.rejected=good"):
+        load(str(path), "preference", columns={"chosen": "good", "rejected": "good"})
+    # Messages list the file's own names: the mapped column as `question (as prompt)`.
+    with pytest.raises(AlignError, match=r"columns found: bad, good, question \(as prompt\) \(rename"):
+        load(str(path), "preference", columns={"prompt": "question"}, format="preference")
+    # The mapped column wins over a column of the file that has our name.
+    mapping = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    assert load(str(path), "preference", conversational=False, columns=mapping)[0]["prompt"] == "q1"
+    # Listwise reads `ranking` in both layouts; prompt data passes any column on to reward functions.
+    assert "ranking" in __import__("align_cli.data.formats", fromlist=["x"]).known_columns("listwise")
+    loaded = load(str(path), "prompt", conversational=False, columns={"answer": "good"})
+    assert loaded[0]["answer"] == "yes"

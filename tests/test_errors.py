@@ -43,6 +43,7 @@ FILES: dict[str, str | bytes] = {
     )
     + '\n{"prompt": "p", "chosen": "", "rejected": "b"}\n',
     "badquote.csv": 'prompt,chosen,rejected\np1,a,b\np2,"a,b\np3,a,b\np4,a,b\n',
+    "question.csv": "question,good,bad\nq1,yes,no\n",
     "wrapped.json": json.dumps(
         {
             "data": [
@@ -265,6 +266,24 @@ CASES = [
     (
         ["data", "validate", "method=dpo", "data.path={tmp}/wrapped.json"],
         "wrapped.json:8: column 'chosen' is empty",
+        1,
+    ),
+    # data.columns.<ours>=<yours>: ours is a column the method's data reads, yours one the file has.
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/question.csv", "data.columns.promt=question"],
+        "data.columns.promt=question: 'promt' is not a column of preference data (did you mean: prompt?); "
+        "data.columns.<ours> takes one of chosen, history, input, instruction, margin, prompt, rejected, system",
+        1,
+    ),
+    (
+        ["train", "method=dpo", "data.path={tmp}/question.csv", "data.columns.prompt=questoin"],
+        "data.columns.prompt=questoin: {tmp}/question.csv has no column 'questoin' (did you mean: question?); "
+        "its columns: bad, good, question",
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/question.csv", "data.columns.prompt=question"],
+        "columns found: bad, good, question (as prompt)",
         1,
     ),
     (

@@ -35,6 +35,7 @@ class Rows:
     origins: list[str] = field(default_factory=list)
     source: str = ""
     files: list[str] = field(default_factory=list)  # what was read: resolved paths, or "hub:id[split]"
+    renamed: dict[str, str] = field(default_factory=dict)  # by data.columns: our name -> the file's
 
     def extend(self, other: Rows) -> None:
         self.rows += other.rows
