@@ -41,10 +41,12 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
         try:
             parser.parse_override(override)
         except Exception as err:
+            reason = one_line(str(err))
             raise AlignError(
-                f"cannot parse '{override.replace('++method.args.', 'method.args.')}': {one_line(str(err))} "
+                f"cannot parse '{_shown(override)}': {reason}{_quoting_hint(override, reason, parser)} "
                 "(see https://hydra.cc/docs/advanced/override_grammar/basic/)"
             ) from err
+    check_repeated_keys(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
@@ -55,6 +57,77 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
         raise AlignError(message) from err
     finally:
         GlobalHydra.instance().clear()
+
+
+def _shown(override: str) -> str:
+    """An override as the user typed it: without the `++` that `normalize_overrides` adds."""
+    if override.startswith("++") and override[2:].startswith(schema.OPEN_PREFIXES):
+        return override[2:]
+    return override
+
+
+def _quoting_hint(override: str, reason: str, parser) -> str:
+    """How to quote a value that holds characters Hydra's grammar takes only inside quotes (any
+    non-ASCII letter, as in `data.system=你是助手`), or "" when quoting would not help."""
+    import shlex
+
+    key, eq, value = _shown(override).partition("=")
+    if not eq or not value or "token recognition error" not in reason or value[0] in "'\"":
+        return ""
+    if '"' not in value:
+        quoted = f'"{value}"'
+    elif "'" not in value:
+        quoted = f"'{value}'"
+    else:
+        quoted = '"' + value.replace('"', '\\"') + '"'
+    try:
+        parser.parse_override(f"{key}={quoted}")
+    except Exception:
+        return ""  # the key is the problem, or more than quoting
+    return (
+        f"; a value with characters outside Hydra's unquoted set (non-ASCII letters among them) must be "
+        f"quoted, and the shell must pass the quotes on: {shlex.quote(f'{key}={quoted}')}"
+    )
+
+
+def _key(override) -> str:
+    """What a parsed override sets: its key or group, with its package (`group@pkg`)."""
+    return override.key_or_group + (f"@{override.package}" if override.package else "")
+
+
+def check_repeated_keys(overrides: list[str]) -> None:
+    """Refuses a key given twice on one command line (`method=dpo method=kto`, `+a=1 a=2`, `~a a=1`).
+
+    Hydra would apply both in order, so the last silently wins; a sweep is one override
+    (`method=dpo,kto` with -m). Overrides that do not parse are left to the caller.
+
+    Raises:
+        AlignError: naming the key and both overrides.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    seen: dict[str, tuple[str, object]] = {}
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except Exception:
+            continue
+        key = _key(override)
+        if key not in seen:
+            seen[key] = (text, override)
+            continue
+        first, earlier = seen[key]
+        hint = "keep one"
+        if override.type.name == earlier.type.name == "CHANGE" and not (
+            override.is_sweep_override() or earlier.is_sweep_override()
+        ):
+            name, _, value = _shown(first).partition("=")
+            other = text.partition("=")[2]
+            hint += f" (to run each, sweep with -m {name}={value},{other})" if value != other else ""
+        raise AlignError(
+            f"{key} is given twice on the command line ({_shown(first)}, then {_shown(text)}): {hint}"
+        )
 
 
 def _culprit(err: BaseException, overrides: list[str]) -> str | None:
@@ -223,6 +296,7 @@ def prepare(argv: list[str]) -> list[str]:
     rest = list(argv)
     for override in overrides:  # what is left are Hydra's flags, in their order
         rest.remove(override)
+    check_repeated_keys(overrides)  # before sweeps expand: the message shows them as typed
     probes = _probe_sets(overrides, args.multirun)
     cfg = compose_checked(probes[0], return_hydra_config=True)
     for probe in probes[1:]:

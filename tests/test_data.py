@@ -368,3 +368,113 @@ def test_missing_file_and_wrong_format_choice(tmp_path):
         load("./nope.jsonl", "sft")
     with pytest.raises(AlignError, match=r"data.format=kto holds kto data, but this method needs preference"):
         load(str(SAMPLES_DIR / "kto.jsonl"), "preference", format="kto")
+
+
+# Characters str.splitlines() breaks a line at, besides "\n" and "\r".
+SPLITLINES_BREAKS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+
+
+def test_jsonl_splits_lines_at_newlines_only(tmp_path):
+    """Values may hold U+2028 and the like unescaped (json.dumps(ensure_ascii=False) writes them)."""
+    rows = [{"prompt": f"a{c}b", "chosen": "yes", "rejected": "no"} for c in SPLITLINES_BREAKS]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)  # Windows line ends too
+    path = tmp_path / "u.jsonl"
+    path.write_text(text + '{"prompt": "p", "chosen": "", "rejected": "no"}\n', encoding="utf-8", newline="")
+    assert any(c in text for c in "\u2028\u2029\x85")  # written raw, not as \u escapes
+    with pytest.raises(AlignError, match=rf"u\.jsonl:{len(rows) + 1}: column 'chosen' is empty"):
+        load(str(path), "preference", conversational=False)
+    path.write_text(text, encoding="utf-8", newline="")
+    loaded = load(str(path), "preference", conversational=False)
+    assert [r["prompt"] for r in loaded] == [r["prompt"] for r in rows]
+
+
+def test_csv_values_may_hold_line_separators_and_rows_keep_their_lines(tmp_path):
+    path = tmp_path / "c.csv"
+    body = "".join(f"p{i},a{c}b,no\r\n" for i, c in enumerate(SPLITLINES_BREAKS))
+    quoted = 'q,"two\nlines",no\r\n'  # a quoted value over two lines: the row is named by its first
+    path.write_text(f"prompt,chosen,rejected\r\n{body}{quoted}q,,no\r\n", encoding="utf-8", newline="")
+    blank_line = len(SPLITLINES_BREAKS) + 4  # header, rows, the two-line row, then the bad row
+    with pytest.raises(AlignError, match=rf"c\.csv:{blank_line}: column 'chosen' is empty"):
+        load(str(path), "preference", conversational=False)
+    path.write_text(f"prompt,chosen,rejected\r\n{body}{quoted}", encoding="utf-8", newline="")
+    loaded = load(str(path), "preference", conversational=False)
+    assert [r["chosen"] for r in loaded] == [f"a{c}b" for c in SPLITLINES_BREAKS] + ["two\nlines"]
+
+
+@pytest.mark.parametrize(
+    "content,line",
+    [
+        ('prompt,chosen,rejected\np1,a,b\np2,"a,b\np3,a,b\np4,a,b\n', 3),  # swallows the rest of the file
+        ('prompt,chosen,rejected\np1,a,b\np2,a,"b', 3),  # on the last line, without a newline
+        ('prompt,"chosen,rejected\np1,a,b\n', 1),  # in the header
+        ('prompt,chosen,rejected\np1,"a ""q"" b\nc",b\np2,a,"b\n', 4),  # after a valid multi-line value
+        ('prompt,chosen,rejected\np1,a,b\np2,"a,b\n' + "p,x,y\n" * 30000, 3),  # past csv's field limit
+    ],
+    ids=["rest-of-file", "last-line", "header", "after-multiline", "field-limit"],
+)
+def test_csv_quote_never_closed_is_named_where_it_opened(tmp_path, content, line):
+    path = tmp_path / "q.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(AlignError, match=rf'q\.csv:{line}: unterminated quoted field \(a " opened here'):
+        load(str(path), "preference", conversational=False)
+
+
+def test_csv_quotes_that_are_text_or_closed_are_read(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,chosen,rejected\np1,5" screen,"say ""hi"""\np2,"a"b,c\n', encoding="utf-8")
+    loaded = load(str(path), "preference", conversational=False)
+    assert [(r["chosen"], r["rejected"]) for r in loaded] == [('5" screen', 'say "hi"'), ("ab", "c")]
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_json_array_rows_are_named_by_the_line_they_start_on(tmp_path, wrapped):
+    rows = [
+        {"prompt": 'a "quoted" [{ \\ text', "chosen": "yes", "rejected": "no"},  # escapes and brackets
+        {"prompt": "p", "chosen": "", "rejected": "no"},
+        7,
+        {"prompt": "p", "chosen": "yes", "rejected": "yes"},
+    ]
+    data = {"meta": {"rows": [1, {"x": [2]}]}, "train": rows, "n": 1} if wrapped else rows
+    text = json.dumps(data, indent=2)
+    path = tmp_path / "w.json"
+    path.write_text(text, encoding="utf-8")
+    lines = text.split("\n")
+    starts = [i + 1 for i, line in enumerate(lines) if line in ("    {", "  {", "    7,", "  7,")]
+    assert len(starts) == 4
+    from align_cli.data import read_and_convert
+    from align_cli.data.problems import Problems
+
+    problems = Problems()
+    read_and_convert(DataConfig(path=str(path)), "preference", False, problems=problems)
+    where = sorted((p.split(": ")[0] for p in problems.items), key=lambda w: int(w.rsplit(":", 1)[1]))
+    assert where == [f"{path}:{n}" for n in starts[1:]]  # the empty `chosen`, the 7, the identical pair
+
+
+def test_column_mapping_names_are_checked_on_both_sides(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("question,good,bad,prompt\nq1,yes,no,ignored\n", encoding="utf-8")
+    with pytest.raises(
+        AlignError,
+        match=r"data\.columns\.promt=question: 'promt' is not a column of preference data \(did you mean: "
+        r"prompt\?\); data\.columns\.<ours> takes one of chosen, history, input, instruction, margin, "
+        r"prompt, rejected, system$",
+    ):
+        load(str(path), "preference", columns={"promt": "question"})
+    with pytest.raises(
+        AlignError,
+        match=r"data\.columns\.chosen=goood: .*c\.csv has no column 'goood' \(did you mean: good\?\); "
+        r"its columns: bad, good, prompt, question$",
+    ):
+        load(str(path), "preference", columns={"chosen": "goood"})
+    with pytest.raises(AlignError, match=r"data\.columns\.chosen=good and data\.columns\.rejected=good"):
+        load(str(path), "preference", columns={"chosen": "good", "rejected": "good"})
+    # Messages list the file's own names: the mapped column as `question (as prompt)`.
+    with pytest.raises(AlignError, match=r"columns found: bad, good, question \(as prompt\) \(rename"):
+        load(str(path), "preference", columns={"prompt": "question"}, format="preference")
+    # The mapped column wins over a column of the file that has our name.
+    mapping = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    assert load(str(path), "preference", conversational=False, columns=mapping)[0]["prompt"] == "q1"
+    # Listwise reads `ranking` in both layouts; prompt data passes any column on to reward functions.
+    assert "ranking" in __import__("align_cli.data.formats", fromlist=["x"]).known_columns("listwise")
+    loaded = load(str(path), "prompt", conversational=False, columns={"answer": "good"})
+    assert loaded[0]["answer"] == "yes"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from align_cli.cli import main as align
+from align_cli.errors import AlignError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,23 @@ FILES: dict[str, str | bytes] = {
     "typed.jsonl": '{"prompt": 42, "chosen": "a", "rejected": "b"}\n',
     "rankings.jsonl": '{"prompt": "p", "completions": ["a", "b"], "rankings": [1, 0]}\n',
     "bool_rank.jsonl": '{"prompt": "p", "completions": ["a", "b"], "ranking": [true, false]}\n',
+    # Characters str.splitlines() breaks at, unescaped inside a value as json.dumps(ensure_ascii=False)
+    # writes them (it escapes the control characters among them): row 1 is valid, row 2 is bad.
+    "u2028.jsonl": json.dumps(
+        {"prompt": "a\u2028b\u2029c\x85d\x0be\x1cf", "chosen": "a", "rejected": "b"}, ensure_ascii=False
+    )
+    + '\n{"prompt": "p", "chosen": "", "rejected": "b"}\n',
+    "badquote.csv": 'prompt,chosen,rejected\np1,a,b\np2,"a,b\np3,a,b\np4,a,b\n',
+    "question.csv": "question,good,bad\nq1,yes,no\n",
+    "wrapped.json": json.dumps(
+        {
+            "data": [
+                {"prompt": "p", "chosen": "a", "rejected": "b"},
+                {"prompt": "p", "chosen": "", "rejected": "b"},
+            ]
+        },
+        indent=2,
+    ),
 }
 
 # (argv, message it must contain, exit code). `{tmp}` is the test's folder.
@@ -228,6 +246,82 @@ CASES = [
         1,
     ),
     (["data", "validate", "method=nope"], "unknown method 'nope'", 1),
+    # Readers: lines are split at "\n" only; a quote left open is named where it opened; rows of a
+    # JSON array are named by the line they start on.
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/u2028.jsonl"],
+        "u2028.jsonl:2: column 'chosen' is empty",
+        1,
+    ),
+    (["data", "validate", "method=dpo", "data.path={tmp}/u2028.jsonl"], "1 problem in", 1),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/badquote.csv"],
+        'badquote.csv:3: unterminated quoted field (a " opened here is never closed',
+        1,
+    ),
+    (
+        ["train", "method=dpo", "data.path={tmp}/badquote.csv", "output_dir={tmp}/run"],
+        'badquote.csv:3: unterminated quoted field (a " opened here is never closed',
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/wrapped.json"],
+        "wrapped.json:8: column 'chosen' is empty",
+        1,
+    ),
+    # data.columns.<ours>=<yours>: ours is a column the method's data reads, yours one the file has.
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/question.csv", "data.columns.promt=question"],
+        "data.columns.promt=question: 'promt' is not a column of preference data (did you mean: prompt?); "
+        "data.columns.<ours> takes one of chosen, history, input, instruction, margin, prompt, rejected, system",
+        1,
+    ),
+    (
+        ["train", "method=dpo", "data.path={tmp}/question.csv", "data.columns.prompt=questoin"],
+        "data.columns.prompt=questoin: {tmp}/question.csv has no column 'questoin' (did you mean: question?); "
+        "its columns: bad, good, question",
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.path={tmp}/question.csv", "data.columns.prompt=question"],
+        "columns found: bad, good, question (as prompt)",
+        1,
+    ),
+    # The command line: non-ASCII values need quotes; a key given twice is refused.
+    (
+        ["train", "method=dpo", "data.system=你是助手"],
+        "cannot parse 'data.system=你是助手': token recognition error at: '你'; a value with characters "
+        """outside Hydra's unquoted set (non-ASCII letters among them) must be quoted, and the shell must """
+        """pass the quotes on: 'data.system="你是助手"'""",
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.columns.prompt=问题"],
+        """'data.columns.prompt="问题"'""",
+        1,
+    ),
+    (
+        ["train", "method=dpo", "method=kto"],
+        "method is given twice on the command line (method=dpo, then method=kto): keep one "
+        "(to run each, sweep with -m method=dpo,kto)",
+        1,
+    ),
+    (
+        ["train", "-m", "method=dpo", "method.args.beta=0.1,0.2", "method.args.beta=0.3"],
+        "method.args.beta is given twice on the command line (method.args.beta=0.1,0.2, then "
+        "method.args.beta=0.3): keep one",
+        1,
+    ),
+    (
+        ["train", "method=dpo", "+seed=1", "seed=2", "--cfg", "job"],
+        "seed is given twice on the command line (+seed=1, then seed=2)",
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "~data.system", "data.system=x"],
+        "data.system is given twice on the command line (~data.system, then data.system=x)",
+        1,
+    ),
     (
         ["data", "validate", "method=rm", "method.mode=foo"],
         "method=rm has no valid data format: method.mode=foo is not pairwise, pointwise or listwise",
@@ -398,3 +492,35 @@ def test_resuming_with_another_method_is_refused(tmp, capsys):
     assert f"resume: {run} was trained with other settings (" in err and "method.name: dpo -> sft" in err
     assert "Traceback" not in err and not list(run.glob("checkpoint-*/adapter*"))
     assert "method=dpo" in (run / ".hydra" / "overrides.yaml").read_text()  # the run's record is intact
+
+
+def test_quoted_non_ascii_values_compose(tmp, capsys):
+    """Hydra's grammar takes any character inside quotes: the form the hint suggests works."""
+    from align_cli.preflight import compose_checked
+
+    assert compose_checked(["method=dpo", 'data.system="你是助手"']).data.system == "你是助手"
+    assert compose_checked(["method=dpo", "data.system='你是助手'"]).data.system == "你是助手"
+    assert compose_checked(["method=dpo", '++data.columns.prompt="问题"']).data.columns.prompt == "问题"
+    code, out, err = run_inprocess(["data", "validate", "method=dpo", 'data.system="你是助手"'], capsys)
+    assert code == 0, err
+    assert "ready for method=dpo" in out
+
+
+@pytest.mark.parametrize(
+    "overrides,repeated",
+    [
+        (["method=dpo", "method.args.beta=0.1,0.5"], None),  # a sweep is one override
+        (["method=dpo", "+model.foo=1", "model.bar=2", "~data.system"], None),
+        (["method=dpo", "++method.args.beta=1", "++method.args.beta=2"], "method.args.beta"),
+        (["+seed=1", "++seed=2"], "seed"),
+        (["~peft", "peft=lora"], "peft"),
+    ],
+)
+def test_a_key_is_given_once(overrides, repeated):
+    from align_cli.preflight import check_repeated_keys
+
+    if repeated is None:
+        check_repeated_keys(overrides)
+    else:
+        with pytest.raises(AlignError, match=rf"^{repeated} is given twice on the command line"):
+            check_repeated_keys(overrides)

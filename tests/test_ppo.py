@@ -124,7 +124,9 @@ def test_full_finetune_with_a_reward_model(tmp_path, monkeypatch, rm_run_folder)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for name, param in reloaded.named_parameters():
         torch.testing.assert_close(param, after[name])
-    table = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    # Split at "\n" only: a sampled completion may hold U+2028 and the like, unescaped.
+    text = (out / "samples.jsonl").read_text(encoding="utf-8")
+    table = [json.loads(line) for line in text.split("\n") if line.strip()]
     assert table and {"step", "prompt", "completion", "score"} <= set(table[0])
     # The schedule evaluated the last step: the run's end does not evaluate it a second time.
     evals = [r for r in records(out) if "eval_score" in r]

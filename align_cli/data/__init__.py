@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..config import SAMPLES_DIR, DataConfig
-from ..errors import AlignError
-from .formats import ConvertOptions, InputFormat, RowError, detect
+from ..errors import AlignError, nearest
+from .formats import (
+    ConvertOptions,
+    InputFormat,
+    RowError,
+    describe_columns,
+    detect,
+    keeps_extra,
+    known_columns,
+)
 from .lengths import measure, too_long
 from .problems import Problems
 from .readers import Rows, read_any
@@ -61,19 +69,56 @@ def data_path(data_cfg: DataConfig, sample: str | None) -> str:
     return str(SAMPLES_DIR / sample)
 
 
-def rename_columns(raw: Rows, mapping: dict[str, str]) -> None:
-    """Applies `data.columns` (our name -> the user's name) in place."""
-    if not mapping:
+def check_column_names(mapping: dict[str, str], standard: str) -> None:
+    """Checks the <ours> side of `data.columns.<ours>=<yours>`: a column the method's data reads.
+
+    Data that passes its other columns on to reward functions (PPO, GRPO) may name any column.
+
+    Raises:
+        AlignError: naming the key, the nearest valid name and the valid ones.
+    """
+    if keeps_extra(standard):
         return
-    present = set().union(*(r.keys() for r in raw.rows)) if raw.rows else set()
+    valid = known_columns(standard)
+    for ours, theirs in mapping.items():
+        if ours not in valid:
+            raise AlignError(
+                f"data.columns.{ours}={theirs}: '{ours}' is not a column of {standard} data"
+                f"{nearest(ours, valid)}; data.columns.<ours> takes one of {', '.join(valid)}"
+            )
+
+
+def rename_columns(raw: Rows, mapping: dict[str, str]) -> None:
+    """Applies `data.columns` (our name -> the user's name) in place.
+
+    A column of the file that already has one of our mapped names is left out: the mapping says
+    where that column is read from. `raw.renamed` remembers the file's names, for messages.
+
+    Raises:
+        AlignError: a mapped column is not in the file (names the file and its columns), or
+            two of our names map to one column.
+    """
+    if not mapping or not raw.rows:  # no rows: the reader's problems (or "empty") say why
+        return
+    present = set().union(*(r.keys() for r in raw.rows))
     for ours, theirs in mapping.items():
         if theirs not in present:
             raise AlignError(
-                f"data.columns.{ours}={theirs}: {raw.source} has no column '{theirs}'; "
-                f"columns found: {', '.join(sorted(present))}"
+                f"data.columns.{ours}={theirs}: {raw.source} has no column '{theirs}'"
+                f"{nearest(theirs, present)}; its columns: {', '.join(sorted(present))}"
             )
-    inverse = {theirs: ours for ours, theirs in mapping.items()}
-    raw.rows = [{inverse.get(k, k): v for k, v in row.items()} for row in raw.rows]
+    inverse: dict[str, str] = {}
+    for ours, theirs in mapping.items():
+        if theirs in inverse:
+            raise AlignError(
+                f"data.columns.{inverse[theirs]}={theirs} and data.columns.{ours}={theirs}: one column "
+                "cannot be read as two; map each of our names to its own column"
+            )
+        inverse[theirs] = ours
+    raw.rows = [
+        {inverse.get(k, k): v for k, v in row.items() if k in inverse or k not in mapping} for row in raw.rows
+    ]
+    raw.renamed = dict(mapping)
 
 
 # Checks one converted row beyond its format (e.g. against the rewards that read its columns):
@@ -109,7 +154,7 @@ def convert(
             return Loaded([], [], None, raw.source, files=raw.files)
         raise AlignError(f"{raw.source}: the dataset is empty")
     columns = set().union(*(r.keys() for r in raw.rows))
-    fmt = detect(standard, columns, requested, raw.source)
+    fmt = detect(standard, columns, requested, raw.source, raw.renamed)
     found = problems if problems is not None else Problems()
     rows, origins = [], []
     for row, origin in zip(raw.rows, raw.origins, strict=True):
@@ -117,7 +162,8 @@ def convert(
         try:
             if missing:
                 raise RowError(
-                    f"missing column(s) {', '.join(missing)}; this row has: {', '.join(row) or 'none'}"
+                    f"missing column(s) {', '.join(missing)}; this row has: "
+                    f"{describe_columns(row, raw.renamed, sort=False) or 'none'}"
                 )
             converted = fmt.convert(row, opts)
         except RowError as err:
@@ -162,6 +208,8 @@ def read_and_convert(
         row_check: an extra check of each converted row (see `convert`).
     """
     found = problems if problems is not None else Problems()
+    mapping = dict(data_cfg.columns)
+    check_column_names(mapping, standard)
     if evaluation and data_cfg.eval_path:
         path, split, path_key = data_cfg.eval_path, data_cfg.eval_split, "data.eval_path"
     else:
@@ -176,7 +224,7 @@ def read_and_convert(
         split_names=(data_cfg.split, data_cfg.eval_split),
         path_key=path_key,
     )
-    rename_columns(raw, dict(data_cfg.columns))
+    rename_columns(raw, mapping)
     if data_cfg.max_samples:
         raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
     opts = ConvertOptions(conversational, data_cfg.system)

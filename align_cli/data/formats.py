@@ -409,8 +409,39 @@ def check_ranking_column(fmt: InputFormat, columns: set[str], source: str) -> No
         )
 
 
-def detect(standard: str, columns: set[str], requested: str, source: str) -> InputFormat:
+def known_columns(standard: str) -> list[str]:
+    """Every column some input format of `standard` reads (the names `data.columns.<ours>` may take)."""
+    names = {c for f in INPUT_FORMATS if f.standard == standard for c in (*f.required, *f.optional)}
+    if standard == "listwise":
+        names.add("ranking")  # read by both listwise layouts (see `_ranked`)
+    return sorted(names)
+
+
+def keeps_extra(standard: str) -> bool:
+    """Whether `standard` data passes every other column on (to reward functions, which may read any)."""
+    return any(f.keeps_extra for f in INPUT_FORMATS if f.standard == standard)
+
+
+def describe_columns(columns, renamed: dict[str, str] | None = None, sort: bool = True) -> str:
+    """The columns as the file names them, for messages (sorted, or in the order given):
+    `question (as prompt)` for a column that `data.columns.prompt=question` renamed."""
+    renamed = renamed or {}
+    names = [f"{renamed[c]} (as {c})" if c in renamed else c for c in columns]
+    return ", ".join(sorted(names) if sort else names)
+
+
+def detect(
+    standard: str, columns: set[str], requested: str, source: str, renamed: dict[str, str] | None = None
+) -> InputFormat:
     """Picks the input format for a method's standard format.
+
+    Args:
+        standard: the method's standard format.
+        columns: the dataset's columns, after `data.columns` renamed some.
+        requested: `data.format` (`auto` or an input format's name).
+        source: the dataset, for messages.
+        renamed: our name -> the file's name, for the columns `data.columns` renamed (messages
+            list the file's own names).
 
     Raises:
         AlignError: the requested format is unknown or for another method, or no input
@@ -435,7 +466,7 @@ def detect(standard: str, columns: set[str], requested: str, source: str) -> Inp
         if missing:
             raise AlignError(
                 f"{source}: data.format={requested} needs column(s) {', '.join(missing)}; "
-                f"columns found: {', '.join(sorted(columns))} (rename with data.columns.<ours>=<yours>)"
+                f"columns found: {describe_columns(columns, renamed)} (rename with data.columns.<ours>=<yours>)"
             )
         check_ranking_column(fmt, columns, source)
         return fmt
@@ -451,5 +482,5 @@ def detect(standard: str, columns: set[str], requested: str, source: str) -> Inp
     wanted = " or ".join("[" + ", ".join(f.required) + "]" for f in candidates)
     raise AlignError(
         f"{source}: missing required column(s) for {standard} data: need {wanted}; "
-        f"columns found: {', '.join(sorted(columns)) or 'none'}{hint}"
+        f"columns found: {describe_columns(columns, renamed) or 'none'}{hint}"
     )

@@ -7,6 +7,7 @@ its origin (`file:line`): a bad row is then reported where the user can fix it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -34,6 +35,7 @@ class Rows:
     origins: list[str] = field(default_factory=list)
     source: str = ""
     files: list[str] = field(default_factory=list)  # what was read: resolved paths, or "hub:id[split]"
+    renamed: dict[str, str] = field(default_factory=dict)  # by data.columns: our name -> the file's
 
     def extend(self, other: Rows) -> None:
         self.rows += other.rows
@@ -58,9 +60,21 @@ def _row_problem(problems: Problems | None, message: str) -> None:
     problems.add(message)
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of a file, split at "\n" only (each keeps its "\n"; "\r\n" keeps its "\r").
+
+    Not `str.splitlines()`: that also splits at U+2028, U+2029, \x85, \x0b, \x0c and \x1c-\x1e,
+    which JSON strings may hold unescaped (`json.dumps(..., ensure_ascii=False)` writes them
+    as they are) and CSV values too; splitting there would cut a valid row in two.
+    """
+    lines = text.split("\n")
+    last = lines.pop()  # after the last "\n": a line without one, or "" when the file ends with one
+    return [line + "\n" for line in lines] + ([last] if last else [])
+
+
 def read_jsonl(path: Path, problems: Problems | None = None) -> Rows:
     out = Rows(source=str(path))
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -78,25 +92,51 @@ def read_jsonl(path: Path, problems: Problems | None = None) -> Rows:
     return out
 
 
-def _object_lines(text: str) -> list[int]:
-    """Line numbers of the top-level array's elements, for error messages on .json files."""
-    lines, depth, in_str, esc, line = [], 0, False, False, 1
-    for ch in text:
-        if ch == "\n":
-            line += 1
-        if in_str:
-            esc = not esc and ch == "\\"
-            if ch == '"' and not esc:
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
-            if depth == 1:
-                lines.append(line)
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_DECODER = json.JSONDecoder()
+
+
+def _skip(text: str, i: int) -> int:
+    return _SPACE.match(text, i).end()
+
+
+def _element_offsets(text: str, i: int) -> list[int]:
+    """Where each element of the JSON array opening at `text[i]` begins (`text` is valid JSON)."""
+    offsets: list[int] = []
+    i = _skip(text, i + 1)
+    while text[i] != "]":
+        offsets.append(i)
+        _, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, i)
+        if text[i] == ",":
+            i = _skip(text, i + 1)
+    return offsets
+
+
+def _member_offset(text: str, i: int, key: str) -> int:
+    """Where the value of `key` begins in the JSON object opening at `text[i]` (the last one,
+    which is the one `json.loads` keeps)."""
+    found = i
+    i = _skip(text, i + 1)
+    while text[i] != "}":
+        name, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, _skip(text, i) + 1)  # past the ':'
+        if name == key:
+            found = i
+        _, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, i)
+        if text[i] == ",":
+            i = _skip(text, i + 1)
+    return found
+
+
+def _line_numbers(text: str, offsets: list[int]) -> list[int]:
+    """The line of each offset (in increasing order), counting "\n" as JSON's errors do."""
+    lines, line, last = [], 1, 0
+    for offset in offsets:
+        line += text.count("\n", last, offset)
+        lines.append(line)
+        last = offset
     return lines
 
 
@@ -109,18 +149,21 @@ def read_json(path: Path, problems: Problems | None = None) -> Rows:
         if err.msg == "Extra data":
             return read_jsonl(path, problems)
         raise AlignError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    start = _skip(text, 0)
     if isinstance(data, dict):
         # {"train": [...]} or {"data": [...]}: take the single list inside.
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
+        keys = [k for k, v in data.items() if isinstance(v, list)]
+        if len(keys) != 1:
             raise AlignError(f"{path}: expected a JSON array of objects (or JSON lines), got an object")
-        data = lists[0]
+        data = data[keys[0]]
+        start = _member_offset(text, start, keys[0])
     if not isinstance(data, list):
         raise AlignError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
-    lines = _object_lines(text)
+    # Each row's origin is the line where it begins: the file parses again, element by element.
+    lines = _line_numbers(text, _element_offsets(text, start))
     out = Rows(source=str(path))
     for i, row in enumerate(data):
-        where = f"{path}:{lines[i] if i < len(lines) else 1}"
+        where = f"{path}:{lines[i]}"
         if not isinstance(row, dict):
             _row_problem(problems, f"{where}: each element must be a JSON object, got {type(row).__name__}")
             continue
@@ -129,20 +172,84 @@ def read_json(path: Path, problems: Problems | None = None) -> Rows:
     return out
 
 
+def _open_quote(lines: list[str]) -> int | None:
+    """Where a quoted field left open at the end of `lines` (one CSV record) began, or None.
+
+    Follows the csv module's default, lenient dialect: a `"` opens quoting only at the start of
+    a field (`5" screen` is text), `""` inside quotes is a quote, and text after a closing
+    quote reads on unquoted.
+
+    Returns:
+        The index in `lines` of the line holding the opening quote.
+    """
+    state, opened = "start", 0  # start: of a field; text; quoted: inside quotes; quote: just after one
+    for i, line in enumerate(lines):
+        for ch in line:
+            if state == "quoted":
+                if ch == '"':
+                    state = "quote"
+            elif ch == '"' and state == "start":
+                state, opened = "quoted", i
+            elif ch == '"' and state == "quote":
+                state = "quoted"  # "" inside quotes: a literal quote
+            elif ch in ",\r\n":
+                state = "start"
+            else:
+                state = "text"
+    return opened if state == "quoted" else None
+
+
+def _unterminated(path: Path, line: int) -> str:
+    return (
+        f'{path}:{line}: unterminated quoted field (a " opened here is never closed, so the rest of the '
+        'file would be one value): close it, or write a literal " inside a quoted value as ""'
+    )
+
+
 def read_csv(path: Path, problems: Problems | None = None) -> Rows:
     out = Rows(source=str(path))
-    reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
-    for row in reader:
-        # DictReader's line_num is the physical line just read (quoted newlines included).
-        if None in row:  # more values than header columns: usually an unquoted comma
+    # Lines as the csv module wants them (a file opened with newline=""): split at \n, \r\n
+    # and \r only, so a value may hold U+2028 and the like, and line numbers match an editor's.
+    lines = io.StringIO(_read_text(path), newline="").readlines()
+    reader = csv.reader(lines)
+    header: list[str] | None = None
+    end = 0  # the last line of the record read last
+    while True:
+        start = end + 1  # a record may span lines (newlines in a quoted value): name its first
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            # A quote opened and never closed runs into the field size limit on a large file.
+            opened = _open_quote(lines[start - 1 : reader.line_num])
+            message = (
+                _unterminated(path, start + opened)
+                if opened is not None
+                else f"{path}:{start}: cannot read as CSV ({err})"
+            )
+            _row_problem(problems, message)
+            break  # the reader cannot find the next record reliably: stop here
+        end = reader.line_num
+        if end == len(lines):  # the last record: did a quote left open swallow the rest of the file?
+            opened = _open_quote(lines[start - 1 : end])
+            if opened is not None:
+                _row_problem(problems, _unterminated(path, start + opened))
+                break
+        if not values:  # a blank line
+            continue
+        if header is None:
+            header = values
+            continue
+        if len(values) > len(header):  # more values than header columns: usually an unquoted comma
             _row_problem(
                 problems,
-                f"{path}:{reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} values for "
-                f"{len(reader.fieldnames or [])} header columns (quote values that contain commas)",
+                f"{path}:{start}: {len(values)} values for {len(header)} header columns "
+                "(quote values that contain commas)",
             )
             continue
-        out.rows.append(dict(row))
-        out.origins.append(f"{path}:{reader.line_num}")
+        out.rows.append({name: values[i] if i < len(values) else None for i, name in enumerate(header)})
+        out.origins.append(f"{path}:{start}")
     return out
 
 
