@@ -95,7 +95,7 @@ def resolve_model_path(model_cfg: ModelConfig, path: str | None = None) -> str:
     """
     path = path or model_cfg.name_or_path
     if path == "tiny":
-        return str(build_tiny_model())
+        return os.path.abspath(build_tiny_model())
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if not any(os.path.exists(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
@@ -103,7 +103,9 @@ def resolve_model_path(model_cfg: ModelConfig, path: str | None = None) -> str:
                 f"model path '{path}' is a folder without config.json or adapter_config.json: "
                 "point model.name_or_path at a saved model, a run folder, or a hub id"
             )
-        return expanded
+        # Absolute: a LoRA adapter trained on it records this path as its base, and must load
+        # from any working directory.
+        return os.path.abspath(expanded)
     if os.path.exists(expanded) or _looks_local(path):
         raise AlignError(
             f"model path '{path}' does not exist: use model=tiny, a hub id such as "
@@ -313,6 +315,8 @@ def load_model(
         raise ValueError(f"unknown model kind {kind!r}")
 
     base = _adapter_base(path)
+    if kind == "causal_lm":
+        _refuse_classifier(path)
     try:
         if base is not None:
             if quant is not None:
@@ -333,6 +337,26 @@ def load_model(
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def _refuse_classifier(path: str) -> None:
+    """A reward model (a sequence classifier) has no language-model head to generate or train as a
+    policy with: say so, instead of a traceback or a silently new head."""
+    if not os.path.isdir(path):
+        return  # a hub id: transformers decides
+    classifier = adapter_task(path) == "SEQ_CLS"
+    config = os.path.join(path, "config.json")
+    if not classifier and os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+        classifier = bool(architectures) and all(
+            a.endswith("ForSequenceClassification") for a in architectures
+        )
+    if classifier:
+        raise AlignError(
+            f"model '{path}' is a reward model (a sequence classifier), not a language model: start a policy "
+            "from a base or SFT model, and pass the reward model as reward=model reward.model.path=<folder>"
+        )
 
 
 def lora_config(peft_cfg: PeftSettings, task_type: str = "CAUSAL_LM"):

@@ -89,8 +89,9 @@ def summarize(trainer, summary_keys: list[str], final_eval: dict[str, float]) ->
     out: dict[str, float] = {}
     train_losses = [e["loss"] for e in history if "loss" in e]
     if train_losses:
-        out["train_loss_first"] = float(train_losses[0])
-        out["train_loss"] = float(train_losses[-1])
+        # Named apart from the trainer's own `train_loss` (the mean over all steps).
+        out["loss_first_step"] = float(train_losses[0])
+        out["loss_last_step"] = float(train_losses[-1])
     for key in summary_keys:
         value = final_eval.get(key, _last_logged(history, key))
         if value is not None:
@@ -106,7 +107,7 @@ def print_summary(
     method: str, output_dir: str, metrics: dict[str, float], keys: list[str], seconds: float
 ) -> None:
     """Prints the final loss and the method's key metrics (summary.json holds them all)."""
-    wanted = ["train_loss_first", "train_loss", *keys, "eval_loss", "global_step"]
+    wanted = ["loss_first_step", "loss_last_step", *keys, "eval_loss", "global_step"]
     shown = {k: metrics[k] for k in dict.fromkeys(wanted) if k in metrics}
     lines = [f"align: {method} finished in {seconds:.1f}s -> {output_dir}"]
     # An undefined metric (e.g. a correlation over constant scores) is NaN: say so plainly.
@@ -494,7 +495,10 @@ def _hydra_entry() -> None:
         except KeyboardInterrupt:
             if debug:
                 raise
-            fail("interrupted (nothing saved since the last checkpoint)", 128 + signal.SIGINT)
+            run_dir = HydraConfig.get().runtime.output_dir
+            if _remove_if_untouched(run_dir):
+                fail("interrupted before training started (nothing to save)", 128 + signal.SIGINT)
+            fail(f"interrupted (nothing saved since the last checkpoint in {run_dir})", 128 + signal.SIGINT)
 
     _FAILED_JOBS.clear()
     _main()
@@ -502,8 +506,9 @@ def _hydra_entry() -> None:
         fail(f"{len(_FAILED_JOBS)} job(s) of the sweep failed: {', '.join(_FAILED_JOBS)}")
 
 
-def _remove_if_untouched(run_dir: str) -> None:
-    """Deletes a run folder that holds only what Hydra put there (a run refused before it began)."""
+def _remove_if_untouched(run_dir: str) -> bool:
+    """Deletes a run folder that holds only what Hydra put there (a run that stopped before it
+    began); True if it did."""
     try:
         if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "train.log"}:
             import shutil
@@ -512,8 +517,10 @@ def _remove_if_untouched(run_dir: str) -> None:
             parent = os.path.dirname(os.path.abspath(run_dir))
             if not os.listdir(parent):  # outputs/<method>/ made for this run alone
                 os.rmdir(parent)
+            return True
     except OSError:
         pass
+    return False
 
 
 def _wants_debug(argv: list[str]) -> bool:

@@ -105,4 +105,23 @@ def test_dpo_learns_the_sample_preferences(tmp_path):
     metrics = result.metrics
     assert metrics["eval_rewards/accuracies"] >= 0.85, metrics
     assert metrics["eval_rewards/margins"] > 0.5, metrics
-    assert metrics["train_loss"] < 0.5 * metrics["train_loss_first"], metrics
+    assert metrics["loss_last_step"] < 0.5 * metrics["loss_first_step"], metrics
+
+
+def test_dpo_eval_metrics_are_means_over_rows_whatever_the_batch_size(tmp_path):
+    """11 eval pairs in batches of 3 (a short last batch) give the same eval metrics as batches of 1."""
+    out = tmp_path / "run"
+    overrides = ["method=dpo", "method.args.max_steps=1", "method.args.per_device_eval_batch_size=3"]
+    result = train(compose([*overrides, "data.eval_ratio=0.1", "plot=false"], out))
+    trainer = result.trainer
+    assert len(trainer.eval_dataset) % 3 != 0
+    batched = trainer.evaluate()
+    trainer.args.per_device_eval_batch_size = 1
+    single = trainer.evaluate()
+    for key in (
+        "eval_logps/chosen",
+        "eval_logps/rejected",
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+    ):
+        assert batched[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key

@@ -151,3 +151,35 @@ def test_qlora_ppo_critic_from_a_lora_reward_model(tmp_path, rm_adapter):
     result = train(compose([*overrides, "method.critic_init=reward"], tmp_path / "run"))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.trainer.critic.modules())
     assert result.trainer.state.global_step == 2
+
+
+def test_a_reward_model_is_refused_as_the_policy(tmp_path, rm_adapter):
+    from align_cli.errors import AlignError
+
+    full_rm = tmp_path / "rm_full"
+    train(compose(["method=rm", "method.args.max_steps=1", "data.eval_ratio=0", "plot=false"], full_rm))
+    for folder in (full_rm, rm_adapter):
+        for method in ("sft", "dpo"):
+            cfg = compose(
+                [f"method={method}", f"model.name_or_path={folder}", "method.args.max_steps=1"],
+                tmp_path / "x",
+            )
+            with pytest.raises(
+                AlignError, match="is a reward model \\(a sequence classifier\\), not a language model"
+            ):
+                train(cfg)
+
+
+def test_an_adapter_names_its_base_by_absolute_path(tmp_path, monkeypatch):
+    """Trained from a relative model path, the adapter still loads from another directory."""
+    import os
+
+    from align_cli.modeling import build_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(build_tiny_model(), tmp_path)
+    out = tmp_path / "run"
+    overrides = ["method=sft", "peft=lora", f"model.name_or_path={relative}", "method.args.max_steps=1"]
+    train(compose([*overrides, "data.eval_ratio=0", "plot=false"], out))
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert os.path.isabs(base) and os.path.samefile(base, build_tiny_model())

@@ -44,7 +44,11 @@ def _precision_defaults(model_cfg: ModelConfig, valid: set[str]) -> dict[str, An
     out: dict[str, Any] = {}
     if "bf16" in valid:
         out["bf16"] = bool(gpu and torch.cuda.is_bf16_supported() and model_cfg.dtype != "float32")
-    if "gradient_checkpointing" in valid and not gpu:
+    # TRL defaults the deprecated `gradient_checkpointing` to True; setting its successor keeps
+    # transformers from warning about the old name on every run.
+    if "activation_checkpointing" in valid:
+        out["activation_checkpointing"] = gpu
+    elif "gradient_checkpointing" in valid and not gpu:
         out["gradient_checkpointing"] = False
     accelerator = (
         gpu or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -162,6 +166,8 @@ class MethodContext:
             values.update(eval_strategy="steps", eval_steps=0.25)
         values.update(defaults)
         values.update(self.args)
+        if "gradient_checkpointing" in self.args and "activation_checkpointing" not in self.args:
+            values.pop("activation_checkpointing", None)  # the user's old name decides
         check_arg_types(cls, self.args)
         try:
             config = cls(**values)

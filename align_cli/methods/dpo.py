@@ -22,7 +22,37 @@ def config_class():
     return DPOConfig
 
 
-def build(ctx):
+def trainer_class():
+    """TRL's DPOTrainer, with evaluation metrics that are means over the eval rows.
+
+    TRL logs the mean of per-batch means, which weighs a short last batch like a full one (10
+    rows in batches of 8: the last 2 rows count as much as the first 8). Here each batch's
+    means are weighted by its rows (over all processes). Training logs are untouched.
+    """
+    import torch
     from trl import DPOTrainer
 
-    return ctx.trl_trainer(DPOTrainer, config_class())
+    class RowMeanDPOTrainer(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not self.model.training:
+                rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
+                counted = self.accelerator.gather(torch.tensor([rows], device=self.accelerator.device))
+                self.__dict__.setdefault("_eval_rows", []).append(int(counted.sum()))
+            return out
+
+        def log(self, logs, start_time=None):
+            sizes = self.__dict__.pop("_eval_rows", [])
+            if not self.model.training and sizes:
+                for key, values in self._metrics["eval"].items():
+                    if len(values) == len(sizes):
+                        self._metrics["eval"][key] = [
+                            sum(v * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
+                        ]
+            super().log(logs, start_time)
+
+    return RowMeanDPOTrainer
+
+
+def build(ctx):
+    return ctx.trl_trainer(trainer_class(), config_class())
