@@ -346,7 +346,7 @@ def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
     from omegaconf import OmegaConf
 
     from align_cli import config as schema
-    from align_cli.data import load_datasets
+    from align_cli.data import PromptRoom, load_datasets
     from align_cli.modeling import load_tokenizer
     from align_cli.testing import compose
     from align_cli.train import typed
@@ -363,7 +363,7 @@ def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
         seed=int(cfg.seed),
         sample=method_cfg.get("sample"),
         tokenizer=tokenizer,
-        max_length=model_cfg.max_length,
+        room=PromptRoom.for_answer(model_cfg.max_length),
     )
     paths = {}
     for name, ds in (("train", train), ("eval", evaluation)):
