@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 
-# Each rank reports its world size, wrapped model type and a checksum of its final weights.
+# Each rank trains with the overrides given as JSON and reports its world size, wrapped model
+# type and a checksum of its final weights.
 PROBE = """
 import json, os, sys
 from align_cli.testing import compose
 from align_cli.train import train
 
-r = train(compose(["method=dpo", "method.args.max_steps=3", "data.eval_ratio=0"], sys.argv[1]))
+r = train(compose(json.loads(sys.argv[2]), sys.argv[1]))
 total = float(sum(p.double().sum() for p in r.trainer.model.parameters()))
 info = {"rank": int(os.environ["RANK"]), "world": r.trainer.args.world_size,
         "wrapped": type(r.trainer.model_wrapped).__name__, "checksum": total}
@@ -21,9 +22,10 @@ print("RANKINFO", json.dumps(info))
 """
 
 
-def test_torchrun_two_processes_is_real_ddp(tmp_path):
+def trained_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
+    """Trains into tmp_path/run with `torchrun --nproc_per_node 2`; each rank's report, checked
+    to come from real DDP (two ranks, world size 2, a DistributedDataParallel wrapper)."""
     probe = tmp_path / "probe.py"
-    # Each rank reports its wrapped model type and a checksum of its final weights.
     probe.write_text(PROBE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
@@ -35,6 +37,7 @@ def test_torchrun_two_processes_is_real_ddp(tmp_path):
             "2",
             str(probe),
             str(tmp_path / "run"),
+            json.dumps(overrides),
         ],
         env=env,
         capture_output=True,
@@ -47,6 +50,11 @@ def test_torchrun_two_processes_is_real_ddp(tmp_path):
     ]
     assert sorted(i["rank"] for i in infos) == [0, 1]
     assert all(i["world"] == 2 and i["wrapped"] == "DistributedDataParallel" for i in infos)
+    return infos
+
+
+def test_torchrun_two_processes_is_real_ddp(tmp_path):
+    infos = trained_on_two_ranks(tmp_path, ["method=dpo", "method.args.max_steps=3", "data.eval_ratio=0"])
     # Different data shards, same weights afterwards: the gradients were all-reduced.
     assert infos[0]["checksum"] == infos[1]["checksum"]
     assert (tmp_path / "run" / "summary.json").exists()
@@ -81,39 +89,14 @@ def test_torchrun_cli_ranks_share_one_run_folder(tmp_path):
     assert out.stdout.count("align: sft finished") == 1  # only rank 0 reports
 
 
-PPO_PROBE = """
-import json, os, sys
-from align_cli.testing import compose
-from align_cli.train import train
-
-overrides = ["method=ppo", "method.args.max_steps=2", "method.args.per_device_train_batch_size=4",
-             "method.args.num_mini_batches=1", "method.args.max_new_tokens=8", f"data.eval_path={sys.argv[2]}"]
-r = train(compose(overrides, sys.argv[1]))
-total = float(sum(p.double().sum() for p in r.trainer.model.parameters()))
-print("RANKINFO", json.dumps({"rank": int(os.environ["RANK"]), "world": r.trainer.args.world_size,
-                              "wrapped": type(r.trainer.model_wrapped).__name__, "checksum": total}))
-"""
-
-
 def test_ppo_under_torchrun_syncs_policy_and_critic_and_evaluates_one_prompt(tmp_path):
     """Two ranks: both networks end identical (DDP), and an eval set of one prompt (rank 1 has
     none) neither hangs nor loses the row."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(PPO_PROBE)
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe), str(tmp_path / "run"),
-         str(eval_file)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    infos = [
-        json.loads(line.split("RANKINFO ", 1)[1]) for line in out.stdout.splitlines() if "RANKINFO" in line
-    ]
-    assert sorted(i["rank"] for i in infos) == [0, 1]
-    assert all(i["world"] == 2 and i["wrapped"] == "DistributedDataParallel" for i in infos)
+    overrides = ["method=ppo", "method.args.max_steps=2", "method.args.per_device_train_batch_size=4",
+                 "method.args.num_mini_batches=1", "method.args.max_new_tokens=8", f"data.eval_path={eval_file}"]  # fmt: skip
+    infos = trained_on_two_ranks(tmp_path, overrides)
     assert infos[0]["checksum"] == infos[1]["checksum"]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(row["prompt"] == "Say something kind." for row in samples)
