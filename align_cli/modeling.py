@@ -82,7 +82,12 @@ def build_tiny_model() -> Path:
     return target
 
 
-def _looks_local(path: str) -> bool:
+def holds_model(folder: str) -> bool:
+    """Whether a folder holds a saved model or a LoRA adapter."""
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("config.json", "adapter_config.json"))
+
+
+def looks_local(path: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with path syntax is meant to be local.
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
@@ -98,7 +103,7 @@ def resolve_model_path(model_cfg: ModelConfig, path: str | None = None) -> str:
         return os.path.abspath(build_tiny_model())
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
-        if not any(os.path.exists(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
+        if not holds_model(expanded):
             raise AlignError(
                 f"model path '{path}' is a folder without config.json or adapter_config.json: "
                 "point model.name_or_path at a saved model, a run folder, or a hub id"
@@ -106,7 +111,7 @@ def resolve_model_path(model_cfg: ModelConfig, path: str | None = None) -> str:
         # Absolute: a LoRA adapter trained on it records this path as its base, and must load
         # from any working directory.
         return os.path.abspath(expanded)
-    if os.path.exists(expanded) or _looks_local(path):
+    if os.path.exists(expanded) or looks_local(path):
         raise AlignError(
             f"model path '{path}' does not exist: use model=tiny, a hub id such as "
             "Qwen/Qwen2.5-0.5B-Instruct, or an existing folder"
@@ -169,28 +174,11 @@ def merge_adapter_folder(model_cfg: ModelConfig, path: str, target: str) -> str:
     adapter), or serve as the base of a new adapter whose `base_model_name_or_path` must name
     the weights it was trained on. An existing `target` (a resumed run) is reused.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if os.path.exists(os.path.join(target, "config.json")):
         return target
-    task = adapter_task(path)
+    kind = "seq_cls" if adapter_task(path) == "SEQ_CLS" else "causal_lm"
+    model = load_model(model_cfg, kind=kind, path=path)  # merged in memory, unquantized
     base = _adapter_base(path)
-    kwargs: dict[str, Any] = {
-        "revision": model_cfg.revision,
-        "trust_remote_code": model_cfg.trust_remote_code,
-        "dtype": torch_dtype(model_cfg.dtype),
-    }
-    if task == "SEQ_CLS":
-        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
-    else:
-        cls = AutoModelForCausalLM
-    try:
-        with quiet_transformers() if task == "SEQ_CLS" else nullcontext():  # the adapter has the head
-            base_model = cls.from_pretrained(base, **kwargs)
-        model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
-    except OSError as err:
-        raise _hub_error(base, err) from None
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     # Written beside the target and renamed, as the tiny model is: DDP ranks may race here.
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".merging-")
@@ -339,6 +327,16 @@ def load_model(
     return model
 
 
+def is_classifier_config(config: dict) -> bool | None:
+    """Whether a config.json describes a sequence classifier; None when it does not say."""
+    if "AutoModelForSequenceClassification" in (config.get("auto_map") or {}):
+        return True
+    architectures = config.get("architectures") or []
+    if not architectures:
+        return None
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
 def _refuse_classifier(path: str) -> None:
     """A reward model (a sequence classifier) has no language-model head to generate or train as a
     policy with: say so, instead of a traceback or a silently new head."""
@@ -348,10 +346,7 @@ def _refuse_classifier(path: str) -> None:
     config = os.path.join(path, "config.json")
     if not classifier and os.path.exists(config):
         with open(config, encoding="utf-8") as f:
-            architectures = json.load(f).get("architectures") or []
-        classifier = bool(architectures) and all(
-            a.endswith("ForSequenceClassification") for a in architectures
-        )
+            classifier = bool(is_classifier_config(json.load(f)))
     if classifier:
         raise AlignError(
             f"model '{path}' is a reward model (a sequence classifier), not a language model: start a policy "

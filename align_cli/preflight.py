@@ -46,7 +46,6 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
                 f"cannot parse '{_shown(override)}': {reason}{_quoting_hint(override, reason, parser)} "
                 "(see https://hydra.cc/docs/advanced/override_grammar/basic/)"
             ) from err
-    check_repeated_keys(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
@@ -161,7 +160,7 @@ def _probe_sets(overrides: list[str], multirun: bool, limit: int = 40) -> list[l
             if not override.is_sweep_override():
                 choices.append([text])
                 continue
-            key = override.key_or_group + (f"@{override.package}" if override.package else "")
+            key = _key(override)
             prefix = _PREFIX.get(override.type.name, "")
             values = [f"{prefix}{key}={v}" for v in override.sweep_string_iterator()]
             for value in values:

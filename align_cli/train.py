@@ -241,6 +241,41 @@ def check_method_args(module, ctx) -> None:
         ctx.trl_config(module.config_class())
 
 
+def checked_config(cfg: DictConfig):
+    """The method module, a `MethodContext` (no tokenizer or data yet) and the data config of a
+    composed config, after every check that needs neither: the method and its keys, its data
+    format, the typed groups and `method.args` (`align train` and `align data validate` alike).
+
+    Raises:
+        AlignError: no method, an unknown key, a group key or value that is not valid, or a
+            `method.args` key or value the method's config class rejects.
+    """
+    from .methods import load_method
+    from .methods.base import MethodContext
+
+    method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
+    if not method or "name" not in method:
+        raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
+    check_known_keys(cfg, method)
+    args = method.pop("args", None) or {}
+    module = load_method(method["name"])
+    check_method_format(method)
+    data_cfg = typed(cfg, "data", schema.DataConfig)
+    ctx = MethodContext(
+        method=method,
+        args=args,
+        model_cfg=typed(cfg, "model", schema.ModelConfig),
+        quant_cfg=typed(cfg, "quant", schema.QuantConfig),
+        peft_cfg=typed(cfg, "peft", schema.PeftSettings),
+        tokenizer=None,
+        train_dataset=None,
+        reward=OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None,
+        seed=int(cfg.get("seed", 42)),
+    )
+    check_method_args(module, ctx)
+    return module, ctx, data_cfg
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """Runs one training job described by a composed config.
 
@@ -258,40 +293,16 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
     from .data import load_datasets
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
-    from .methods import load_method, prompt_room
-    from .methods.base import MethodContext
+    from .methods import prompt_room
     from .rewards import row_check
 
     started = time.time()
-    method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
-    if not method or "name" not in method:
-        raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
-    check_known_keys(cfg, method)
-    args = method.pop("args", None) or {}
-    module = load_method(method["name"])
-    check_method_format(method)
-    model_cfg = typed(cfg, "model", schema.ModelConfig)
-    data_cfg = typed(cfg, "data", schema.DataConfig)
-    peft_cfg = typed(cfg, "peft", schema.PeftSettings)
-    quant_cfg = typed(cfg, "quant", schema.QuantConfig)
-    reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None
-    output_dir = resolve_output_dir(cfg)
-    resume_from = check_run_folder(output_dir, cfg.get("resume"))
+    module, ctx, data_cfg = checked_config(cfg)
+    method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
-    ctx = MethodContext(
-        method=method,
-        args=args,
-        model_cfg=model_cfg,
-        quant_cfg=quant_cfg,
-        peft_cfg=peft_cfg,
-        tokenizer=None,
-        train_dataset=None,
-        reward=reward,
-        output_dir=output_dir,
-        seed=int(cfg.seed),
-    )
-    check_method_args(module, ctx)
-    preflight_quant(quant_cfg, peft_cfg)
+    ctx.output_dir = output_dir = resolve_output_dir(cfg)
+    resume_from = check_run_folder(output_dir, cfg.get("resume"))
+    preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
 
     # The tokenizer is cheap and decides whether prompts become chat messages; the data is
     # read and checked completely before any model weights are loaded.

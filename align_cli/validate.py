@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import config as schema
 from .errors import AlignError
@@ -225,39 +225,18 @@ def validate(cfg: DictConfig) -> Report:
     """
     from . import modeling
     from .data import has_eval_source
-    from .methods import load_method, prompt_room
-    from .methods.base import MethodContext
+    from .methods import prompt_room
     from .rewards import row_check
-    from .train import check_known_keys, check_method_args, check_method_format, typed
+    from .train import checked_config
 
-    method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
-    if not method:
-        raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
-    check_known_keys(cfg, method)
-    check_method_format(method)
-    model_cfg = typed(cfg, "model", schema.ModelConfig)
-    data_cfg = typed(cfg, "data", schema.DataConfig)
-    module = load_method(method["name"])
-    args = method.pop("args", None) or {}
-    # The same method.args checks as `align train`: what validate calls ready, train accepts.
-    check_method_args(
-        module,
-        MethodContext(
-            method=method,
-            args=args,
-            model_cfg=model_cfg,
-            quant_cfg=typed(cfg, "quant", schema.QuantConfig),
-            peft_cfg=typed(cfg, "peft", schema.PeftSettings),
-            tokenizer=None,
-            train_dataset=None,
-        ),
-    )
-    room = prompt_room(module, args, model_cfg)
-    reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None
-    check = row_check(reward)
+    # The same checks as `align train`: what validate calls ready, train accepts.
+    module, ctx, data_cfg = checked_config(cfg)
+    method, model_cfg = ctx.method, ctx.model_cfg
+    room = prompt_room(module, ctx.args, model_cfg)
+    check = row_check(ctx.reward)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    seed = int(cfg.get("seed", 42))
+    seed = ctx.seed
     train_report, train = check_split(
         data_cfg, method, tokenizer, model_cfg.max_length, room, seed=seed, row_check=check
     )
@@ -280,11 +259,12 @@ def validate(cfg: DictConfig) -> Report:
 
 def main(argv: list[str]) -> None:
     """Entry for `align data validate [overrides]`: prints the report, exits 0 (valid) or 1."""
-    from .preflight import compose_checked
+    from .preflight import check_repeated_keys, compose_checked
     from .train import _wants_debug, fail
 
     argv = schema.normalize_overrides(list(argv))
     try:
+        check_repeated_keys(argv)
         report = validate(compose_checked(argv))
     except AlignError as err:
         if _wants_debug(argv):

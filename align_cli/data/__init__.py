@@ -315,7 +315,7 @@ class PromptRoom:
 
 def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], room: PromptRoom) -> str | None:
     """The message for prompts longer than `room.limit` tokens, or None."""
-    long = too_long(prompt_lengths, room.limit + 1)
+    long = too_long(prompt_lengths, room.limit)
     if not long:
         return None
     first = long[0]

@@ -95,9 +95,9 @@ def measure(rows: list[dict], standard: str, tokenizer, prompts_only: bool = Fal
     return out
 
 
-def too_long(prompt_lengths: list[int], max_length: int) -> list[int]:
-    """Indices of prompts that leave no token of `max_length` for the answer."""
-    return [i for i, n in enumerate(prompt_lengths) if n >= max_length]
+def too_long(prompt_lengths: list[int], limit: int) -> list[int]:
+    """Indices of prompts longer than `limit` tokens."""
+    return [i for i, n in enumerate(prompt_lengths) if n > limit]
 
 
 def percentiles(values: list[int], qs=(50, 90, 99)) -> dict[str, int]:

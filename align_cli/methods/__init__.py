@@ -31,9 +31,9 @@ def load_method(name: str) -> ModuleType:
 
 def prompt_room(module: ModuleType, args: dict, model_cfg) -> PromptRoom | None:
     """The most tokens a prompt may have for this method: a method's own `prompt_room(args,
-    model_cfg)` (PPO keeps room for its sampled response), else model.max_length less one token
-    for the answer. None: no limit."""
+    model_cfg)` (PPO keeps room for its sampled response; None: no limit), else model.max_length
+    less one token for the answer."""
     own = getattr(module, "prompt_room", None)
     if own is not None:
         return own(args, model_cfg)
-    return PromptRoom.for_answer(model_cfg.max_length) if model_cfg.max_length else None
+    return PromptRoom.for_answer(model_cfg.max_length)

@@ -105,9 +105,8 @@ def prompt_room(args: dict, model_cfg) -> PromptRoom | None:
 
     defaults = {f.name: f.default for f in dataclasses.fields(config_class())}
     new = args.get("max_new_tokens", defaults["max_new_tokens"])
-    max_length, key = args.get("max_length", model_cfg.max_length), "method.args.max_length"
-    if "max_length" not in args:
-        key = "model.max_length"
+    max_length = args.get("max_length", model_cfg.max_length)
+    key = "method.args.max_length" if "max_length" in args else "model.max_length"
     if not max_length:
         return None
     return PromptRoom(

@@ -468,7 +468,6 @@ class PPOTrainer(Trainer):
         attention_mask = torch.cat([prompt_mask, (~after_stop).long()], dim=1)
         return sequences, attention_mask, response_mask
 
-    @torch.no_grad()
     def _log_metric(self, name: str, value: float) -> None:
         self._user_metrics[name].append(float(value))
 
@@ -490,6 +489,7 @@ class PPOTrainer(Trainer):
             local = {name: sum(v) / len(v) for name, v in merged.items()}
         return local
 
+    @torch.no_grad()
     def _score(
         self,
         rows: list[int],

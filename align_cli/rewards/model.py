@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from ..errors import AlignError
+from ..modeling import holds_model, is_classifier_config, looks_local
 from .base import Reward, message_text
 
 # What to do instead, at the end of every "not a reward model" message.
@@ -47,15 +48,14 @@ def check_path(path: str, key: str) -> None:
     expanded = os.path.expanduser(path)
     where = f"point {key} at an `rm` run folder, a saved reward model, or a hub id"
     if os.path.isdir(expanded):
-        if not any(os.path.exists(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
+        if not holds_model(expanded):
             raise AlignError(
                 f"{key}={path!r} is a folder without config.json or adapter_config.json: {where}"
             )
         return
     if os.path.exists(expanded):
         raise AlignError(f"{key}={path!r} is a file, not a model folder: {where}")
-    # Hub ids are "name" or "org/name"; anything else with path syntax is meant to be local.
-    local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+    local = looks_local(path)
     first = path.split("/", 1)[0]
     if local or ("/" in path and os.path.isdir(first)):
         why = "" if local else f" (there is a local folder '{first}/', so it is not taken for a hub id)"
@@ -72,16 +72,6 @@ def check_path(path: str, key: str) -> None:
                 f"{key}={path!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE is set, "
                 f"so it cannot be downloaded: {where} that is cached (or unset HF_HUB_OFFLINE)"
             )
-
-
-def _is_classifier(config: dict) -> bool | None:
-    """Whether a config.json describes a sequence classifier; None when it does not say."""
-    if "AutoModelForSequenceClassification" in (config.get("auto_map") or {}):
-        return True
-    architectures = config.get("architectures") or []
-    if not architectures:
-        return None
-    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
 
 
 def _num_labels(config: dict) -> int:
@@ -138,7 +128,7 @@ def check_checkpoint(path: str, key: str, shown: str | None = None) -> None:
         if names is not None and not any(m in f".{n}" for m in saved for n in names):
             base = adapter.get("base_model_name_or_path")
             config = _config(base, key) if base else {}
-            if not _is_classifier(config):
+            if not is_classifier_config(config):
                 raise AlignError(
                     f"{key}={shown!r} has no trained classification head: its LoRA adapter saves none "
                     f"(no modules_to_save weights) and its base {base!r} is "
@@ -146,7 +136,7 @@ def check_checkpoint(path: str, key: str, shown: str | None = None) -> None:
                 )
         return
     config = _config(path, key)
-    classifier = _is_classifier(config)
+    classifier = is_classifier_config(config)
     if classifier is False:
         arch = ", ".join(config["architectures"])
         kind = (

@@ -40,7 +40,7 @@ from .base import Reward
 
 log = logging.getLogger("align")
 
-# TRL's logging callables, which our PPO loop does not pass (see the module docstring).
+# TRL's logging callables (GRPO and our PPO pass them; see the module docstring).
 LOGGING_KWARGS = ("log_metric", "log_extra")
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -156,7 +156,7 @@ class FunctionReward(Reward):
         self._stand_ins = {name: self._unrecorded(name) for name in LOGGING_KWARGS}
 
     def _unrecorded(self, name: str) -> Callable:
-        """What a caller without TRL's `name` callable (our PPO loop) passes: warns once, drops."""
+        """What a caller without TRL's `name` callable gets instead: warns once, drops the values."""
         warned = []
 
         def stand_in(*args: Any, **kwargs: Any) -> None:
