@@ -179,6 +179,28 @@ def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings
             f"({type(err).__name__}: {one_line(str(err))}); use quant=none, or install a bitsandbytes "
             "build for this device"
         ) from None
+    if quant_cfg.bits == 4:
+        from .compat import check_4bit_training
+
+        # A kernel that trains until the first evaluation and then crashes, or passes no
+        # gradient, would lose a run hours in: try an eval pass then a backward now.
+        problem = check_4bit_training(
+            device, quant_cfg.quant_type, modeling.torch_dtype(quant_cfg.compute_dtype)
+        )
+        if problem:
+            raise AlignError(
+                f"quant=4bit: bitsandbytes {_version('bitsandbytes')} cannot train on this machine's {device}: "
+                f"{problem}; use quant=none, or a bitsandbytes version align supports (see pyproject.toml)"
+            )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 def check_method_format(method: dict) -> str:

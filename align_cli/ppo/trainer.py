@@ -758,6 +758,8 @@ class PPOTrainer(Trainer):
         start_time, first_step = time.time(), self.state.global_step
         self._log_buffer.clear()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start and self.state.global_step == 0:
+            self.evaluate()  # as transformers' Trainer does: the starting policy's numbers
         while self.state.global_step < max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             experience, metrics = self.make_experience(self._batch_rows(self.state.global_step))
