@@ -79,9 +79,12 @@ def _ticks(lo: float, hi: float) -> list[float]:
 
 
 def svg_panels(
-    panels: list[tuple[str, list[tuple[float, float]]]], width: int = 300, height: int = 230
+    panels: list[tuple[str, list[tuple[float, float]]]],
+    width: int = 300,
+    height: int = 230,
+    xlabel: str = "step",
 ) -> str:
-    """Small-multiple line charts (one panel per metric, x = step) as a standalone SVG document.
+    """Small-multiple line charts (one panel per metric, x = `xlabel`) as a standalone SVG document.
 
     Written by hand rather than with matplotlib: importing and drawing with it took about half a
     second at the end of every run, for a picture this simple.
@@ -102,7 +105,7 @@ def svg_panels(
             f'<text x="{x0 + pw / 2}" y="15" text-anchor="middle" font-size="12">{escape(key)}</text>'
         )
         parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
-        parts.append(f'<text x="{x0 + pw / 2}" y="{height - 4}" text-anchor="middle">step</text>')
+        parts.append(f'<text x="{x0 + pw / 2}" y="{height - 4}" text-anchor="middle">{escape(xlabel)}</text>')
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]

@@ -20,6 +20,7 @@ commands:
                    options and groups:     align train --help
   data validate    check a dataset for a method without training:
                                            align data validate method=kto data.path=my.jsonl
+  sweep report     rebuild a sweep's results table:  align sweep report multirun/dpo/<time>
   version          print the version
 
 examples:
@@ -59,10 +60,16 @@ def _dispatch(argv: list[str]) -> None:
         from .validate import main as validate_main
 
         validate_main(rest[1:])
+    elif command == "sweep":
+        from .sweep import main as sweep_main
+
+        sweep_main(rest)
     elif command in ("version", "--version"):
         print(f"align {__version__}")
     else:
-        _fail(f"unknown command '{command}': use train, data validate or version (see align --help)")
+        _fail(
+            f"unknown command '{command}': use train, data validate, sweep report or version (see align --help)"
+        )
 
 
 DATA_USAGE = """usage: align data validate method=<name> [data=<name>] [data.path=<file>] [key=value ...]

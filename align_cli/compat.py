@@ -14,9 +14,15 @@ import logging
 BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
-def quiet_bitsandbytes_import() -> None:
-    """Silences bitsandbytes' import-time warning about its optional CPU inference kernel."""
+def quiet_library_noise() -> None:
+    """Silences what libraries print on import that says nothing to an align user.
+
+    - bitsandbytes' warning about its optional CPU inference kernel (see BNB_CPU_OPS_LOGGER);
+    - alembic 1.14 (optuna's schema tool, with the sweep extra) logs one "setup plugin" line per
+      plugin at INFO, which Hydra's logging shows at the start of every Optuna sweep.
+    """
     logging.getLogger(BNB_CPU_OPS_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def keep_4bit_trainable(model) -> int:

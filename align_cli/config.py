@@ -97,6 +97,20 @@ class QuantConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What a multirun optimises and sorts its results table by (see sweep.py)."""
+
+    metric: str | None = None  # a key of summary.json, e.g. eval_rewards/accuracies; null: eval_loss
+    direction: str = "auto"  # maximize | minimize | auto (minimize losses and errors, maximize the rest)
+
+    def __post_init__(self):
+        if self.direction not in ("maximize", "minimize", "auto"):
+            raise AlignError(
+                f"sweep.direction={self.direction!r} is not valid: use maximize, minimize or auto"
+            )
+
+
+@dataclass
 class AlignConfig:
     """The root of every composed config."""
 
@@ -108,6 +122,7 @@ class AlignConfig:
     reward: Any = None
     seed: int = 42
     output_dir: str | None = None  # null: Hydra's run directory
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     resume: Any = False  # false, true (the run folder's last checkpoint) or a checkpoint path
     debug: bool = False  # show full tracebacks
     plot: bool = True
