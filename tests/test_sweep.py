@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +35,13 @@ def align(*args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProc
         text=True,
         timeout=timeout,
     )
+
+
+def has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def rows(folder: Path) -> list[dict]:
@@ -109,11 +117,24 @@ def test_grid_sweep_through_the_entry_point_keeps_going_past_a_failed_job(tmp_pa
     assert {r["job"]: r["status"] for r in rows(sweep)}[killed] == "unfinished"
 
 
-pytest.importorskip(
-    "hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra (pip install 'align-cli[sweep]')"
-)
+def test_a_metric_no_run_reports_stops_the_sweep_with_one_line(tmp_path):
+    out = align(
+        "train",
+        "-m",
+        "sweep.metric=eval_nosuch",
+        *ONE_STEP,
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("align: error: sweep.metric=eval_nosuch is not in this run's summary.json")
+        and "eval_loss" in last
+    )
 
 
+@pytest.mark.skipif(not has("hydra_plugins.hydra_optuna_sweeper"), reason="pip install 'align-cli[sweep]'")
 def test_optuna_sweep_maximizes_sweep_metric_and_a_stored_study_resumes(tmp_path):
     import optuna
     import yaml
@@ -143,24 +164,9 @@ def test_optuna_sweep_maximizes_sweep_metric_and_a_stored_study_resumes(tmp_path
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
 
 
-def test_a_metric_no_run_reports_stops_the_sweep_with_one_line(tmp_path):
-    out = align(
-        "train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "method.args.beta=interval(0.01,0.5)",
-        "sweep.metric=eval_nosuch", *ONE_STEP, f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path,
-    )  # fmt: skip
-    assert out.returncode == 1
-    last = out.stderr.strip().splitlines()[-1]
-    assert (
-        last.startswith("align: error: sweep.metric=eval_nosuch is not in this run's summary.json")
-        and "eval_loss" in last
-    )
-
-
-pytest.importorskip(
-    "hydra_plugins.hydra_submitit_launcher", reason="the cluster extra (pip install 'align-cli[cluster]')"
+@pytest.mark.skipif(
+    not has("hydra_plugins.hydra_submitit_launcher"), reason="pip install 'align-cli[cluster]'"
 )
-
-
 def test_submitit_local_runs_two_jobs_each_on_two_ddp_ranks(tmp_path):
     if shutil.which("torchrun") is None and not os.path.exists(
         os.path.join(os.path.dirname(sys.executable), "torchrun")
