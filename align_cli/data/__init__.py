@@ -15,9 +15,11 @@ Evaluation never reads a file that training reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,10 +34,12 @@ from .formats import (
     detect,
     keeps_extra,
     known_columns,
+    unread_columns,
 )
 from .lengths import measure, too_long
 from .problems import Problems
 from .readers import Rows, read_any
+from .sources import from_registry, is_registry, registry_rows, sources, take
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -58,10 +62,13 @@ class Loaded:
     columns: list[str] = field(default_factory=list)
     rows_read: int = 0
     files: list[str] = field(default_factory=list)  # what was read (see readers.Rows.files)
+    warnings: list[str] = field(default_factory=list)  # columns and keys nothing read, said once each
+    formats: list[str] = field(default_factory=list)  # each source's input format, when several were read
 
 
-def data_path(data_cfg: DataConfig, sample: str | None) -> str:
-    """The configured path, or the method's sample file when `data.path` is null."""
+def data_path(data_cfg: DataConfig, sample: str | None):
+    """The configured path (a string or a list, see sources.py), or the method's sample file when
+    `data.path` is null."""
     if data_cfg.path:
         return data_cfg.path
     if not sample:
@@ -155,6 +162,10 @@ def convert(
         raise AlignError(f"{raw.source}: the dataset is empty")
     columns = set().union(*(r.keys() for r in raw.rows))
     fmt = detect(standard, columns, requested, raw.source, raw.renamed)
+    warnings = unread_columns(fmt, columns, raw.source)
+    # Per file: OpenAI's per-message `weight` anywhere makes every conversation of the file
+    # train turn by turn (one layout for the whole dataset, as TRL needs).
+    opts = dataclasses.replace(opts, weighted=standard == "sft" and _has_weights(raw.rows), ignored=Counter())
     found = problems if problems is not None else Problems()
     rows, origins = [], []
     for row, origin in zip(raw.rows, raw.origins, strict=True):
@@ -173,15 +184,33 @@ def convert(
             # a problem of this row, not a crash.
             found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
         else:
-            problem = row_check(converted) if row_check is not None else None
-            if problem:
-                found.add(f"{origin}: {problem}")
-            else:
-                rows.append(converted)
-                origins.append(origin)
+            for one in converted if isinstance(converted, list) else [converted]:
+                problem = row_check(one) if row_check is not None else None
+                if problem:
+                    found.add(f"{origin}: {problem}")
+                else:
+                    rows.append(one)
+                    origins.append(origin)
     if problems is None:
         found.raise_if_any(raw.source)
-    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files)
+    warnings += [
+        f"{raw.source}: message key '{name}' is not read ({count} message{'s' if count > 1 else ''})"
+        for name, count in sorted(opts.ignored.items())
+    ]
+    for warning in warnings:
+        log.warning("%s", warning)
+    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files, warnings)
+
+
+def _has_weights(rows: list[dict]) -> bool:
+    """Whether some message of some row has OpenAI's per-message `weight`."""
+    return any(
+        isinstance(m, dict) and "weight" in m
+        for row in rows
+        for value in (row.get("messages"), row.get("conversations"))
+        if isinstance(value, list)
+        for m in value
+    )
 
 
 def has_eval_source(data_cfg: DataConfig) -> bool:
@@ -199,7 +228,8 @@ def read_and_convert(
     row_check: RowCheck | None = None,
 ) -> Loaded:
     """Reads and converts the training split, or the evaluation split; every bad row is
-    collected before stopping.
+    collected before stopping. Several sources (`data.path=[a.jsonl,b.json]`) are read and
+    converted one by one (each may have its own layout) and joined in order.
 
     Args:
         evaluation: read `data.eval_path` / `data.eval_split` instead of `data.path` / `data.split`.
@@ -215,23 +245,74 @@ def read_and_convert(
     else:
         path, path_key = data_path(data_cfg, sample), "data.path"
         split = data_cfg.eval_split if evaluation else data_cfg.split
-    raw = read_any(
-        path,
-        data_cfg.subset,
-        split,
-        found,
-        key="data.eval_split" if evaluation else "data.split",
-        split_names=(data_cfg.split, data_cfg.eval_split),
-        path_key=path_key,
-    )
-    rename_columns(raw, mapping)
-    if data_cfg.max_samples:
-        raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
-    opts = ConvertOptions(conversational, data_cfg.system)
-    loaded = convert(raw, standard, data_cfg.format, opts, found, row_check)
+    parts = []
+    budget = data_cfg.max_samples
+    for source in sources(path, path_key):
+        if is_registry(source.path):
+            source = dataclasses.replace(from_registry(source.path, data_cfg.dataset), rows=source.rows, share=source.share)
+        raw = read_any(
+            source.path,
+            source.subset or data_cfg.subset,
+            source.split or split,
+            found,
+            key="data.eval_split" if evaluation else "data.split",
+            split_names=(data_cfg.split, data_cfg.eval_split),
+            path_key=path_key,
+        )
+        raw.rows, raw.origins = take(raw.rows, raw.origins, source)
+        if source.formatting:
+            raw.rows = registry_rows(raw.rows, source)
+        rename_columns(raw, mapping)
+        if budget is not None:
+            raw.rows, raw.origins = raw.rows[:budget], raw.origins[:budget]
+            budget -= len(raw.rows)
+        opts = ConvertOptions(conversational, data_cfg.system)
+        parts.append(convert(raw, standard, data_cfg.format, opts, found, row_check))
+        if budget is not None and budget <= 0:
+            break
+    loaded = parts[0] if len(parts) == 1 else _join(parts)
     if problems is None:
-        found.raise_if_any(raw.source)
+        found.raise_if_any(loaded.source)
     return loaded
+
+
+def _join(parts: list[Loaded]) -> Loaded:
+    """Several sources' rows as one dataset.
+
+    Raises:
+        AlignError: SFT sources that convert to different row layouts (conversations and
+            prompt/completion pairs): TRL trains one layout per dataset.
+    """
+    layouts: dict[str, str] = {}
+    for part in parts:
+        if part.rows:
+            layouts.setdefault(_layout(part.rows[0]), part.source)
+    if len(layouts) > 1:
+        (a, sa), (b, sb) = list(layouts.items())[:2]
+        raise AlignError(
+            f"{sa} gives {a} rows and {sb} gives {b} rows: TRL trains one row layout per dataset; "
+            "convert one file to the other's layout, or train them in separate runs"
+        )
+    first = next((p for p in parts if p.input_format is not None), parts[0])
+    return Loaded(
+        rows=[r for p in parts for r in p.rows],
+        origins=[o for p in parts for o in p.origins],
+        input_format=first.input_format,
+        source=" + ".join(p.source for p in parts),
+        columns=sorted({c for p in parts for c in p.columns}),
+        rows_read=sum(p.rows_read for p in parts),
+        files=[f for p in parts for f in p.files],
+        warnings=[w for p in parts for w in p.warnings],
+        formats=[p.input_format.name for p in parts if p.input_format],
+    )
+
+
+def _layout(row: dict) -> str:
+    if "messages" in row:
+        return "conversation (messages)"
+    if "text" in row:
+        return "plain text"
+    return ", ".join(sorted(k for k in row if k in ("prompt", "completion", "chosen", "rejected", "completions")))
 
 
 def check_disjoint(train: Loaded, evaluation: Loaded, data_cfg: DataConfig) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import AlignError
 from .problems import Problems
 
-EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # Names that mark a folder as holding splits, as `datasets` recognises them: `train.jsonl`,
 # `test-00000-of-00001.parquet`, `validation/`. A folder with none of these (nor a file named
 # for the split asked for) is one dataset, all its files together.
@@ -264,14 +264,25 @@ def read_parquet(path: Path, problems: Problems | None = None) -> Rows:
     return Rows(rows=rows, origins=[f"{path}:row {i + 1}" for i in range(len(rows))], source=str(path))
 
 
-READERS = {"json": read_json, "jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet}
+def read_text(path: Path, problems: Problems | None = None) -> Rows:
+    """Plain text: one `text` row per non-blank line (as `datasets`' text loader reads it)."""
+    out = Rows(source=str(path))
+    for lineno, line in enumerate(_lines(_read_text(path)), start=1):
+        line = line.rstrip("\r\n")
+        if line.strip():
+            out.rows.append({"text": line})
+            out.origins.append(f"{path}:{lineno}")
+    return out
+
+
+READERS = {"json": read_json, "jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet, "text": read_text}
 
 
 def read_file(path: Path, problems: Problems | None = None) -> Rows:
     kind = EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise AlignError(
-            f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .csv or .parquet"
+            f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .csv, .parquet or .txt"
         )
     rows = READERS[kind](path, problems)
     rows.files = [str(path.resolve())]
