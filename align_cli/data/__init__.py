@@ -249,7 +249,9 @@ def read_and_convert(
     budget = data_cfg.max_samples
     for source in sources(path, path_key):
         if is_registry(source.path):
-            source = dataclasses.replace(from_registry(source.path, data_cfg.dataset), rows=source.rows, share=source.share)
+            source = dataclasses.replace(
+                from_registry(source.path, data_cfg.dataset), rows=source.rows, share=source.share
+            )
         raw = read_any(
             source.path,
             source.subset or data_cfg.subset,
@@ -312,7 +314,9 @@ def _layout(row: dict) -> str:
         return "conversation (messages)"
     if "text" in row:
         return "plain text"
-    return ", ".join(sorted(k for k in row if k in ("prompt", "completion", "chosen", "rejected", "completions")))
+    return ", ".join(
+        sorted(k for k in row if k in ("prompt", "completion", "chosen", "rejected", "completions"))
+    )
 
 
 def check_disjoint(train: Loaded, evaluation: Loaded, data_cfg: DataConfig) -> None:
@@ -403,16 +407,126 @@ def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], room: Prompt
     return (
         f"{len(long)} of {len(prompt_lengths)} prompts are longer than {room.limit} tokens ({room.why}); "
         f"first: {loaded.origins[first]} ({prompt_lengths[first]} tokens): "
-        "raise model.max_length or shorten these prompts"
+        "raise model.max_length, shorten these prompts, or set data.too_long=drop (leave those rows out) "
+        "or data.too_long=truncate (cut them to fit)"
     )
 
 
-def check_prompt_lengths(loaded: Loaded, standard: str, tokenizer, room: PromptRoom) -> None:
-    """Raises AlignError when prompts are longer than `room` allows (count and first row)."""
+def check_prompt_lengths(
+    loaded: Loaded, standard: str, tokenizer, room: PromptRoom, mode: str = "refuse"
+) -> str | None:
+    """Prompts longer than `room` allows: refused (count and first row), or, with `data.too_long`,
+    left out (`drop`) or cut to fit (`truncate`) in place.
+
+    Returns:
+        What was done, for the log (None when every prompt fits).
+
+    Raises:
+        AlignError: some prompt is too long and `mode` is refuse, or truncating cannot make it fit.
+    """
     lengths = measure(loaded.rows, standard, tokenizer, prompts_only=True)
     message = long_prompts_problem(loaded, lengths.prompt, room)
-    if message:
+    if not message:
+        return None
+    if mode == "refuse":
         raise AlignError(message)
+    long = too_long(lengths.prompt, room.limit)
+    if mode == "drop":
+        if len(long) == len(loaded.rows):
+            raise AlignError(f"data.too_long=drop would leave no row: {message}")
+        skip, first = set(long), loaded.origins[long[0]]
+        loaded.rows = [r for i, r in enumerate(loaded.rows) if i not in skip]
+        loaded.origins = [o for i, o in enumerate(loaded.origins) if i not in skip]
+        return (
+            f"data.too_long=drop: left out {len(long)} of {len(lengths.prompt)} rows whose prompt is longer "
+            f"than {room.limit} tokens (first: {first})"
+        )
+    for i in long:
+        loaded.rows[i] = truncate_row(loaded.rows[i], standard, tokenizer, room.limit, loaded.origins[i])
+    return (
+        f"data.too_long=truncate: cut {len(long)} of {len(lengths.prompt)} prompts to {room.limit} tokens "
+        "(earliest turns first, then the end of the last user turn)"
+    )
+
+
+def truncate_row(row: dict, standard: str, tokenizer, limit: int, origin: str) -> dict:
+    """The row with its prompt cut to `limit` tokens as rendered: the oldest turns of a
+    conversation go first (its system message stays), then the end of the last user turn
+    (or of a text prompt), which keeps an instruction's opening words.
+
+    Raises:
+        AlignError: the prompt cannot fit even when cut (e.g. a system prompt alone is longer).
+    """
+    from .lengths import measure as _measure
+
+    def fits(prompt) -> int:
+        probe = (
+            {**row, "messages": [*prompt, row["messages"][-1]]}
+            if "messages" in row
+            else {**row, "prompt": prompt}
+        )
+        return _measure([probe], standard, tokenizer, prompts_only=True).prompt[0]
+
+    prompt = row["messages"][:-1] if "messages" in row else row["prompt"]
+    if isinstance(prompt, list):
+        prompt = [dict(m) for m in prompt]
+        head = 1 if prompt and prompt[0]["role"] == "system" else 0
+        # Drop the oldest turns (user and the answer after it) while more than one user turn is left.
+        while fits(prompt) > limit and sum(m["role"] == "user" for m in prompt[head:]) > 1:
+            del prompt[head]
+            while len(prompt) > head + 1 and prompt[head]["role"] != "user":
+                del prompt[head]
+    for _ in range(8):  # each pass cuts the excess (token counts of a cut text shift a little)
+        excess = fits(prompt) - limit
+        if excess <= 0:
+            break
+        last = prompt[-1] if isinstance(prompt, list) else None
+        content = last["content"] if last is not None else prompt
+        ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+        if excess >= len(ids):
+            raise AlignError(f"{origin}: data.too_long=truncate cannot fit this prompt in {limit} tokens")
+        cut = tokenizer.decode(ids[: len(ids) - excess])
+        if last is not None:
+            last["content"] = cut
+        else:
+            prompt = cut
+    else:
+        raise AlignError(f"{origin}: data.too_long=truncate cannot fit this prompt in {limit} tokens")
+    if "messages" in row:
+        return {**row, "messages": [*prompt, row["messages"][-1]]}
+    return {**row, "prompt": prompt}
+
+
+def check_tool_rendering(loaded: Loaded, tokenizer, model_name: str = "") -> None:
+    """Refuses tool calls or tool schemas that the chat template does not render: the rows would
+    train on empty assistant turns or without the tools they call.
+
+    Raises:
+        AlignError: naming the first such row and the way on (a template that renders tools).
+    """
+    for row, origin in zip(loaded.rows, loaded.origins, strict=True):
+        msgs = row.get("messages") or [
+            *(row.get("prompt") if isinstance(row.get("prompt"), list) else []),
+            *(row.get("completion") or row.get("chosen") or []),
+        ]
+        calls = [c for m in msgs if isinstance(m, dict) for c in m.get("tool_calls") or []]
+        tools = json.loads(row["tools"]) if row.get("tools") else []
+        if not calls and not tools:
+            continue
+        try:
+            rendered = tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False)
+        except Exception as err:  # a template that cannot take these messages at all
+            rendered = f"<error {type(err).__name__}: {err}>"
+        missing = [c["function"]["name"] for c in calls if c["function"]["name"] not in rendered]
+        missing += [t["function"]["name"] for t in tools if t["function"]["name"] not in rendered]
+        if missing:
+            what = "tool calls" if calls else "tool schemas ('tools')"
+            raise AlignError(
+                f"{origin}: the chat template{f' of {model_name}' if model_name else ''} does not render {what} "
+                f"('{missing[0]}' is not in the rendered text), so these rows would train without them: set "
+                "model.chat_template=<file> to a template that renders tools, or use a model whose template does"
+            )
+        return  # one row shows whether the template renders them
 
 
 def _to_dataset(rows: list[dict]) -> Dataset:
@@ -453,20 +567,54 @@ def load_datasets(
         AlignError: unreadable or empty data, columns that fit no input format of `standard`,
             prompts too long; DataError (a subclass) for bad rows: the first and the count.
     """
+    train, evaluation = load_splits(
+        data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check
+    )
+    return _to_dataset(train.rows), _to_dataset(evaluation.rows) if evaluation is not None else None
+
+
+def _fit(loaded: Loaded, standard: str, tokenizer, room: PromptRoom | None, data_cfg: DataConfig) -> None:
+    if tokenizer is None:
+        return
+    if tokenizer.chat_template is not None:
+        check_tool_rendering(loaded, tokenizer)
+    if room is not None:
+        note = check_prompt_lengths(loaded, standard, tokenizer, room, data_cfg.too_long)
+        if note:
+            log.warning("%s", note)
+            loaded.warnings.append(note)
+
+
+def load_splits(
+    data_cfg: DataConfig,
+    standard: str,
+    conversational: bool,
+    seed: int = 42,
+    sample: str | None = None,
+    tokenizer=None,
+    room: PromptRoom | None = None,
+    row_check: RowCheck | None = None,
+) -> tuple[Loaded, Loaded | None]:
+    """The train and evaluation rows as `load_datasets` gives them to the trainer, with their
+    origins (`align data preview` prints them); the arguments are `load_datasets`'."""
     train = read_and_convert(data_cfg, standard, conversational, sample, row_check=row_check)
-    if tokenizer is not None and room is not None:
-        check_prompt_lengths(train, standard, tokenizer, room)
+    _fit(train, standard, tokenizer, room, data_cfg)
     if has_eval_source(data_cfg):
         evaluation = read_and_convert(
             data_cfg, standard, conversational, sample, evaluation=True, row_check=row_check
         )
         check_disjoint(train, evaluation, data_cfg)
-        if tokenizer is not None and room is not None:
-            check_prompt_lengths(evaluation, standard, tokenizer, room)
-        return _to_dataset(train.rows), _to_dataset(evaluation.rows)
+        _fit(evaluation, standard, tokenizer, room, data_cfg)
+        return train, evaluation
     held = set(held_out(train.rows, data_cfg.eval_ratio, seed))
     if not held:
-        return _to_dataset(train.rows), None
-    train_rows = [r for i, r in enumerate(train.rows) if i not in held]
-    eval_rows = [train.rows[i] for i in sorted(held)]
-    return _to_dataset(train_rows), _to_dataset(eval_rows)
+        return train, None
+    evaluation = dataclasses.replace(
+        train, rows=[train.rows[i] for i in sorted(held)], origins=[train.origins[i] for i in sorted(held)]
+    )
+    train = dataclasses.replace(
+        train,
+        rows=[r for i, r in enumerate(train.rows) if i not in held],
+        origins=[o for i, o in enumerate(train.origins) if i not in held],
+    )
+    return train, evaluation

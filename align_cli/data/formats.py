@@ -229,7 +229,9 @@ def _weighted_rows(msgs: list[dict], key: str) -> list[Row]:
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         if not any(p["role"] == "user" for p in msgs[:i]):
-            raise RowError(f"column '{key}' message {i}: an assistant turn to train on needs a user turn before it")
+            raise RowError(
+                f"column '{key}' message {i}: an assistant turn to train on needs a user turn before it"
+            )
         clean = [{k: v for k, v in p.items() if k != "weight"} for p in msgs[: i + 1]]
         out.append({"prompt": clean[:i], "completion": [clean[i]]})
     if not out:
@@ -249,11 +251,15 @@ def _sft_conversation(msgs: list[dict], row: Row, opts: ConvertOptions, key: str
 
 
 def _sft_messages(row, opts):
-    return _sft_conversation(normalize(row.get("messages"), "messages", opts.ignored, keep_weight=True), row, opts, "messages")
+    return _sft_conversation(
+        normalize(row.get("messages"), "messages", opts.ignored, keep_weight=True), row, opts, "messages"
+    )
 
 
 def _sft_sharegpt(row, opts):
-    return _sft_conversation(sharegpt_turns(row.get("conversations"), "conversations"), row, opts, "conversations")
+    return _sft_conversation(
+        sharegpt_turns(row.get("conversations"), "conversations"), row, opts, "conversations"
+    )
 
 
 def _margin(row, out):
@@ -272,7 +278,9 @@ def _pair(prompt, chosen, rejected, opts: ConvertOptions) -> Row:
     """A preference row from a conversational prompt and answers (flattened without a template)."""
     if not opts.conversational:
         prompt = contents(prompt) if isinstance(prompt, list) else prompt
-        chosen, rejected = ("".join(m["content"] for m in x) if isinstance(x, list) else x for x in (chosen, rejected))
+        chosen, rejected = (
+            "".join(m["content"] for m in x) if isinstance(x, list) else x for x in (chosen, rejected)
+        )
     return _check_distinct({"prompt": prompt, "chosen": chosen, "rejected": rejected})
 
 
@@ -351,12 +359,16 @@ def _pref_implicit(row, opts):
     if isinstance(row["chosen"], list):
         out = _strip_shared(row, opts)
         if out is None:
-            raise RowError("'chosen' and 'rejected' start with the assistant: there is no prompt (add a 'prompt' column)")
+            raise RowError(
+                "'chosen' and 'rejected' start with the assistant: there is no prompt (add a 'prompt' column)"
+            )
         return out
     chosen, rejected = text(row, "chosen"), text(row, "rejected")
     n = _string_prefix(chosen, rejected)
     if n == 0 or not chosen[:n].strip():
-        raise RowError("'chosen' and 'rejected' share no leading text, so there is no prompt: add a 'prompt' column")
+        raise RowError(
+            "'chosen' and 'rejected' share no leading text, so there is no prompt: add a 'prompt' column"
+        )
     if n == len(chosen) or n == len(rejected):
         raise RowError("one of 'chosen' and 'rejected' is the beginning of the other: no answer to compare")
     system = row_system(row)
@@ -369,7 +381,9 @@ def _pref_sharegpt(row, opts):
     `rejected` one {from, value} turn each."""
     prompt = with_system(sharegpt_turns(row.get("conversations"), "conversations"), row, opts)
     if prompt[-1]["role"] not in ("user", "tool"):
-        raise RowError("column 'conversations' must end with the user's turn (the answers are 'chosen' and 'rejected')")
+        raise RowError(
+            "column 'conversations' must end with the user's turn (the answers are 'chosen' and 'rejected')"
+        )
     answers = []
     for key in ("chosen", "rejected"):
         value = row.get(key)
@@ -396,12 +410,16 @@ def _pref_openai(row, opts):
 def _pref_labeled_pair(row, opts):
     """SHP-style pairs: two responses and `labels` saying which won (1: A, 0: B)."""
     key = "prompt" if "prompt" in row else "history"
-    prompt = plain_prompt({**row, "prompt": row.get(key)}, opts) if key == "history" else plain_prompt(row, opts)
+    prompt = (
+        plain_prompt({**row, "prompt": row.get(key)}, opts) if key == "history" else plain_prompt(row, opts)
+    )
     label = row.get("labels")
     if isinstance(label, str) and label.strip() in ("0", "1"):
         label = int(label)
     if label not in (0, 1) or isinstance(label, float) and label not in (0.0, 1.0):
-        raise RowError(f"column 'labels' must be 1 (human_ref_A won) or 0 (human_ref_B won), got {label!r:.40}")
+        raise RowError(
+            f"column 'labels' must be 1 (human_ref_A won) or 0 (human_ref_B won), got {label!r:.40}"
+        )
     a, b = answer(row, "human_ref_A", opts), answer(row, "human_ref_B", opts)
     chosen, rejected = (a, b) if int(label) == 1 else (b, a)
     return _check_distinct({"prompt": prompt, "chosen": chosen, "rejected": rejected})
@@ -512,7 +530,11 @@ def _ranked(row, key, opts):
         raise RowError(f"both 'ranking' and '{score_key}' are given: keep the one that orders the responses")
     if row.get("ranking") is not None or score_key:
         # TRL-style: `ranking[i]` is the rank of completions[i] (0 = best); reorder best first.
-        ranking = _ranking(row, len(responses)) if score_key is None else _ranking_from_scores(row, score_key, len(responses))
+        ranking = (
+            _ranking(row, len(responses))
+            if score_key is None
+            else _ranking_from_scores(row, score_key, len(responses))
+        )
         responses = [r for _, r in sorted(zip(ranking, responses, strict=True))]
     if opts.conversational:
         return [[{"role": "assistant", "content": r}] for r in responses]
@@ -525,7 +547,9 @@ def _pointwise_from_list(row, opts):
     key = next((k for k in SCORE_COLUMNS if row.get(k) is not None), None)
     values = row.get(key) if key else None
     if not isinstance(values, list) or len(values) != len(responses):
-        raise RowError(f"column '{key or 'scores'}' must be a list of {len(responses)} numbers, one per response")
+        raise RowError(
+            f"column '{key or 'scores'}' must be a list of {len(responses)} numbers, one per response"
+        )
     prompt = plain_prompt(row, opts)
     return [
         {
@@ -574,12 +598,24 @@ INPUT_FORMATS: list[InputFormat] = [
         ("input", "system", "history", "margin"),
         _pref_alpaca,
     ),
-    InputFormat("sharegpt_preference", "preference", ("conversations", "chosen", "rejected"), T, _pref_sharegpt),
+    InputFormat(
+        "sharegpt_preference", "preference", ("conversations", "chosen", "rejected"), T, _pref_sharegpt
+    ),
     InputFormat("preference", "preference", ("prompt", "chosen", "rejected"), ("margin", *T), _pref_trl),
     InputFormat(
-        "openai_preference", "preference", ("input", "preferred_output", "non_preferred_output"), S, _pref_openai
+        "openai_preference",
+        "preference",
+        ("input", "preferred_output", "non_preferred_output"),
+        S,
+        _pref_openai,
     ),
-    InputFormat("shp", "preference", ("human_ref_A", "human_ref_B", "labels"), ("prompt", "history", *S), _pref_labeled_pair),
+    InputFormat(
+        "shp",
+        "preference",
+        ("human_ref_A", "human_ref_B", "labels"),
+        ("prompt", "history", *S),
+        _pref_labeled_pair,
+    ),
     InputFormat("implicit_preference", "preference", ("chosen", "rejected"), ("margin", *T), _pref_implicit),
     InputFormat(
         "alpaca_kto", "kto", ("instruction", "output", "kto_tag"), ("input", "system", "history"), _kto_alpaca
@@ -596,7 +632,9 @@ INPUT_FORMATS: list[InputFormat] = [
     ),
     InputFormat("pointwise", "pointwise", ("prompt", "completion", "score"), S, _point_trl),
     InputFormat("pointwise_list", "pointwise", ("prompt", "completions", "scores"), S, _pointwise_from_list),
-    InputFormat("pointwise_ratings", "pointwise", ("prompt", "completions", "ratings"), S, _pointwise_from_list),
+    InputFormat(
+        "pointwise_ratings", "pointwise", ("prompt", "completions", "ratings"), S, _pointwise_from_list
+    ),
     InputFormat(
         "alpaca_listwise",
         "listwise",
@@ -604,7 +642,9 @@ INPUT_FORMATS: list[InputFormat] = [
         ("input", "system", "history", "ranking", *SCORE_COLUMNS),
         _list_alpaca,
     ),
-    InputFormat("listwise", "listwise", ("prompt", "completions"), ("ranking", *SCORE_COLUMNS, *S), _list_trl),
+    InputFormat(
+        "listwise", "listwise", ("prompt", "completions"), ("ranking", *SCORE_COLUMNS, *S), _list_trl
+    ),
     InputFormat(
         "alpaca_prompt",
         "prompt",
@@ -685,14 +725,24 @@ def unread_columns(fmt: InputFormat, columns: set[str], source: str) -> list[str
                 "here trains; a listwise ranking orders 'completions' with 'ranking' or 'scores'"
             )
         if col in MEANINGFUL:
-            layouts = [f.name for f in INPUT_FORMATS if f.standard == fmt.standard and col in (*f.required, *f.optional)]
-            where = f" (the {', '.join(layouts)} layout{'s' if len(layouts) > 1 else ''} of this method read it)" if layouts else ""
+            layouts = [
+                f.name
+                for f in INPUT_FORMATS
+                if f.standard == fmt.standard and col in (*f.required, *f.optional)
+            ]
+            where = (
+                f" (the {', '.join(layouts)} layout{'s' if len(layouts) > 1 else ''} of this method read it)"
+                if layouts
+                else ""
+            )
             raise AlignError(
                 f"{source}: column '{col}' ({MEANINGFUL[col]}) is not read by the {fmt.name} layout{where}: "
                 f"rename the columns to such a layout (data.columns.<ours>=<yours>), or drop '{col}' "
                 "if the run should not use it"
             )
-    return [f"{source}: column '{col}' is not read by the {fmt.name} layout (not trained on)" for col in unread]
+    return [
+        f"{source}: column '{col}' is not read by the {fmt.name} layout (not trained on)" for col in unread
+    ]
 
 
 def keeps_extra(standard: str) -> bool:
@@ -757,7 +807,11 @@ def detect(
     # The most specific match: alpaca_kto rather than alpaca for instruction/output/kto_tag.
     # Not prompt data: any file with a prompt column "looks like" it.
     other = best_match(columns, exclude_standard=standard)
-    hint = f"; these columns look like {other.standard} data ({other.name}), which {METHODS_OF[other.standard]} takes" if other else ""
+    hint = (
+        f"; these columns look like {other.standard} data ({other.name}), which {METHODS_OF[other.standard]} takes"
+        if other
+        else ""
+    )
     wanted = " or ".join("[" + ", ".join(f.required) + "]" for f in candidates)
     raise AlignError(
         f"{source}: missing required column(s) for {standard} data: need {wanted}; "

@@ -48,7 +48,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     for j, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RowError(f"{where} tool call {j} must name its function: {{'function': {{'name': ..., 'arguments': ...}}}}")
+            raise RowError(
+                f"{where} tool call {j} must name its function: {{'function': {{'name': ..., 'arguments': ...}}}}"
+            )
         arguments = fn.get("arguments", {})
         if isinstance(arguments, str):  # OpenAI writes the arguments as a JSON string
             try:
@@ -197,7 +199,9 @@ def sharegpt_turns(
     msgs = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
-            raise RowError(f"column '{key}' turn {i} must be {{'{role_key}': <role>, '{content_key}': <text>}}")
+            raise RowError(
+                f"column '{key}' turn {i} must be {{'{role_key}': <role>, '{content_key}': <text>}}"
+            )
         tag = turn.get(role_key)
         if tag not in roles:
             raise RowError(
@@ -211,7 +215,11 @@ def sharegpt_turns(
                 raise RowError(f"column '{key}' turn {i} (function_call) is not JSON ({err.msg})") from None
             calls = calls if isinstance(calls, list) else [calls]
             msgs.append(
-                {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, f"column '{key}' turn {i}")}
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": _tool_calls(calls, f"column '{key}' turn {i}"),
+                }
             )
             continue
         if role in ("user", "assistant") and not value.strip():

@@ -275,7 +275,13 @@ def read_text(path: Path, problems: Problems | None = None) -> Rows:
     return out
 
 
-READERS = {"json": read_json, "jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet, "text": read_text}
+READERS = {
+    "json": read_json,
+    "jsonl": read_jsonl,
+    "csv": read_csv,
+    "parquet": read_parquet,
+    "text": read_text,
+}
 
 
 def read_file(path: Path, problems: Problems | None = None) -> Rows:

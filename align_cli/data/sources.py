@@ -63,7 +63,9 @@ def sources(value: Any, key: str = "data.path") -> list[Source]:
             raise AlignError(f"{where}: give rows or share, not both")
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise AlignError(f"{where}.rows={rows!r} must be a whole number of rows, at least 1")
-        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1
+        ):
             raise AlignError(f"{where}.share={share!r} must be a fraction in (0, 1]")
         out.append(Source(item["path"], rows=rows, share=share))
     return out
@@ -147,17 +149,23 @@ def from_registry(path: str, dataset: str | None) -> Source:
             f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
         )
     if dataset not in registry:
-        raise AlignError(f"data.dataset={dataset} is not in {path}{nearest(dataset, names)}; its datasets: {', '.join(names)}")
+        raise AlignError(
+            f"data.dataset={dataset} is not in {path}{nearest(dataset, names)}; its datasets: {', '.join(names)}"
+        )
     entry = registry[dataset]
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
-        raise AlignError(f"{path}: dataset '{dataset}' has formatting={formatting!r}; align reads alpaca and sharegpt")
+        raise AlignError(
+            f"{path}: dataset '{dataset}' has formatting={formatting!r}; align reads alpaca and sharegpt"
+        )
     if entry.get("file_name"):
         target, subset, split = str(p.parent / entry["file_name"]), None, None
     elif entry.get("hf_hub_url"):
         target, subset, split = entry["hf_hub_url"], entry.get("subset"), entry.get("split")
     else:
-        raise AlignError(f"{path}: dataset '{dataset}' has neither file_name nor hf_hub_url (align reads those two)")
+        raise AlignError(
+            f"{path}: dataset '{dataset}' has neither file_name nor hf_hub_url (align reads those two)"
+        )
     defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
     columns = entry.get("columns") or {}
     unknown = set(columns) - set(defaults)
