@@ -329,7 +329,7 @@ def test_eval_path_is_a_separate_evaluation_file(tmp_path):
         (
             '{"prompt": "p", "completion": "a"}\n',
             "preference",
-            r"missing required column.*need \[instruction, chosen, rejected\] or .*\[prompt, chosen, rejected\]"
+            r"missing required column.*need \[instruction, chosen, rejected\] or \[prompt, chosen, rejected\]"
             r".*columns found: completion, prompt.*look like sft data",
         ),
         (

@@ -812,10 +812,18 @@ def detect(
         if other
         else ""
     )
-    wanted = " or ".join("[" + ", ".join(f.required) + "]" for f in candidates)
+    # The seed's and TRL's own layouts first; the community ones after the columns found.
+    main = [f for f in candidates if f.name in (standard, f"alpaca_{standard}") or f.name == "alpaca"]
+    more = [f for f in candidates if f not in main]
+    wanted = " or ".join("[" + ", ".join(f.required) + "]" for f in main or candidates)
+    also = (
+        "; also accepted: " + ", ".join(f"{f.name} [{', '.join(f.required)}]" for f in more)
+        if main and more
+        else ""
+    )
     raise AlignError(
         f"{source}: missing required column(s) for {standard} data: need {wanted}; "
-        f"columns found: {describe_columns(columns, renamed) or 'none'}{hint}"
+        f"columns found: {describe_columns(columns, renamed) or 'none'}{hint}{also}"
     )
 
 
