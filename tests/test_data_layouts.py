@@ -591,3 +591,58 @@ def test_a_tiny_run_trains_on_a_community_layout(tmp_path, method, rows):
     ]
     result = train(compose(overrides, tmp_path / "run"))
     assert result is not None and (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ChatML that also renders tool schemas and tool calls (the tiny model's own template does not).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_rows_train_with_a_template_that_renders_them(tmp_path):
+    """Tool calls reach the template as written: no `unit: None` from another row's arguments."""
+    from align_cli.testing import compose
+    from align_cli.train import train
+
+    def call(args):
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": args}}],
+        }
+
+    rows = [
+        {
+            "messages": [
+                user("Oslo?"),
+                call({"city": "Oslo"}),
+                {"role": "tool", "content": "-3"},
+                bot("-3 C."),
+            ],
+            "tools": [WEATHER_TOOL],
+        },
+        {
+            "messages": [user("In F?"), call({"unit": "F"}), {"role": "tool", "content": "27"}, bot("27 F.")],
+            "tools": [WEATHER_TOOL],
+        },
+    ]
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE, encoding="utf-8")
+    path = write(tmp_path, "tools.jsonl", rows)
+    overrides = ["method=sft", f"data.path={path}", "data.eval_ratio=0", f"model.chat_template={template}"]
+    cfg = compose(
+        [*overrides, "method.args.max_steps=1", "method.args.per_device_train_batch_size=2", "plot=false"],
+        tmp_path / "run",
+    )
+    from align_cli.data.preview import preview
+
+    shown = preview(cfg, rows=2, rendered=True)
+    assert shown[0]["messages"][0] == user("Oslo?")  # no tool_calls: None added to a user turn
+    assert '<tool_call>get_weather {"city": "Oslo"}</tool_call>' in shown[0]["rendered"]
+    assert '<tool_call>get_weather {"unit": "F"}</tool_call>' in shown[1]["rendered"]
+    assert "get_weather" in shown[0]["rendered"].split("<|im_end|>")[0]  # the tools reached the template
+    train(cfg)
+    assert (tmp_path / "run" / "metrics.jsonl").exists()

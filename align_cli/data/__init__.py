@@ -530,12 +530,29 @@ def check_tool_rendering(loaded: Loaded, tokenizer, model_name: str = "") -> Non
 
 
 def _to_dataset(rows: list[dict]) -> Dataset:
-    from datasets import Dataset
+    from datasets import Dataset, Features, Json, List
 
     # Dataset.from_list takes its columns from the first row only: an optional column (e.g.
     # `margin`) that the first row lacks would vanish. Give every row every column (None if absent).
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    full = [{key: row.get(key) for key in columns} for row in rows]
+    # Arrow gives every message the union of all messages' keys (`tool_calls: None` on a user
+    # turn) and every tool call's arguments the union of all arguments (`{"city": "Oslo",
+    # "unit": None}`): a chat template would render those. Messages with more than role and
+    # content are stored as JSON instead, so each comes back as it was written.
+    rich = [c for c in columns if any(_rich_messages(row.get(c)) for row in rows)]
+    if not rich:
+        return Dataset.from_list(full)
+    plain = Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in full]).features
+    features = Features({c: List(Json()) if c in rich else plain[c] for c in columns})
+    return Dataset.from_list(full, features=features)
+
+
+def _rich_messages(value) -> bool:
+    """Whether a column value is a list of messages with keys beyond role and content."""
+    return isinstance(value, list) and any(
+        isinstance(m, dict) and set(m) - {"role", "content"} for m in value
+    )
 
 
 def load_datasets(
