@@ -4,7 +4,7 @@ Each method takes one *standard* format (a method yaml's `format:`):
 
 | standard     | columns produced                        | methods            |
 |--------------|-----------------------------------------|--------------------|
-| sft          | prompt, completion  (or messages)       | sft                |
+| sft          | prompt, completion (or messages, text)  | sft                |
 | preference   | prompt, chosen, rejected (+ margin)     | dpo, rm pairwise   |
 | kto          | prompt, completion, label               | kto                |
 | pointwise    | prompt, completion, score               | rm pointwise       |
@@ -14,7 +14,8 @@ Each method takes one *standard* format (a method yaml's `format:`):
 and accepts several *input* formats (`data.format=<name>`, or detected from the columns).
 With a chat template, prompts become conversations (lists of role/content messages) and
 answers single assistant messages, which TRL renders with the template; without one they
-stay plain text.
+stay plain text. A `tools` column travels as a JSON string (TRL passes it to the chat
+template); messages keep `tool_calls`, `tool_call_id` and `name`.
 """
 
 from __future__ import annotations
