@@ -59,9 +59,7 @@ class DataConfig:
     format: str = "auto"  # auto: detected from the columns; or one of the formats in data/formats.py
     subset: str | None = None  # hub dataset configuration name
     split: str = "train"
-    eval_path: str | None = (
-        None  # a separate evaluation file, folder or hub id (with eval_split if it has splits)
-    )
+    eval_path: Any = None  # a separate evaluation file, folder or hub id, or a list (as data.path)
     eval_split: str | None = None  # the evaluation split: a hub split, or `test` for a folder's test.jsonl
     eval_ratio: float = 0.1  # without eval_path/eval_split: held out of `split` by prompt (0: no evaluation)
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the name in your file

@@ -646,3 +646,53 @@ def test_tool_rows_train_with_a_template_that_renders_them(tmp_path):
     assert "get_weather" in shown[0]["rendered"].split("<|im_end|>")[0]  # the tools reached the template
     train(cfg)
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_conversations_with_role_and_content_turns(tmp_path):
+    rows = [{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    assert load(write(tmp_path, "ax.jsonl", rows), "sft")[0] == {"messages": [user("Hi"), bot("Hello")]}
+
+
+def test_a_weight_outside_sft_is_named_and_expansions_are_said(tmp_path, caplog):
+    rows = [{"prompt": [user("q")], "chosen": [{**bot("a"), "weight": 1}], "rejected": [bot("b")]}]
+    with caplog.at_level(logging.WARNING, logger="align"):
+        load(write(tmp_path, "pw.jsonl", rows), "preference")
+        load(
+            write(tmp_path, "ex.jsonl", [{"prompt": "p", "completions": ["a", "b"], "scores": [1, 2]}]),
+            "pointwise",
+            False,
+        )
+    assert "message key 'chosen[].weight' is not read (1 message)" in caplog.text
+    assert "1 rows became 2 training rows (one per response and score)" in caplog.text
+
+
+def test_ultrafeedback_raw_completions_are_refused_with_the_way_on(tmp_path):
+    rows = [
+        {
+            "prompt": "p",
+            "completions": [
+                {"model": "m", "response": "a", "overall_score": 7},
+                {"model": "n", "response": "b", "overall_score": 3},
+            ],
+        }
+    ]
+    with pytest.raises(AlignError, match=r"raw\.jsonl:1: column 'completions' holds objects.*'scores'"):
+        load(write(tmp_path, "raw.jsonl", rows), "listwise", False)
+
+
+def test_a_ranking_file_for_pairwise_points_to_listwise_not_prompt_data(tmp_path):
+    rows = [{"prompt": "p", "completions": ["a", "b"], "ranking": [1, 0]}]
+    with pytest.raises(
+        AlignError, match=r"look like listwise data \(listwise\), which method=rm method\.mode=listwise takes"
+    ):
+        load(write(tmp_path, "rk.jsonl", rows), "preference", False)
+
+
+def test_eval_path_may_be_a_list_and_too_long_is_checked(tmp_path):
+    a = write(tmp_path, "a.jsonl", [{"prompt": "p1", "completion": "x"}])
+    b = write(tmp_path, "b.jsonl", [{"prompt": "p2", "completion": "y"}, {"prompt": "p3", "completion": "z"}])
+    c = write(tmp_path, "c.jsonl", [{"prompt": "p4", "completion": "w"}])
+    train, evaluation = load_splits(DataConfig(path=a, eval_path=[b, c]), "sft", False)
+    assert [r["prompt"] for r in evaluation.rows] == ["p2", "p3", "p4"] and len(train.rows) == 1
+    with pytest.raises(AlignError, match=r"data\.too_long=cut is not valid: use refuse, drop or truncate"):
+        DataConfig(path=a, too_long="cut")

@@ -193,6 +193,12 @@ def convert(
                     origins.append(origin)
     if problems is None:
         found.raise_if_any(raw.source)
+    if len(set(origins)) < len(origins):
+        warnings.append(
+            f"{raw.source}: {len(set(origins))} rows became {len(rows)} training rows ("
+            + ("one per assistant turn with weight 1" if opts.weighted else "one per response and score")
+            + ")"
+        )
     warnings += [
         f"{raw.source}: message key '{name}' is not read ({count} message{'s' if count > 1 else ''})"
         for name, count in sorted(opts.ignored.items())

@@ -301,9 +301,12 @@ def _strip_shared(row: Row, opts: ConvertOptions) -> Row | None:
     chosen, rejected = (row.get(k) for k in ("chosen", "rejected"))
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         return None
-    chosen, rejected = conversation(chosen, "chosen", opts), conversation(rejected, "rejected", opts)
+    # Counted apart: plain answers are normalised (and their ignored keys counted) again by `answer`.
+    seen = Counter()
+    chosen, rejected = normalize(chosen, "chosen", seen), normalize(rejected, "rejected", seen)
     if chosen[0]["role"] == "assistant" and rejected[0]["role"] == "assistant":
         return None
+    opts.ignored.update(seen)
     n = common_prefix(chosen, rejected)
     if n == 0 or not any(m["role"] == "user" for m in chosen[:n]):
         raise RowError(
@@ -520,6 +523,12 @@ def _ranking_from_scores(row: Row, key: str, n: int) -> list[int]:
 
 
 def _ranked(row, key, opts):
+    value = row.get(key)
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        raise RowError(
+            f"column '{key}' holds objects, not response texts (UltraFeedback's raw layout): give "
+            f"'{key}' as a list of strings and each one's score in 'scores' (higher is better)"
+        )
     responses = string_list(row, key, 2)
     seen: dict[str, int] = {}
     for i, response in enumerate(responses):

@@ -118,6 +118,8 @@ def normalize(msgs: Any, key: str, ignored: Counter | None = None, keep_weight: 
                 raise RowError(f"{where}: 'weight' applies to assistant messages only (role is {role!r})")
             if keep_weight:
                 new["weight"] = int(m["weight"])
+            elif ignored is not None:  # weights mean something only to SFT conversations
+                ignored[f"{key}[].weight"] += 1
         if ignored is not None:
             for extra in m:
                 if extra not in KEPT_KEYS and extra != "weight" and m[extra] is not None:
@@ -198,6 +200,9 @@ def sharegpt_turns(
         raise RowError(f"column '{key}' must be a non-empty list of {{{role_key}, {content_key}}} turns")
     msgs = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and role_key not in turn and "role" in turn:
+            # Turns written as {role, content} under `conversations` (Axolotl, OpenAI-style).
+            turn = {**turn, role_key: turn["role"], content_key: turn.get("content")}
         if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
             raise RowError(
                 f"column '{key}' turn {i} must be {{'{role_key}': <role>, '{content_key}': <text>}}"
@@ -224,7 +229,12 @@ def sharegpt_turns(
             continue
         if role in ("user", "assistant") and not value.strip():
             raise RowError(f"column '{key}' turn {i} ({tag}) is empty")
-        msgs.append({"role": role, "content": value})
+        msg = {"role": role, "content": value}
+        if "weight" in turn:  # as OpenAI's per-message weight: 0 = context only
+            if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool) or role != "assistant":
+                raise RowError(f"column '{key}' turn {i}: 'weight' must be 0 or 1, on an assistant turn")
+            msg["weight"] = int(turn["weight"])
+        msgs.append(msg)
     return msgs
 
 
