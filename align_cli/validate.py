@@ -191,7 +191,7 @@ def check_split(
             report.notes += [f"warning: {w}" for w in loaded.warnings]
             if not evaluation and not has_eval_source(data_cfg):
                 try:
-                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed)
+                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed, loaded.origins)
                 except AlignError as err:
                     problems.add(str(err))
                 else:

@@ -696,3 +696,15 @@ def test_eval_path_may_be_a_list_and_too_long_is_checked(tmp_path):
     assert [r["prompt"] for r in evaluation.rows] == ["p2", "p3", "p4"] and len(train.rows) == 1
     with pytest.raises(AlignError, match=r"data\.too_long=cut is not valid: use refuse, drop or truncate"):
         DataConfig(path=a, too_long="cut")
+
+
+def test_turns_of_one_conversation_stay_in_one_split(tmp_path):
+    rows = [
+        {"messages": [user(f"q{i}"), {**bot(f"a{i}"), "weight": 1}, user("more"), bot(f"b{i}")]}
+        for i in range(10)
+    ]
+    train, evaluation = load_splits(
+        DataConfig(path=write(tmp_path, "c.jsonl", rows), eval_ratio=0.2), "sft", True
+    )
+    assert len(train.rows) + len(evaluation.rows) == 20 and len(evaluation.rows) == 4
+    assert not set(train.origins) & set(evaluation.origins)

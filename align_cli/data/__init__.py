@@ -354,7 +354,7 @@ def prompt_key(row: dict) -> str | None:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def held_out(rows: list[dict], ratio: float, seed: int) -> list[int]:
+def held_out(rows: list[dict], ratio: float, seed: int, origins: list[str] | None = None) -> list[int]:
     """The indices (in order) of the rows held out for evaluation, whole prompts at a time.
 
     Prompts are visited in an order shuffled with `seed`; each is held out when that brings
@@ -371,10 +371,29 @@ def held_out(rows: list[dict], ratio: float, seed: int) -> list[int]:
     target = int(round(len(rows) * ratio))
     if target == 0:
         return []
-    groups: dict[object, list[int]] = {}
+    # Rows go together when they share a prompt, or (with `origins`) come from one line of the
+    # file (a conversation trained turn by turn: a later turn's prompt holds the earlier ones).
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[object, int] = {}
     for i, row in enumerate(rows):
         key = prompt_key(row)
-        groups.setdefault(("row", i) if key is None else key, []).append(i)
+        for k in ([("prompt", key)] if key is not None else []) + (
+            [("origin", origins[i])] if origins else []
+        ):
+            if k in first:
+                parent[root(i)] = root(first[k])
+            else:
+                first[k] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(root(i), []).append(i)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     held: list[int] = []
@@ -629,7 +648,7 @@ def load_splits(
         check_disjoint(train, evaluation, data_cfg)
         _fit(evaluation, standard, tokenizer, room, data_cfg)
         return train, evaluation
-    held = set(held_out(train.rows, data_cfg.eval_ratio, seed))
+    held = set(held_out(train.rows, data_cfg.eval_ratio, seed, train.origins))
     if not held:
         return train, None
     evaluation = dataclasses.replace(
