@@ -176,6 +176,8 @@ def check_split(
         report.rows_read, report.rows_valid = loaded.rows_read, len(loaded.rows)
         report.columns = loaded.columns
         report.input_format = loaded.input_format.name if loaded.input_format else None
+        if len(set(loaded.formats)) > 1:  # several files, each in its own layout
+            report.input_format = " + ".join(loaded.formats)
         if loaded.rows:
             lengths = measure(loaded.rows, standard, tokenizer)
             report.lengths = {"prompt": percentiles(lengths.prompt)}

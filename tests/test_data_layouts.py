@@ -386,7 +386,7 @@ def test_a_template_that_ignores_tools_is_refused(tmp_path):
     path = write(tmp_path, "tc.jsonl", [{"messages": msgs}])
     with pytest.raises(
         AlignError,
-        match=r"tc\.jsonl:1: the chat template does not render tool calls \('get_weather'.*model\.chat_template",
+        match=r"tc\.jsonl:1: the chat template does not render tool calls \('get_weather' leaves the text unchanged.*model\.chat_template",
     ):
         load_splits(DataConfig(path=path, eval_ratio=0), "sft", True, tokenizer=tokenizer)
 
@@ -484,12 +484,31 @@ def test_llamafactory_dataset_info_registry(tmp_path):
             "columns": {"prompt": "q", "chosen": "win", "rejected": "lose"},
         },
     }
+    write(
+        tmp_path,
+        "lf_dpo.json",
+        [
+            {
+                "turns": [{"from": "human", "value": "2+2?"}],
+                "chosen": {"from": "gpt", "value": "4"},
+                "rejected": {"from": "gpt", "value": "5"},
+            }
+        ],
+    )
+    registry["lf_dpo"] = {
+        "file_name": "lf_dpo.json",
+        "ranking": True,
+        "formatting": "sharegpt",
+        "columns": {"messages": "turns"},
+    }
     info = tmp_path / "dataset_info.json"
     info.write_text(json.dumps(registry), encoding="utf-8")
     kto = load(str(info), "kto", dataset="my_kto")[0]
     assert kto == {"prompt": [user("Hi")], "completion": [bot("Hello")], "label": True}
     pair = load(str(info), "preference", False, dataset="my_pairs")[0]
     assert pair == {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    lf = load(str(info), "preference", dataset="lf_dpo")[0]
+    assert lf == {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]}
     with pytest.raises(AlignError, match=r"data\.dataset=my_pair is not in .*did you mean: my_pairs"):
         load(str(info), "preference", dataset="my_pair")
 

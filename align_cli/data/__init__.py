@@ -538,17 +538,28 @@ def check_tool_rendering(loaded: Loaded, tokenizer, model_name: str = "") -> Non
         tools = json.loads(row["tools"]) if row.get("tools") else []
         if not calls and not tools:
             continue
-        try:
-            rendered = tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False)
-        except Exception as err:  # a template that cannot take these messages at all
-            rendered = f"<error {type(err).__name__}: {err}>"
-        missing = [c["function"]["name"] for c in calls if c["function"]["name"] not in rendered]
-        missing += [t["function"]["name"] for t in tools if t["function"]["name"] not in rendered]
+
+        # A template renders them when taking them away changes the text.
+        def render(messages, schemas):
+            try:
+                return tokenizer.apply_chat_template(messages, tools=schemas or None, tokenize=False)
+            except Exception as err:  # a template that cannot take these messages at all
+                return f"<error {type(err).__name__}: {err}>"
+
+        full = render(msgs, tools)
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in msgs]
+        missing = None
+        if full.startswith("<error"):
+            missing = ("tool calls", full)
+        elif calls and render(bare, tools) == full:
+            missing = ("tool calls", calls[0]["function"]["name"])
+        elif tools and render(msgs, None) == full:
+            missing = ("tool schemas ('tools')", tools[0]["function"]["name"])
         if missing:
-            what = "tool calls" if calls else "tool schemas ('tools')"
+            what, name = missing
             raise AlignError(
                 f"{origin}: the chat template{f' of {model_name}' if model_name else ''} does not render {what} "
-                f"('{missing[0]}' is not in the rendered text), so these rows would train without them: set "
+                f"({name!r:.80} leaves the text unchanged), so these rows would train without them: set "
                 "model.chat_template=<file> to a template that renders tools, or use a model whose template does"
             )
         return  # one row shows whether the template renders them
