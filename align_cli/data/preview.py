@@ -67,8 +67,23 @@ def _trained_part(prompt, answer, tokenizer, tools=None) -> tuple[str, str, int]
     return full, tokenizer.decode(f_ids[n:]), len(f_ids) - n
 
 
-def rendered_fields(row: dict, tokenizer, method_args: dict | None = None) -> dict:
+def _scored(row: dict, tokenizer) -> dict:
+    """A reward model's view: each prompt + answer as its trainer tokenizes it, scored at the end."""
+    from ..rewards.model import tokenize_response
+
+    answers = [(k, row[k]) for k in ("completion", "chosen", "rejected") if row.get(k) is not None]
+    answers += [(f"completions[{i}]", c) for i, c in enumerate(row.get("completions") or [])]
+    rendered = {name: tokenizer.decode(tokenize_response(tokenizer, row["prompt"], a)) for name, a in answers}
+    return {
+        "rendered": rendered if len(rendered) > 1 else next(iter(rendered.values())),
+        "trained": "the reward read at the last token of each rendered text",
+    }
+
+
+def rendered_fields(row: dict, tokenizer, method_args: dict | None = None, method: str = "") -> dict:
     """`rendered` and `trained` (+ `trained_tokens`) for one converted row."""
+    if method == "rm":
+        return _scored(row, tokenizer)
     tools = json.loads(row["tools"]) if row.get("tools") else None
     args = method_args or {}
     if row.get("messages") is not None:
@@ -132,7 +147,7 @@ def preview(cfg, rows: int, rendered: bool) -> list[dict]:
     for i, row in enumerate(dataset):
         line = {"source": train.origins[i], **row}
         if rendered:
-            line.update(rendered_fields(row, tokenizer, ctx.args))
+            line.update(rendered_fields(row, tokenizer, ctx.args, method["name"]))
         out.append(line)
     return out
 
