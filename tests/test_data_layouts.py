@@ -727,3 +727,19 @@ def test_turns_of_one_conversation_stay_in_one_split(tmp_path):
     )
     assert len(train.rows) + len(evaluation.rows) == 20 and len(evaluation.rows) == 4
     assert not set(train.origins) & set(evaluation.origins)
+
+
+def test_a_users_own_data_config_folder(tmp_path):
+    from align_cli.testing import compose
+    from align_cli.train import checked_config
+
+    data = write(tmp_path, "mine.jsonl", [{"prompt": "p", "completion": "c"}])
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "data" / "mine.yaml").write_text(
+        f"name: mine\npath: {data}\nformat: auto\n", encoding="utf-8"
+    )
+    cfg = compose(
+        ["method=sft", "data=mine", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"], tmp_path / "run"
+    )
+    _, _, data_cfg = checked_config(cfg)
+    assert data_cfg.path == data and load(data_cfg.path, "sft", False) == [{"prompt": "p", "completion": "c"}]
