@@ -535,7 +535,12 @@ def _ranked(row, key, opts):
         if response in seen:
             raise RowError(f"column '{key}': responses {seen[response]} and {i} are identical")
         seen[response] = i
-    score_key = next((k for k in SCORE_COLUMNS if row.get(k) is not None), None)
+    given = [k for k in SCORE_COLUMNS if row.get(k) is not None]
+    if len(given) > 1:
+        raise RowError(
+            f"both '{given[0]}' and '{given[1]}' are given: keep the one that orders the responses"
+        )
+    score_key = given[0] if given else None
     if row.get("ranking") is not None and score_key:
         raise RowError(f"both 'ranking' and '{score_key}' are given: keep the one that orders the responses")
     if row.get("ranking") is not None or score_key:
