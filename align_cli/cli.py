@@ -20,6 +20,8 @@ commands:
                    options and groups:     align train --help
   data validate    check a dataset for a method without training:
                                            align data validate method=kto data.path=my.jsonl
+  data preview     the rows the trainer gets, as JSON lines (rows=N, rendered=true):
+                                           align data preview method=dpo data.path=my.jsonl
   sweep report     rebuild a sweep's results table:  align sweep report multirun/dpo/<time>
   version          print the version
 
@@ -55,8 +57,13 @@ def _dispatch(argv: list[str]) -> None:
         if not rest or rest[0] in ("-h", "--help") or {"-h", "--help"} & set(rest[1:]):
             print(DATA_USAGE)
             return
+        if rest[0] == "preview":
+            from .data.preview import main as preview_main
+
+            preview_main(rest[1:])
+            return
         if rest[0] != "validate":
-            _fail(f"unknown data command '{rest[0]}': use `align data validate`")
+            _fail(f"unknown data command '{rest[0]}': use `align data validate` or `align data preview`")
         from .validate import main as validate_main
 
         validate_main(rest[1:])
@@ -68,20 +75,26 @@ def _dispatch(argv: list[str]) -> None:
         print(f"align {__version__}")
     else:
         _fail(
-            f"unknown command '{command}': use train, data validate, sweep report or version (see align --help)"
+            f"unknown command '{command}': use train, data validate|preview, sweep report or version (see align --help)"
         )
 
 
 DATA_USAGE = """usage: align data validate method=<name> [data=<name>] [data.path=<file>] [key=value ...]
+       align data preview method=<name> [data.path=<file>] [rows=N] [rendered=true] [key=value ...]
 
 Reads the whole dataset the way `align train` would and reports every problem with its file
 and line (missing or mistyped columns, empty texts, identical chosen and rejected, malformed
 JSON, prompts longer than model.max_length), then a summary: rows, columns, detected input
 format, token-length percentiles. Exits 0 when the data is ready to train on, 1 otherwise.
 
+`preview` prints the first N (default 3) training rows exactly as the trainer gets them, one
+JSON object per line with its `source` (file:line), and nothing else on stdout; rendered=true
+adds the chat-template text and the part the loss is computed on.
+
 examples:
   align data validate method=kto data.path=my_feedback.jsonl
   align data validate method=dpo data=ultrafeedback model=qwen2.5-0.5b
+  align data preview method=sft data.path=chats.jsonl rows=5 rendered=true | jq .
 """
 
 

@@ -149,7 +149,7 @@ def check_split(
     report = SplitReport(split="eval" if evaluation else "train")
     problems = Problems()
     try:
-        report.source = (
+        report.source = str(
             data_cfg.eval_path
             if evaluation and data_cfg.eval_path
             else data_path(data_cfg, method.get("sample"))
@@ -176,17 +176,24 @@ def check_split(
         report.rows_read, report.rows_valid = loaded.rows_read, len(loaded.rows)
         report.columns = loaded.columns
         report.input_format = loaded.input_format.name if loaded.input_format else None
+        if len(set(loaded.formats)) > 1:  # several files, each in its own layout
+            report.input_format = " + ".join(loaded.formats)
         if loaded.rows:
             lengths = measure(loaded.rows, standard, tokenizer)
             report.lengths = {"prompt": percentiles(lengths.prompt)}
             report.lengths.update({name: percentiles(v) for name, v in lengths.answers.items()})
             message = long_prompts_problem(loaded, lengths.prompt, room) if room else None
-            if message:
-                problems.add(message)
             report.notes = _notes(loaded.rows, standard, lengths, max_length)
+            if message and data_cfg.too_long != "refuse":  # train drops or cuts them, and says so
+                report.notes.append(
+                    f"data.too_long={data_cfg.too_long} applies: {message.split(': raise')[0]}"
+                )
+            elif message:
+                problems.add(message)
+            report.notes += [f"warning: {w}" for w in loaded.warnings]
             if not evaluation and not has_eval_source(data_cfg):
                 try:
-                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed)
+                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed, loaded.origins)
                 except AlignError as err:
                     problems.add(str(err))
                 else:
