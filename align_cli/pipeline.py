@@ -232,7 +232,9 @@ def _check_recipe(recipe: dict) -> list[dict]:
             if wire not in WIRES:
                 raise AlignError(f"{where}: inputs.{wire} is not one of {', '.join(WIRES)}")
             if source not in seen:
-                raise AlignError(f"{where}: inputs.{wire}={source} is not an earlier stage ({', '.join(seen)})")
+                raise AlignError(
+                    f"{where}: inputs.{wire}={source} is not an earlier stage ({', '.join(seen)})"
+                )
             if wire in ("reward_model", "critic") and seen[source]["method"] != "rm":
                 raise AlignError(f"{where}: inputs.{wire}={source} must be an rm stage")
         if "critic" in (stage.get("inputs") or {}) and method != "ppo":
@@ -423,7 +425,9 @@ def plan(overrides: list[str], folder: str | os.PathLike | None) -> Plan:
             *per_stage[name],
             f"output_dir={_quote(stage_folder)}",
         ]
-        stage = Stage(name, method, inputs, stage_folder, schema.normalize_overrides(overrides_), per_stage[name])
+        stage = Stage(
+            name, method, inputs, stage_folder, schema.normalize_overrides(overrides_), per_stage[name]
+        )
         for override in per_stage[name]:
             key = _split(override)[1]
             if any(key == w.split("=", 1)[0].lstrip("+") for w in wired):
@@ -511,7 +515,9 @@ def _gate_message(result: dict, consumer: str) -> str:
 def continue_command(overrides: list[str], folder: str) -> str:
     """The command that continues this pipeline: its overrides and the pipeline folder."""
     kept = [o for o in overrides if not _split(o)[1].startswith(("hydra.run.dir", "output_dir"))]
-    return " ".join(["align pipeline", *(shlex.quote(o) for o in kept), shlex.quote(f"hydra.run.dir={folder}")])
+    return " ".join(
+        ["align pipeline", *(shlex.quote(o) for o in kept), shlex.quote(f"hydra.run.dir={folder}")]
+    )
 
 
 def _write_stage_config(stage: Stage) -> None:
@@ -523,7 +529,9 @@ def _write_stage_config(stage: Stage) -> None:
     resolved = OmegaConf.to_container(stage.cfg, resolve=True)
     (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), encoding="utf-8")
     overrides = [o for o in stage.overrides if not o.startswith("output_dir=")]
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)), encoding="utf-8")
+    (hydra_dir / "overrides.yaml").write_text(
+        OmegaConf.to_yaml(OmegaConf.create(overrides)), encoding="utf-8"
+    )
 
 
 def run_pipeline(
@@ -565,7 +573,9 @@ def run_pipeline(
             continue
         resumed = stage.status == "interrupted"
         how = "resuming from its last checkpoint" if resumed else "training"
-        print(f"align pipeline: stage {stage.name} (method={stage.method}) {how} -> {stage.folder}", flush=True)
+        print(
+            f"align pipeline: stage {stage.name} (method={stage.method}) {how} -> {stage.folder}", flush=True
+        )
         _write_stage_config(stage)
         with open_dict(stage.cfg):
             stage.cfg.resume = resumed
@@ -574,7 +584,9 @@ def run_pipeline(
             run = train(stage.cfg, callbacks=(callbacks or {}).get(stage.name))
         except TrainingInterrupted as err:
             what = str(err).split("; continue with:", 1)[0]
-            _write_summary(p, results, gate, None, f"interrupted in stage {stage.name}", time.time() - started)
+            _write_summary(
+                p, results, gate, None, f"interrupted in stage {stage.name}", time.time() - started
+            )
             raise TrainingInterrupted(
                 f"stage {stage.name}: {what}; continue the pipeline with: {continue_command(p.overrides, p.folder)}",
                 err.signum,
@@ -583,7 +595,9 @@ def run_pipeline(
             raise AlignError(f"stage {stage.name}: {err}") from None
         metrics = key_metrics(stage.method, _summary_metrics(stage.folder))
         status = "resumed" if resumed else "trained"
-        results.append(StageResult(stage.name, stage.method, stage.folder, status, metrics, time.time() - t0, run))
+        results.append(
+            StageResult(stage.name, stage.method, stage.folder, status, metrics, time.time() - t0, run)
+        )
     evaluation = evaluate_policies(p, results)
     _write_summary(p, results, gate, evaluation, "finished", time.time() - started)
     print(render_summary(p, results, gate, evaluation, "finished"), flush=True)
@@ -606,7 +620,10 @@ def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | N
     reward_model = next((s.folder for s in p.stages if s.method == "rm"), None)
     last_cfg = p.stages[-1].cfg
     if importlib.util.find_spec("align_cli.evaluate") is None:
-        log.info("pipeline: align_cli.evaluate is not available; skipping the evaluation of %s", ", ".join(policies))
+        log.info(
+            "pipeline: align_cli.evaluate is not available; skipping the evaluation of %s",
+            ", ".join(policies),
+        )
         return None
     # TODO(merge): call align eval here with `policies`, `reward_model` and `last_cfg`.
     log.info(
@@ -659,7 +676,10 @@ def render_summary(p: Plan, results: list[StageResult], gate, evaluation, state:
             f"Gate: {gate['stage']} {gate['metric']} = {cell(gate['value'])} "
             f"(gate.min_accuracy {gate['min_accuracy']}): {verdict}",
         ]
-    lines += ["", "Evaluation: " + ("see pipeline_summary.json" if evaluation else "not run (align eval not wired)")]
+    lines += [
+        "",
+        "Evaluation: " + ("see pipeline_summary.json" if evaluation else "not run (align eval not wired)"),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -670,7 +690,9 @@ def _write_summary(p: Plan, results, gate, evaluation, state: str, seconds: floa
     for stage in data["stages"]:
         stage["metrics"] = {k: finite_or_none(v) for k, v in stage["metrics"].items()}
     Path(p.folder, SUMMARY_JSON).write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
-    Path(p.folder, SUMMARY_MD).write_text(render_summary(p, results, gate, evaluation, state), encoding="utf-8")
+    Path(p.folder, SUMMARY_MD).write_text(
+        render_summary(p, results, gate, evaluation, state), encoding="utf-8"
+    )
 
 
 # --- the entry point ---------------------------------------------------------------------------
@@ -771,7 +793,11 @@ def _hydra_entry() -> None:
             if debug:
                 raise
             if hc.mode == RunMode.MULTIRUN:  # one failed pipeline does not stop the sweep
-                print(f"align: error: job {hc.job.num}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+                print(
+                    f"align: error: job {hc.job.num}: {' '.join(str(err).split())}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 _FAILED_JOBS.append(folder)
                 return
             _remove_if_untouched(folder)

@@ -52,7 +52,9 @@ def compose_checked(
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
-            return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+            return compose(
+                config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config
+            )
     except Exception as err:
         # Show overrides as typed: `method.args.k=v`, not the `++` form normalize_overrides made.
         message = hydra_message(err, _culprit(err, overrides)).replace("++method.args.", "method.args.")
