@@ -167,13 +167,13 @@ def encode(overrides: list[str]) -> list[str]:
     out = []
     for override in overrides:
         prefix, key, value = _split(override)
-        if _kind(key) != "stage" or "=" not in override:
-            out.append(override)
-            continue
-        if prefix.startswith("~"):
+        if _kind(key) == "stage" and prefix.startswith("~"):
             raise AlignError(
                 f"{override}: a stage key cannot be deleted in a pipeline; set it to null ({key}=null)"
             )
+        if _kind(key) != "stage" or "=" not in override:
+            out.append(override)
+            continue
         _TYPED_PREFIX[key] = prefix
         out.append(f"++{key}={value}")
     return out
@@ -269,6 +269,11 @@ def _route(overrides: list[str], stage_names: list[str]) -> tuple[list[str], dic
                     f"<pipeline folder>/{head}; re-running the command resumes it)"
                 )
             per_stage[head].append(f"{prefix}{rest}={value}")
+        elif key == "resume":
+            raise AlignError(
+                f"{override}: a pipeline resumes by itself: run the same command again with "
+                "hydra.run.dir=<pipeline folder> (finished stages are kept, an interrupted one resumes)"
+            )
         elif head in ("method", "data", "reward"):
             raise AlignError(
                 f"{override}: {head} belongs to one stage: prefix the key with the stage's name "
@@ -556,7 +561,10 @@ def run_pipeline(
     started = time.time()
     p = plan(overrides, folder)
     os.makedirs(p.folder, exist_ok=True)
-    print(f"align pipeline: recipe={p.recipe} -> {p.folder}", flush=True)
+    print(
+        f"align pipeline: recipe={p.recipe} -> {p.folder} (the same command with hydra.run.dir={p.folder} continues it)",
+        flush=True,
+    )
     results: list[StageResult] = []
     gate: dict[str, Any] | None = None
     for stage in p.stages:
@@ -750,7 +758,7 @@ def prepare(argv: list[str]) -> list[str]:
         folder = str(cfg.hydra.run.dir)
     else:
         folder = str(cfg.hydra.run.dir)
-        plan(overrides, folder)  # before the folder exists: a failed check leaves nothing behind
+        plan(overrides, None)  # a new folder: nothing in it to compare; a failed check leaves none behind
         folder = unique_dir(folder)
         extra.append(f"hydra.run.dir={_quote(folder)}")
         return [*rest, *encoded, *extra]

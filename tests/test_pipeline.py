@@ -247,7 +247,24 @@ def test_a_sweep_over_whole_pipelines_through_the_real_entry_point(tmp_path):
         assert (folder / "sft" / "summary.json").exists() and (folder / SUMMARY_JSON).exists()
         cfg = OmegaConf.load(folder / "dpo" / ".hydra" / "config.yaml")
         assert cfg.method.args.beta == beta and cfg.model.name_or_path == str(folder / "sft")
-    # The same command again: the stored configs match what the entry composes, so all is kept.
-    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished earlier, kept") == 4, again.stdout[-2000:]
+    # Continuing a job re-composes its stages from the same keys: the configs the entry stored match.
+    job = [a for a in argv[3:] if not a.startswith(("hydra.sweep.dir", "dpo.method.args.beta"))]
+    again = plan([*job, "dpo.method.args.beta=0.5"], tmp_path / "sweep" / "1")
+    assert [s.status for s in again.stages] == ["finished", "finished"]
+
+
+def test_stage_keys_reach_hydra_and_come_back_as_typed():
+    from align_cli.pipeline import decode, encode
+
+    typed = [
+        "recipe=rlhf",
+        "peft=lora",
+        "sft.data.path=a.jsonl",
+        "+ppo.reward.extra.type=length",
+        "gate.metric=x",
+    ]
+    encoded = encode(typed)
+    assert encoded[2:4] == ["++sft.data.path=a.jsonl", "++ppo.reward.extra.type=length"]
+    assert decode(encoded) == typed
+    with pytest.raises(AlignError, match="cannot be deleted"):
+        encode(["~ppo.reward.keyword"])
