@@ -600,7 +600,7 @@ def run_pipeline(
                 err.signum,
             ) from None
         except AlignError as err:
-            raise AlignError(f"stage {stage.name}: {err}") from None
+            raise AlignError(f"stage {stage.name}: {err} (its keys take the prefix {stage.name}.)") from None
         metrics = key_metrics(stage.method, _summary_metrics(stage.folder))
         status = "resumed" if resumed else "trained"
         results.append(
