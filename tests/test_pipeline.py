@@ -268,3 +268,20 @@ def test_stage_keys_reach_hydra_and_come_back_as_typed():
     assert decode(encoded) == typed
     with pytest.raises(AlignError, match="cannot be deleted"):
         encode(["~ppo.reward.keyword"])
+
+
+@pytest.mark.parametrize(
+    "mode, metric",
+    [("pairwise", "eval_accuracy"), ("listwise", "eval_kendall_tau"), ("pointwise", "eval_pearson")],
+)
+def test_the_gate_reads_the_figure_of_the_reward_models_mode(tmp_path, mode, metric):
+    from align_cli.pipeline import gate_result
+
+    p = plan([f"rm.method.mode={mode}"], None)
+    rm = p.stage("rm")
+    rm.folder = str(tmp_path)
+    figures = {"eval_accuracy": 0.9, "eval_kendall_tau": 0.55, "eval_pearson": 0.7}
+    (tmp_path / "summary.json").write_text(json.dumps({"method": "rm", "metrics": figures}))
+    result = gate_result(p.gate, rm)
+    assert result["metric"] == metric and result["value"] == figures[metric]
+    assert result["passed"] is (figures[metric] >= 0.6)
