@@ -18,6 +18,7 @@ commands:
   train            train with one method:  align train method=dpo [group=option] [key=value]
                    sweep with Hydra:       align train -m method=dpo method.args.beta=0.1,0.5
                    options and groups:     align train --help
+  pipeline         stages as one job:      align pipeline recipe=<rlhf|rlhf_grpo|dpo|kto> [<stage>.<key>=v]
   data validate    check a dataset for a method without training:
                                            align data validate method=kto data.path=my.jsonl
   data preview     the rows the trainer gets, as JSON lines (rows=N, rendered=true):
@@ -53,6 +54,10 @@ def _dispatch(argv: list[str]) -> None:
         from .train import main as train_main
 
         train_main(rest)
+    elif command == "pipeline":
+        from .pipeline import main as pipeline_main
+
+        pipeline_main(rest)
     elif command == "data":
         if not rest or rest[0] in ("-h", "--help") or {"-h", "--help"} & set(rest[1:]):
             print(DATA_USAGE)
