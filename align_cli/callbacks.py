@@ -188,7 +188,10 @@ class CollapseCallback(TrainerCallback):
         for collapse in find_collapse(self.history, self.vocab_size, self.settings, self.keys):
             if collapse.kind not in known:
                 self.found.append(collapse)
-                self._say(state, f"collapse at step {collapse.step} (since step {collapse.onset}): {collapse.message}")
+                self._say(
+                    state,
+                    f"collapse at step {collapse.step} (since step {collapse.onset}): {collapse.message}",
+                )
         if not self.stop:
             return
         if self.found:

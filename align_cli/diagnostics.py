@@ -182,7 +182,9 @@ class CollapseSettings:
                 raise AlignError(f"method.collapse.{key}={value!r} must be a number")
         settings = cls(**values)
         if settings.patience < 1 or int(settings.patience) != settings.patience:
-            raise AlignError(f"method.collapse.patience={settings.patience} must be a whole number, at least 1")
+            raise AlignError(
+                f"method.collapse.patience={settings.patience} must be a whole number, at least 1"
+            )
         settings.patience = int(settings.patience)
         return settings
 
@@ -213,7 +215,13 @@ class Collapse:
     message: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "step": self.step, "onset": self.onset, "value": self.value, "message": self.message}
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "onset": self.onset,
+            "value": self.value,
+            "message": self.message,
+        }
 
 
 def _number(record: dict, key: str) -> float | None:
@@ -260,8 +268,10 @@ def _checks(first: dict, vocab_size: int, s: CollapseSettings, k: MetricKeys):
         (
             "entropy_uniform",
             entropy_high,
-            lambda v: f"entropy {v:.3g} nats/token is near the uniform distribution's log V = {uniform} "
-            "(the policy samples gibberish)",
+            lambda v: (
+                f"entropy {v:.3g} nats/token is near the uniform distribution's log V = {uniform} "
+                "(the policy samples gibberish)"
+            ),
         ),
         (
             "entropy_zero",
@@ -276,14 +286,18 @@ def _checks(first: dict, vocab_size: int, s: CollapseSettings, k: MetricKeys):
         (
             "kl_runaway",
             kl_runaway,
-            lambda v: f"KL to the reference is {v:.3g} nats/token (above {s.kl_per_token:g}): the policy "
-            "runs away from it; raise the KL coefficient or lower the learning rate",
+            lambda v: (
+                f"KL to the reference is {v:.3g} nats/token (above {s.kl_per_token:g}): the policy "
+                "runs away from it; raise the KL coefficient or lower the learning rate"
+            ),
         ),
         (
             "reward_hacking",
             hacking,
-            lambda v: f"the reward rose while the reward model scores degenerate text {v:.3g}, as high as the "
-            "policy's answers (reward hacking likely)",
+            lambda v: (
+                f"the reward rose while the reward model scores degenerate text {v:.3g}, as high as the "
+                "policy's answers (reward hacking likely)"
+            ),
         ),
     ]
 
@@ -322,7 +336,10 @@ def find_collapse(
 
 
 def shows_signature(
-    history: Sequence[dict], vocab_size: int, settings: CollapseSettings | None = None, keys: MetricKeys = PPO_KEYS
+    history: Sequence[dict],
+    vocab_size: int,
+    settings: CollapseSettings | None = None,
+    keys: MetricKeys = PPO_KEYS,
 ) -> bool:
     """Whether the last record of the history shows any signature (confirmed or not yet)."""
     if not history:
@@ -331,7 +348,9 @@ def shows_signature(
     return any(test(history[-1]) is not None for _, test, _ in _checks(history[0], vocab_size, s, keys))
 
 
-def start_notes(first: dict, vocab_size: int, settings: CollapseSettings | None = None, keys: MetricKeys = PPO_KEYS) -> list[str]:
+def start_notes(
+    first: dict, vocab_size: int, settings: CollapseSettings | None = None, keys: MetricKeys = PPO_KEYS
+) -> list[str]:
     """What is already degenerate about the starting policy (not a collapse: it began that way)."""
     s = settings or CollapseSettings()
     notes = []
@@ -387,8 +406,13 @@ class Probe:
         if self._metrics is None:
             out = {}
             for name, text in self.texts.items():
-                completions = [[{"role": "assistant", "content": text}] if isinstance(p, list) else text for p in self.prompts]
-                scores = [s for s in self.reward(prompts=self.prompts, completions=completions) if s is not None]
+                completions = [
+                    [{"role": "assistant", "content": text}] if isinstance(p, list) else text
+                    for p in self.prompts
+                ]
+                scores = [
+                    s for s in self.reward(prompts=self.prompts, completions=completions) if s is not None
+                ]
                 out[f"probe/{name}"] = sum(scores) / len(scores) if scores else float("nan")
             finite = [v for v in out.values() if math.isfinite(v)]
             out["probe_reward"] = max(finite) if finite else float("nan")
