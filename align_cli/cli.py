@@ -20,6 +20,9 @@ commands:
                    options and groups:     align train --help
   data validate    check a dataset for a method without training:
                                            align data validate method=kto data.path=my.jsonl
+  eval             evaluate policies (reward, win rate, KL, diversity) or reward models:
+                                           align eval model.name_or_path=<run>,<run> reward=model ...
+                                           align eval method=rm model.name_or_path=<rm run> data.path=pairs.jsonl
   version          print the version
 
 examples:
@@ -59,10 +62,14 @@ def _dispatch(argv: list[str]) -> None:
         from .validate import main as validate_main
 
         validate_main(rest[1:])
+    elif command == "eval":
+        from .evaluate import main as eval_main
+
+        eval_main(rest)
     elif command in ("version", "--version"):
         print(f"align {__version__}")
     else:
-        _fail(f"unknown command '{command}': use train, data validate or version (see align --help)")
+        _fail(f"unknown command '{command}': use train, data validate, eval or version (see align --help)")
 
 
 DATA_USAGE = """usage: align data validate method=<name> [data=<name>] [data.path=<file>] [key=value ...]

@@ -20,12 +20,15 @@ from . import config as schema
 from .errors import AlignError, hydra_message, one_line
 
 
-def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+def compose_checked(
+    overrides: list[str], return_hydra_config: bool = False, config_name: str = "config"
+) -> DictConfig:
     """Composes conf/config.yaml as `align` does; a composition problem is a one-line AlignError.
 
     Args:
         overrides: command-line overrides, already normalized (`method.args.k` -> `++...`).
         return_hydra_config: keep the `hydra` node (to read the run folder).
+        config_name: the primary config in conf/ (`eval` for `align eval`).
 
     Raises:
         AlignError: an override that does not parse, an unknown group option (with the valid
@@ -49,7 +52,9 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
-            return compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
+            return compose(
+                config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config
+            )
     except Exception as err:
         # Show overrides as typed: `method.args.k=v`, not the `++` form normalize_overrides made.
         message = hydra_message(err, _culprit(err, overrides)).replace("++method.args.", "method.args.")
