@@ -256,8 +256,8 @@ def collapse_outcome(trainer, output_dir: str) -> dict:
         import sys
 
         print(
-            f"align: warning: stopped at step {collapse.step} (method.stop_on_collapse): {collapse.message} "
-            f"since step {collapse.onset}; {where}",
+            f"align: warning: stopped at step {collapse.step} (method.stop_on_collapse), {collapse.kind} since "
+            f"step {collapse.onset}: {collapse.message}; {where}",
             file=sys.stderr,
             flush=True,
         )

@@ -281,11 +281,22 @@ def test_stop_on_collapse_keeps_the_last_good_checkpoint(tmp_path, token_reward,
     assert (out / "diagnostics.svg").read_text().count("<polyline") >= 6
 
 
-def test_grpo_logs_the_batch_diagnostics(tmp_path):
+def test_grpo_logs_the_diagnostics_and_stops_on_collapse(tmp_path):
+    """GRPO through TRL: the batch metrics arrive through log_metric, and a stop on collapse (here
+    a KL threshold no step after the first can stay under) restores the step-1 checkpoint."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
-    train(compose(["method=grpo", "method.args.max_steps=2", "data.eval_ratio=0", "plot=false"], out))
+    overrides = ["method=grpo", "method.args.max_steps=6", "method.args.beta=0.1", "data.eval_ratio=0"]
+    collapse = ["method.collapse.kl_per_token=1e-9", "method.stop_on_collapse=true", "plot=false"]
+    result = train(compose([*overrides, *collapse], out))
     steps = [r for r in records(out) if "reward" in r]
-    assert len(steps) == 2
-    for key in ("distinct_1", "distinct_2", "identical_share", "top_completion_share", "entropy"):
+    for key in ("distinct_1", "distinct_2", "identical_share", "top_completion_share", "entropy", "kl"):
         assert all(key in r for r in steps), key
-    assert 0 < steps[0]["distinct_1"] <= 1
+    assert 0 < steps[0]["distinct_1"] <= 1 and steps[0]["kl"] == 0.0
+    stopped = json.loads((out / "summary.json").read_text())["stopped_on_collapse"]
+    assert (stopped["kind"], stopped["onset"], stopped["step"]) == ("kl_runaway", 2, 3)
+    assert result.metrics["global_step"] == 3
+    assert stopped["restored"] == str(out / "checkpoint-1")
+    root, good = load_file(out / "model.safetensors"), load_file(out / "checkpoint-1" / "model.safetensors")
+    assert all(torch.equal(root[k], good[k]) for k in root)
