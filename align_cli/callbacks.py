@@ -168,11 +168,11 @@ class CollapseCallback(TrainerCallback):
         self.notes: list[str] = []
         self.stopped = None  # the Collapse that stopped training
 
-    def _say(self, state, text: str) -> None:
+    def _say(self, state, text: str, kind: str = "warning") -> None:
         if state.is_world_process_zero:
             import sys
 
-            print(f"align: warning: {text}", file=sys.stderr, flush=True)
+            print(f"align: {kind}: {text}", file=sys.stderr, flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         from .diagnostics import find_collapse, shows_signature, start_notes
@@ -183,7 +183,7 @@ class CollapseCallback(TrainerCallback):
         if len(self.history) == 1:
             self.notes = start_notes(self.history[0], self.vocab_size, self.settings, self.keys)
             for note in self.notes:
-                self._say(state, note)
+                self._say(state, note, "note")
         known = {c.kind for c in self.found}
         for collapse in find_collapse(self.history, self.vocab_size, self.settings, self.keys):
             if collapse.kind not in known:

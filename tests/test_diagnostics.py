@@ -221,7 +221,7 @@ def token_reward(tmp_path, monkeypatch):
 DEGENERATE = [
     "method=ppo",
     "reward=function",
-    "method.args.learning_rate=0.05",
+    "method.args.learning_rate=0.1",
     "method.args.max_new_tokens=8",
     "method.args.per_device_train_batch_size=8",
     "method.args.num_mini_batches=1",
@@ -238,14 +238,14 @@ def records(run_dir) -> list[dict]:
 def test_degenerate_ppo_run_warns_and_summary_says_why(tmp_path, token_reward, capfd):
     out = tmp_path / "run"
     result = train(
-        compose([*DEGENERATE, f"reward.function.path={token_reward}", "method.args.max_steps=6"], out)
+        compose([*DEGENERATE, f"reward.function.path={token_reward}", "method.args.max_steps=5"], out)
     )
     err = capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert "align: warning: collapse at step" in err and "KL to the reference" in err
     found = {c["kind"]: c for c in summary["collapse"]}
     assert "kl_runaway" in found and found["kl_runaway"]["value"] > 1.0
-    assert result.metrics["global_step"] == 6  # without stop_on_collapse the run goes on
+    assert result.metrics["global_step"] == 5  # without stop_on_collapse the run goes on
     steps = [r for r in records(out) if "score" in r]
     for key in (
         "entropy", "kl_per_token", "policy_clipfrac", "value_explained_variance", "response_length",
@@ -262,12 +262,12 @@ def test_stop_on_collapse_keeps_the_last_good_checkpoint(tmp_path, token_reward,
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    overrides = [*DEGENERATE, f"reward.function.path={token_reward}", "method.args.max_steps=12"]
+    overrides = [*DEGENERATE, f"reward.function.path={token_reward}", "method.args.max_steps=10"]
     result = train(compose([*overrides, "method.stop_on_collapse=true", "plot=true"], out))
     err = capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     stopped = summary["stopped_on_collapse"]
-    assert result.metrics["global_step"] == stopped["step"] < 12
+    assert result.metrics["global_step"] == stopped["step"] < 10
     restored = stopped["restored"]
     assert restored is not None and int(restored.rsplit("-", 1)[1]) < stopped["onset"]
     assert f"stopped at step {stopped['step']} (method.stop_on_collapse)" in err
@@ -300,3 +300,26 @@ def test_grpo_logs_the_diagnostics_and_stops_on_collapse(tmp_path):
     assert stopped["restored"] == str(out / "checkpoint-1")
     root, good = load_file(out / "model.safetensors"), load_file(out / "checkpoint-1" / "model.safetensors")
     assert all(torch.equal(root[k], good[k]) for k in root)
+
+
+def test_ppo_with_a_reward_model_logs_its_score_of_the_degenerate_probe(tmp_path):
+    from align_cli.rewards.model import ModelReward
+
+    rm = tmp_path / "rm"
+    train(compose(["method=rm", "method.args.max_steps=2", "data.eval_ratio=0", "plot=false"], rm))
+    out = tmp_path / "ppo"
+    overrides = ["method=ppo", "reward=model", f"reward.model.path={rm}", "method.args.max_steps=2"]
+    train(compose([*overrides, "method.args.max_new_tokens=8", "data.eval_ratio=0", "plot=false"], out))
+    steps = [r for r in records(out) if "score" in r]
+    # The reward model's own score of the probe texts for the first 4 training prompts.
+    from align_cli.config import SAMPLES_DIR, DataConfig
+    from align_cli.data import load_datasets
+
+    prompts = load_datasets(
+        DataConfig(path=str(SAMPLES_DIR / "prompts.jsonl"), eval_ratio=0), "prompt", True
+    )[0]
+    expected = Probe(ModelReward("model", path=str(rm)), prompts["prompt"][:4]).metrics()
+    for record in steps:
+        for key in ("probe/repeat", "probe/empty", "probe_reward"):
+            assert record[key] == pytest.approx(expected[key], abs=1e-5), key
+    assert expected["probe_reward"] == max(expected["probe/repeat"], expected["probe/empty"])
