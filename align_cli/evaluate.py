@@ -267,6 +267,19 @@ def _load_policy(model_cfg: ModelConfig, path: str):
     return tokenizer, model
 
 
+def _check_room(loaded, tokenizer, model_cfg: ModelConfig, settings: EvalSettings, path: str) -> None:
+    """Refuses prompts with no room for `eval.max_new_tokens` within model.max_length (as PPO does)."""
+    lengths = [len(ids) for ids in _prompt_ids(tokenizer, [r["prompt"] for r in loaded.rows])]
+    limit = model_cfg.max_length - settings.max_new_tokens
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        raise AlignError(
+            f"{len(long)} of {len(lengths)} prompts are longer than model.max_length - eval.max_new_tokens = "
+            f"{model_cfg.max_length} - {settings.max_new_tokens} = {limit} tokens for {path} (first: "
+            f"{loaded.origins[long[0]]}, {lengths[long[0]]} tokens): raise model.max_length or shorten them"
+        )
+
+
 def _read_prompts(data_cfg: DataConfig, conversational: bool, sample: str | None, check):
     from .data import read_and_convert
 
@@ -324,6 +337,12 @@ def evaluate_policies(
         modeling.resolve_model_path(model_cfg, path)
     check = row_check(reward_cfg) if reward_cfg else None
     funcs, weights = build_reward_functions(reward_cfg) if reward_cfg else ([], [])
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for func in funcs:
+        if hasattr(func, "to"):  # reward models beside the policies
+            func.to(device)
     modes = [m for m, on in (("greedy", settings.greedy), ("sampled", settings.sampled)) if on]
     samples_path = os.path.join(output_dir, "samples.jsonl") if output_dir else None
     if samples_path and os.path.exists(samples_path):
@@ -338,6 +357,7 @@ def evaluate_policies(
         tokenizer, model = _load_policy(model_cfg, path)
         conversational = tokenizer.chat_template is not None
         loaded = _read_prompts(prompts_cfg, conversational, sample, check)
+        _check_room(loaded, tokenizer, model_cfg, settings, path)
         source = loaded.source
         check_columns(funcs, sorted({k for r in loaded.rows for k in r}), loaded.source)
         rows = loaded.rows

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from align_cli.config import DataConfig
+from align_cli.config import DataConfig, ModelConfig
 from align_cli.diagnostics import distinct_n, identical_share
 from align_cli.errors import AlignError
 from align_cli.evaluate import (
@@ -154,6 +154,11 @@ def test_policy_errors_name_the_path_or_key(tmp_path, prompts_file):
         evaluate_policies(
             ["tiny"], DataConfig(path=prompts_file), {"correct": {"type": "match"}}, settings=SMALL
         )
+    short = ModelConfig(max_length=12)  # 4 tokens of prompt room beside 8 new ones
+    with pytest.raises(
+        AlignError, match=r"= 12 - 8 = 4 tokens for tiny \(first: .*heldout_prompts.jsonl:1, "
+    ):
+        evaluate_policies(["tiny"], DataConfig(path=prompts_file), None, settings=SMALL, model_cfg=short)
 
 
 # --- reward models -----------------------------------------------------------------------------
