@@ -273,6 +273,8 @@ def checked_config(cfg: DictConfig):
         seed=int(cfg.get("seed", 42)),
     )
     check_method_args(module, ctx)
+    if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
+        module.check_settings(method)
     return module, ctx, data_cfg
 
 

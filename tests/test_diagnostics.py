@@ -323,3 +323,11 @@ def test_ppo_with_a_reward_model_logs_its_score_of_the_degenerate_probe(tmp_path
         for key in ("probe/repeat", "probe/empty", "probe_reward"):
             assert record[key] == pytest.approx(expected[key], abs=1e-5), key
     assert expected["probe_reward"] == max(expected["probe/repeat"], expected["probe/empty"])
+
+
+def test_bad_collapse_settings_fail_before_anything_loads(tmp_path):
+    with pytest.raises(AlignError, match=r"method.collapse.patience='soon' must be a number"):
+        train(compose(["method=ppo", "method.collapse.patience=soon"], tmp_path / "a"))
+    with pytest.raises(AlignError, match=r"method.stop_on_collapse='maybe' must be true or false"):
+        train(compose(["method=grpo", "method.stop_on_collapse=maybe"], tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -36,7 +36,7 @@ import math
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ..callbacks import collapse_watch
+from ..callbacks import collapse_settings, collapse_watch
 from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
 from ..errors import AlignError
 from ..rewards import message_text, rewards_for
@@ -58,6 +58,11 @@ DIAGNOSTIC_KEYS = [
 ADVANTAGES = ("zscore", "rank")
 # TRL options that only shape the z-score advantage; with `rank` they would be silently ignored.
 ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
+
+
+def check_settings(method: dict) -> None:
+    """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    collapse_settings(method)
 
 
 def config_class():

@@ -40,7 +40,7 @@ import logging
 
 import torch
 
-from ..callbacks import collapse_watch
+from ..callbacks import collapse_settings, collapse_watch
 from ..data import PromptRoom
 from ..diagnostics import PPO_KEYS, Probe
 from ..errors import AlignError
@@ -73,6 +73,11 @@ DIAGNOSTIC_KEYS = [
     "probe_reward",
 ]
 CRITIC_INITS = ("auto", "reward", "policy")
+
+
+def check_settings(method: dict) -> None:
+    """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    collapse_settings(method)
 
 
 def config_class():
