@@ -235,30 +235,34 @@ def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_degenerate_ppo_run_warns_and_summary_says_why(tmp_path, token_reward, capfd):
-    out = tmp_path / "run"
-    result = train(
-        compose([*DEGENERATE, f"reward.function.path={token_reward}", "method.args.max_steps=5"], out)
-    )
-    err = capfd.readouterr().err
-    summary = json.loads((out / "summary.json").read_text())
-    assert "align: warning: collapse at step" in err and "KL to the reference" in err
-    found = {c["kind"]: c for c in summary["collapse"]}
-    assert "kl_runaway" in found and found["kl_runaway"]["value"] > 1.0
-    assert result.metrics["global_step"] == 5  # without stop_on_collapse the run goes on
-    steps = [r for r in records(out) if "score" in r]
-    for key in (
-        "entropy", "kl_per_token", "policy_clipfrac", "value_explained_variance", "response_length",
-        "distinct_1", "distinct_2", "identical_share", "top_completion_share",
-    ):  # fmt: skip
-        assert all(key in r for r in steps), key
-    # The KL per token is the logged per-response KL spread over the response's tokens.
-    assert steps[-1]["kl_per_token"] == pytest.approx(
-        steps[-1]["kl"] / steps[-1]["response_length"], rel=1e-4
-    )
+def test_the_callback_warns_always_and_stops_only_when_asked(capsys):
+    from transformers import TrainerControl, TrainerState
+
+    from align_cli.callbacks import CollapseCallback
+
+    logs = [
+        {"score": 0.0, "kl_per_token": 0.1},
+        {"score": 1.0, "kl_per_token": 2.0},
+        {"score": 2.0, "kl_per_token": 3.0},
+    ]
+    for stop in (False, True):
+        watch, state, control = CollapseCallback(V, MetricKeys(), stop=stop), TrainerState(), TrainerControl()
+        saves = []
+        for step, record in enumerate(logs, 1):
+            state.global_step, control.should_save = step, False
+            watch.on_log(None, state, control, logs=record)
+            saves.append(control.should_save)
+        watch.on_log(None, state, control, logs={"eval_score": 5.0})  # evaluation records are not watched
+        assert [c.kind for c in watch.found] == ["kl_runaway"] and len(watch.history) == 3
+        assert control.should_training_stop is stop
+        assert watch.summary()["collapse"][0]["onset"] == 2
+        # With stop_on_collapse: a checkpoint of the healthy step 1 only; without: the schedule decides.
+        assert saves == ([True, False, False] if stop else [False, False, False])
+    assert capsys.readouterr().err.count("align: warning: collapse at step 3 (since step 2): KL") == 2
 
 
-def test_stop_on_collapse_keeps_the_last_good_checkpoint(tmp_path, token_reward, capfd):
+def test_degenerate_ppo_run_warns_stops_and_keeps_the_last_good_checkpoint(tmp_path, token_reward, capfd):
+    """A huge learning rate on a reward for one kind of token: the KL runs away within a few steps."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -266,6 +270,9 @@ def test_stop_on_collapse_keeps_the_last_good_checkpoint(tmp_path, token_reward,
     result = train(compose([*overrides, "method.stop_on_collapse=true", "plot=true"], out))
     err = capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
+    assert "align: warning: collapse at step" in err and "KL to the reference" in err
+    found = {c["kind"]: c for c in summary["collapse"]}
+    assert "kl_runaway" in found and found["kl_runaway"]["value"] > 1.0
     stopped = summary["stopped_on_collapse"]
     assert result.metrics["global_step"] == stopped["step"] < 10
     restored = stopped["restored"]
@@ -276,8 +283,18 @@ def test_stop_on_collapse_keeps_the_last_good_checkpoint(tmp_path, token_reward,
     root, good = load_file(out / "model.safetensors"), load_file(f"{restored}/model.safetensors")
     assert root.keys() == good.keys() and all(torch.equal(root[k], good[k]) for k in root)
     # No checkpoint of a step that showed the signature.
-    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert steps and max(steps) < stopped["onset"]
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert saved and max(saved) < stopped["onset"]
+    steps = [r for r in records(out) if "score" in r]
+    for key in (
+        "entropy", "kl_per_token", "policy_clipfrac", "value_explained_variance", "response_length",
+        "distinct_1", "distinct_2", "identical_share", "top_completion_share",
+    ):  # fmt: skip
+        assert all(key in r for r in steps), key
+    # The KL per token is the logged per-response KL spread over the response's tokens.
+    assert steps[-1]["kl_per_token"] == pytest.approx(
+        steps[-1]["kl"] / steps[-1]["response_length"], rel=1e-4
+    )
     assert (out / "diagnostics.svg").read_text().count("<polyline") >= 6
 
 
