@@ -493,7 +493,10 @@ def evaluate_reward_models(
         raise AlignError("model.name_or_path names no reward model to evaluate")
     results, source, n_rows = [], None, 0
     for path in models:
-        rm = ModelReward("model", path=path, batch_size=batch_size)
+        try:
+            rm = ModelReward("model", path=path, batch_size=batch_size)
+        except AlignError as err:  # it names the reward key; here the model is model.name_or_path
+            raise AlignError(str(err).replace("reward.model.path", "model.name_or_path", 1)) from None
         rm.to("cuda" if torch.cuda.is_available() else "cpu")
         loaded = read_and_convert(data_cfg, MODES[mode], rm.tokenizer.chat_template is not None, sample)
         rows, source, n_rows = loaded.rows, loaded.source, len(loaded.rows)
