@@ -24,6 +24,9 @@ commands:
   data preview     the rows the trainer gets, as JSON lines (rows=N, rendered=true):
                                            align data preview method=dpo data.path=my.jsonl
   sweep report     rebuild a sweep's results table:  align sweep report multirun/dpo/<time>
+  eval             evaluate policies (reward, win rate, KL, diversity) or reward models:
+                                           align eval model.name_or_path=<run>,<run> reward=model ...
+                                           align eval method=rm model.name_or_path=<rm run> data.path=pairs.jsonl
   version          print the version
 
 examples:
@@ -72,6 +75,10 @@ def _dispatch(argv: list[str]) -> None:
         from .validate import main as validate_main
 
         validate_main(rest[1:])
+    elif command == "eval":
+        from .evaluate import main as eval_main
+
+        eval_main(rest)
     elif command == "sweep":
         from .sweep import main as sweep_main
 
@@ -80,7 +87,8 @@ def _dispatch(argv: list[str]) -> None:
         print(f"align {__version__}")
     else:
         _fail(
-            f"unknown command '{command}': use train, data validate|preview, sweep report or version (see align --help)"
+            f"unknown command '{command}': use train, pipeline, eval, data validate|preview, sweep report "
+            "or version (see align --help)"
         )
 
 

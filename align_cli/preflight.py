@@ -28,7 +28,7 @@ def compose_checked(
     Args:
         overrides: command-line overrides, already normalized (`method.args.k` -> `++...`).
         return_hydra_config: keep the `hydra` node (to read the run folder).
-        config_name: the root config in conf/ (`pipeline` for `align pipeline`).
+        config_name: the root config in conf/ (`pipeline` for `align pipeline`, `eval` for `align eval`).
 
     Raises:
         AlignError: an override that does not parse, an unknown group option (with the valid

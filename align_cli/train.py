@@ -295,6 +295,8 @@ def checked_config(cfg: DictConfig):
         seed=int(cfg.get("seed", 42)),
     )
     check_method_args(module, ctx)
+    if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
+        module.check_settings(method)
     return module, ctx, data_cfg
 
 
@@ -312,7 +314,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after saving a checkpoint.
     """
     from . import modeling
-    from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
+    from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
     from .data import load_datasets
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
     from .methods import prompt_room
@@ -374,6 +376,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             raise AlignError(_diverged(trainer, step, f"{key} became {value}", args, output_dir, saved=False))
         if stop.stopped_at is not None:
             raise TrainingInterrupted(_interrupted(stop, output_dir), stop.signum)
+        # PPO/GRPO: collapse signatures; after a stop on collapse, the last good checkpoint is loaded.
+        diagnosis = collapse_outcome(trainer, output_dir)
         # A signal after the last step: skip the final evaluation, but save the finished model.
         final_eval = {}
         if eval_ds is not None and stop.signum is None:
@@ -389,11 +393,20 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
                 # Strict JSON: an undefined metric (NaN) is null.
                 strict = {k: finite_or_none(v) for k, v in metrics.items()}
-                json.dump({"method": method["name"], "metrics": strict}, f, indent=2, allow_nan=False)
+                summary = {"method": method["name"], "metrics": strict, **diagnosis}
+                json.dump(summary, f, indent=2, allow_nan=False, ensure_ascii=False)
             if cfg.get("plot", True):
                 plot_metrics(
                     Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys
                 )
+                watched = getattr(module, "DIAGNOSTIC_KEYS", None)
+                if watched:  # PPO/GRPO: the collapse watch's curves
+                    plot_metrics(
+                        Path(output_dir) / "metrics.jsonl",
+                        Path(output_dir) / "diagnostics.svg",
+                        only=watched,
+                        max_panels=len(watched),
+                    )
             print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
         else:
             metrics = {}
