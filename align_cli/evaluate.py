@@ -345,6 +345,8 @@ def evaluate_policies(
             func.to(device)
     modes = [m for m, on in (("greedy", settings.greedy), ("sampled", settings.sampled)) if on]
     samples_path = os.path.join(output_dir, "samples.jsonl") if output_dir else None
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
     if samples_path and os.path.exists(samples_path):
         os.remove(samples_path)
 
@@ -538,12 +540,12 @@ def _json_number(value: float) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _strict(obj: Any) -> Any:
+def strict_json(obj: Any) -> Any:
     """The result as strict JSON has it: NaN (an undefined metric) becomes null."""
     if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
+        return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_strict(v) for v in obj]
+        return [strict_json(v) for v in obj]
     if isinstance(obj, float):
         return _json_number(obj)
     return obj
@@ -603,7 +605,7 @@ def write_outputs(result: dict, output_dir: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     table = markdown_table(result)
     with open(os.path.join(output_dir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(_strict(result), f, indent=2, ensure_ascii=False, allow_nan=False)
+        json.dump(strict_json(result), f, indent=2, ensure_ascii=False, allow_nan=False)
     header = f"# align eval: {result['kind']} on {result['data']} ({result['rows']} rows)\n\n"
     if result.get("reference"):
         header += f"Reference (win rate, KL): {result['reference']}\n\n"

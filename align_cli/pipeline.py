@@ -613,35 +613,53 @@ def run_pipeline(
 
 
 def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | None:
-    """MERGE HOOK for `align eval`: the start model, the SFT policy and the final policy side by side.
+    """The start model, the SFT policy and the final policy side by side (`align eval`'s code).
 
-    The pipeline calls this once, after its last stage; what it returns goes into
-    pipeline_summary.json (`evaluation`) and .md. Until align_cli/evaluate.py is merged and
-    wired in here, it logs a note and returns None. The inputs are ready below: the policies by
-    label, the reward model (the pipeline's rm stage) and the last stage's composed config (its
-    data config names the prompts; data.eval_path, when given, the held-out ones).
+    Prompts: the last stage's held-out file (`data.eval_path`) when it has one, else its data;
+    reward: the pipeline's reward model (rm stage) when there is one, else none (then KL,
+    length and diversity only); reference for win rate and KL: the SFT policy. The samples go to
+    `<pipeline>/eval/`. Returns what goes into pipeline_summary.json (`evaluation`).
     """
-    import importlib.util
+    from omegaconf import OmegaConf
+
+    from . import config as schema
+    from .evaluate import EvalSettings, write_outputs
+    from .evaluate import evaluate_policies as evaluate
 
     policies = {"start": str(p.stages[0].cfg.model.name_or_path)}
     policies.update({r.name: r.folder for r in results if r.method in POLICY_METHODS})
-    reward_model = next((s.folder for s in p.stages if s.method == "rm"), None)
-    last_cfg = p.stages[-1].cfg
-    if importlib.util.find_spec("align_cli.evaluate") is None:
-        log.info(
-            "pipeline: align_cli.evaluate is not available; skipping the evaluation of %s",
-            ", ".join(policies),
-        )
+    if len(policies) < 2:
         return None
-    # TODO(merge): call align eval here with `policies`, `reward_model` and `last_cfg`.
-    log.info(
-        "pipeline: align_cli.evaluate exists but is not wired into pipeline.evaluate_policies yet; skipping "
-        "the evaluation of %s (reward model %s, prompts %s)",
-        ", ".join(policies),
-        reward_model,
-        last_cfg.data.get("eval_path") or last_cfg.data.get("path"),
+    reward_model = next((s.folder for s in p.stages if s.method == "rm"), None)
+    last = p.stages[-1].cfg
+    data = OmegaConf.to_container(last.data, resolve=True)
+    held_out = data.get("eval_path")
+    data.update(path=held_out or data.get("path"), eval_path=None, eval_split=None, eval_ratio=0.0)
+    data = {k: v for k, v in data.items() if k in {f for f in schema.DataConfig.__dataclass_fields__}}
+    args = OmegaConf.to_container(last.method.get("args") or {}, resolve=True)
+    new_tokens = args.get("max_new_tokens") or args.get("max_completion_length") or 32
+    reference = policies.get("sft") or policies["start"]
+    # The RL stage's own reward (the wired RM, or its rules); else the pipeline's RM; else none.
+    reward = OmegaConf.to_container(last.reward, resolve=True) if last.get("reward") else None
+    if not reward and reward_model:
+        reward = {"model": {"type": "model", "path": reward_model}}
+    folder = os.path.join(p.folder, "eval")
+    result = evaluate(
+        list(dict.fromkeys(policies.values())),
+        schema.DataConfig(**data),
+        reward,
+        reference=reference,
+        settings=EvalSettings(max_new_tokens=int(new_tokens)),
+        model_cfg=schema.ModelConfig(**OmegaConf.to_container(last.model, resolve=True)),
+        output_dir=folder,
+        seed=int(last.get("seed", 42)),
+        sample=last.method.get("sample"),
     )
-    return None
+    write_outputs(result, folder)
+    labels = {v: k for k, v in reversed(list(policies.items()))}
+    result["labels"] = [labels.get(m["model"], m["model"]) for m in result["models"]]
+    result["held_out"] = bool(held_out)
+    return result
 
 
 def _summary(p: Plan, results: list[StageResult], gate, evaluation, state: str, seconds: float) -> dict:
@@ -686,9 +704,27 @@ def render_summary(p: Plan, results: list[StageResult], gate, evaluation, state:
         ]
     lines += [
         "",
-        "Evaluation: " + ("see pipeline_summary.json" if evaluation else "not run (align eval not wired)"),
+        *_evaluation_table(evaluation),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_table(evaluation: dict | None) -> list[str]:
+    """The policies side by side: the few numbers that say whether the run aligned."""
+    if not evaluation:
+        return ["Evaluation: not run"]
+    keys = ["reward_greedy", "reward_sampled", "win_rate_greedy", "kl_to_reference", "length_greedy",
+            "distinct_2_sampled", "identical_share_greedy"]  # fmt: skip
+    where = "held-out prompts" if evaluation.get("held_out") else "the last stage's prompts"
+    lines = [f"## Evaluation ({evaluation.get('rows', '?')} {where}; details in eval/eval.md)", ""]
+    lines += ["| policy | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for label, model in zip(evaluation.get("labels", []), evaluation["models"], strict=False):
+        cells = []
+        for key in keys:
+            value = model["metrics"].get(key)
+            cells.append("n/a" if not isinstance(value, (int, float)) or value != value else f"{value:.4g}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _write_summary(p: Plan, results, gate, evaluation, state: str, seconds: float) -> None:
@@ -697,6 +733,10 @@ def _write_summary(p: Plan, results, gate, evaluation, state: str, seconds: floa
     data = _summary(p, results, gate, evaluation, state, seconds)
     for stage in data["stages"]:
         stage["metrics"] = {k: finite_or_none(v) for k, v in stage["metrics"].items()}
+    if data["evaluation"]:
+        from .evaluate import strict_json
+
+        data["evaluation"] = strict_json(data["evaluation"])  # an undefined metric (NaN) is null
     Path(p.folder, SUMMARY_JSON).write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
     Path(p.folder, SUMMARY_MD).write_text(
         render_summary(p, results, gate, evaluation, state), encoding="utf-8"

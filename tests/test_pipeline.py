@@ -132,6 +132,14 @@ def test_the_summary_names_each_stage_and_the_gate(finished):
     }
     markdown = (folder / "pipeline_summary.md").read_text()
     assert "| ppo | ppo | resumed |" in markdown and "Gate: rm eval_accuracy" in markdown
+    # The policies side by side, scored by the pipeline's RM, against the SFT policy.
+    evaluation = summary["evaluation"]
+    assert evaluation["labels"] == ["start", "sft", "ppo"] and evaluation["reference"] == str(folder / "sft")
+    by_label = dict(zip(evaluation["labels"], (m["metrics"] for m in evaluation["models"]), strict=True))
+    assert by_label["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
+    assert by_label["ppo"]["kl_to_reference"] > 0 and by_label["start"]["kl_to_reference"] > 0
+    assert all(isinstance(m["reward_greedy"], float) for m in by_label.values())
+    assert "| ppo |" in markdown.split("## Evaluation")[1] and (folder / "eval" / "samples.jsonl").exists()
 
 
 def test_a_changed_stage_config_is_refused_naming_the_difference(finished):
