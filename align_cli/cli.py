@@ -20,6 +20,9 @@ commands:
                    options and groups:     align train --help
   data validate    check a dataset for a method without training:
                                            align data validate method=kto data.path=my.jsonl
+  chat             talk to a model:        align chat <run folder|model> [system=...] [temperature=0]
+  generate         answer a prompts file:  align generate <run|model> data.path=p.jsonl output=out.jsonl
+  export           one plain model folder: align export <run folder> <out dir> [dtype=bfloat16]
   version          print the version
 
 examples:
@@ -59,6 +62,8 @@ def _dispatch(argv: list[str]) -> None:
         from .validate import main as validate_main
 
         validate_main(rest[1:])
+    elif command in ("chat", "generate", "export"):
+        _serve(command, rest)
     elif command in ("version", "--version"):
         print(f"align {__version__}")
     else:
@@ -76,6 +81,32 @@ examples:
   align data validate method=kto data.path=my_feedback.jsonl
   align data validate method=dpo data=ultrafeedback model=qwen2.5-0.5b
 """
+
+
+def _serve(command: str, rest: list[str]) -> None:
+    """`align chat|generate|export`: key=value options (no Hydra run folder), one-line errors."""
+    if {"-h", "--help"} & set(rest):
+        from . import export, serve
+
+        print(f"usage: {dict(chat=serve.CHAT_USAGE, generate=serve.GENERATE_USAGE, export=export.USAGE)[command]}")
+        return
+    from .errors import AlignError
+
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
+    rest = [a for a in rest if not a.lower().startswith("debug=")]
+    try:
+        if command == "export":
+            from .export import main as entry
+        else:
+            from . import serve
+
+            entry = serve.chat_main if command == "chat" else serve.generate_main
+        entry(rest)
+    except AlignError as err:
+        if debug:
+            raise
+        print(f"align: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
 
 
 def _fail(message: str) -> None:

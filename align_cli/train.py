@@ -291,7 +291,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from . import modeling
     from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
-    from .data import load_datasets
+    from .data import data_path, load_datasets
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
     from .methods import prompt_room
     from .rewards import row_check
@@ -372,6 +372,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 plot_metrics(
                     Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys
                 )
+            from .card import write_run_card  # ours replaces TRL's card (written at each checkpoint)
+
+            write_run_card(
+                output_dir, cfg, metrics, len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+                data_path(data_cfg, method.get("sample")),
+            )
             print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
         else:
             metrics = {}

@@ -1,0 +1,307 @@
+"""`align export`, `align generate`, `align chat` and the model cards, through the real entry point.
+
+The run folders are trained once per module (a few steps on the tiny model) and shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align_cli.testing import compose
+from align_cli.train import train
+
+
+def align(*args, stdin: str | None = None, check: bool = True):
+    # One thread: on a shared 2-core machine, torch's threads fight each other in generate().
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(
+        [sys.executable, "-m", "align_cli", *map(str, args)],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _train(folder, overrides):
+    cfg = compose([*overrides, "method.args.logging_steps=1", "method.args.save_steps=1000"], output_dir=folder)
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run folders: SFT full and LoRA, a LoRA reward model, a QLoRA SFT run."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    fast = ["method.args.max_steps=3", "method.args.learning_rate=0.05", "data.eval_ratio=0"]
+    lora = ["peft=lora", "peft.r=4", "peft.dropout=0"]
+    out = {}
+    for name, overrides in {
+        "sft": ["method=sft", *fast],
+        "sft_lora": ["method=sft", *lora, *fast],
+        "rm_lora": ["method=rm", *lora, *fast],
+        "sft_qlora": ["method=sft", *lora, "quant=4bit", *fast],
+    }.items():
+        _train(root / name, overrides)
+        out[name] = root / name
+    return out
+
+
+def _logits(model, tokenizer, texts=("Hello there", "水的沸点是多少?")):
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def _base(run) -> str:
+    return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def test_export_lora_is_a_plain_model_with_the_adapter_models_logits(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, out = runs["sft_lora"], tmp_path / "merged"
+    result = align("export", run, out)
+    assert "merged the LoRA adapter" in result.stdout
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert "adapter_config.json" not in names and "adapter_model.safetensors" not in names
+    assert not names & {"metrics.jsonl", "summary.json", "training_args.bin"}
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(_base(run)).eval()
+    base_logits = _logits(base, tokenizer)
+    adapter = PeftModel.from_pretrained(base, run).eval()  # unmerged: base + B @ A at every layer
+    expected, got = _logits(adapter, tokenizer), _logits(exported, tokenizer)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert (got - base_logits).abs().max() > 1e-3, "the export equals the base: the adapter was not merged"
+    card = (out / "README.md").read_text()
+    assert "merged the LoRA adapter" in card and "## The run it comes from" in card and "[None]" not in card
+
+
+def test_export_qlora_dequantizes_the_base_then_merges(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    run, out = runs["sft_qlora"], tmp_path / "merged"
+    result = align("export", run, out, "dtype=float32")
+    assert "4-bit base dequantized first" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert exported.dtype == torch.float32
+    # The weights the adapter was trained against: the base quantized as in training, dequantized.
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    quantized = AutoModelForCausalLM.from_pretrained(_base(run), quantization_config=quant, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(quantized.dequantize(dtype=torch.float32), run).eval()
+    expected, got = _logits(reference, tokenizer), _logits(exported, tokenizer)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    # Merging into the unquantized base instead would give other weights.
+    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(_base(run)), run).merge_and_unload()
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert (exported.state_dict()[name] - naive.state_dict()[name]).abs().max() > 1e-3
+
+
+def test_export_reward_model_is_a_one_output_classifier(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run, out = runs["rm_lora"], tmp_path / "rm"
+    assert "reward model (one-output sequence classifier)" in align("export", run, out).stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification") and len(config["id2label"]) == 1
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    exported = AutoModelForSequenceClassification.from_pretrained(out).eval()  # no num_labels needed
+    base = AutoModelForSequenceClassification.from_pretrained(_base(run), num_labels=1)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    reference = PeftModel.from_pretrained(base, run).eval()
+    got, expected = _logits(exported, tokenizer), _logits(reference, tokenizer)
+    assert got.shape == (2, 1) and torch.allclose(got, expected, atol=1e-5), (got, expected)
+    snippet = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and "reward:" in ran.stdout, ran.stderr[-2000:]
+
+
+def test_export_full_model_is_copied_with_a_note(runs, tmp_path):
+    run, out = runs["sft"], tmp_path / "full"
+    result = align("export", run, out)
+    assert "already holds a full model: copied" in result.stdout
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    assert digest(out / "model.safetensors") == digest(run / "model.safetensors")
+    assert not {"metrics.jsonl", "summary.json", "checkpoint-3", ".hydra"} & set(os.listdir(out))
+    # Another dtype is a real conversion, said as such.
+    half = align("export", run, tmp_path / "bf16", "dtype=bfloat16").stdout
+    assert "re-saved it in bfloat16" in half
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{run}", "{tmp}/x", "dtype=float8"], "dtype=float8 is not valid: use auto, float32, bfloat16, float16"),
+        (["{run}", "{tmp}/x", "dtyp=float32"], "'dtyp' is not an option (did you mean: dtype?)"),
+        (["{tmp}", "{tmp}/x"], "is not a run folder or model folder"),
+        (["{run}", "{run}/.hydra"], "already exists and is not empty"),
+        (["{run}"], "missing argument: align export <run folder> <out dir>"),
+    ],
+)
+def test_export_errors_are_one_line(runs, tmp_path, args, message):
+    args = [a.format(run=runs["sft"], tmp=tmp_path) for a in args]
+    result = align("export", *args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def _prompts(path, n=5):
+    rows = [{"id": i, "instruction": f"Say {i}.", "input": "" if i % 2 else "please"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def test_generate_keeps_input_columns_and_matches_greedy_decoding(runs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "out.jsonl"
+    result = align(
+        "generate", runs["sft"], f"data.path={tmp_path / 'p.jsonl'}", f"output={out}", "temperature=0",
+        "max_new_tokens=6", "batch_size=2", "data.system=Be brief.",
+    )
+    assert f"wrote 5 rows (5 in all) to {out}" in result.stdout and "generate: 100%" in result.stderr
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: w[k] for k in r} for w, r in zip(written, rows, strict=True)] == rows
+    assert all(isinstance(w["completion"], str) for w in written)
+    # Row 0 (batched, left-padded) is the model's own greedy answer to the templated prompt.
+    tokenizer = AutoTokenizer.from_pretrained(runs["sft"])
+    model = AutoModelForCausalLM.from_pretrained(runs["sft"]).eval()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say 0.\nplease"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    greedy = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert written[0]["completion"] == tokenizer.decode(greedy[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_generate_resumes_and_samples_several_answers(runs, tmp_path):
+    _prompts(tmp_path / "p.jsonl", 6)
+    out = tmp_path / "out.jsonl"
+    common = ["generate", runs["sft_lora"], f"data.path={tmp_path / 'p.jsonl'}", f"output={out}", "max_new_tokens=4"]
+    align(*common, "num_return_sequences=3", "batch_size=4")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 6 and all(len(json.loads(line)["completions"]) == 3 for line in lines)
+    # A run killed after two rows and in the middle of writing the third.
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15], encoding="utf-8")
+    result = align(*common, "num_return_sequences=3")
+    assert "resuming" in result.stdout and "at row 3 of 6" in result.stdout
+    again = out.read_text().splitlines()
+    assert again[:2] == lines[:2] and len(again) == 6 and all(json.loads(line)["id"] == i for i, line in enumerate(again))
+    assert "already holds all 6 rows" in align(*common).stdout
+    # Another prompts file is not "resumed" into this output.
+    _prompts(tmp_path / "other.jsonl", 3)
+    (tmp_path / "other.jsonl").write_text('{"prompt": "Hi"}\n', encoding="utf-8")
+    other = align("generate", runs["sft_lora"], f"data.path={tmp_path / 'other.jsonl'}", f"output={out}", check=False)
+    assert other.returncode == 1 and "holds 6 rows, more than the 1 input rows" in other.stderr
+
+
+def test_generate_reads_grpo_message_prompts_and_names_bad_rows(runs, tmp_path):
+    data = tmp_path / "msgs.jsonl"
+    data.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "What is 6 plus 9?"}], "answer": "15"}) + "\n"
+        + json.dumps({"prompt": "How many legs does a spider have?", "answer": "8"}) + "\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "o.jsonl"
+    align("generate", runs["sft"], f"data.path={data}", f"output={out}", "max_new_tokens=3")
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["answer"] for w in written] == ["15", "8"] and written[0]["prompt"][0]["role"] == "user"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n', encoding="utf-8")
+    result = align("generate", runs["sft"], f"data.path={bad}", f"output={tmp_path / 'b.jsonl'}", check=False)
+    assert result.returncode == 1 and f"{bad}:2" in result.stderr and "prompt" in result.stderr
+    missing = align("generate", runs["sft"], f"output={out}", check=False)
+    assert "data.path is not set" in missing.stderr
+    typo = align("generate", runs["sft"], "data.pth=x", check=False)
+    assert "'data.pth' is not an option (did you mean: data.path," in typo.stderr
+
+
+# --- chat -----------------------------------------------------------------------------------------
+
+
+def test_chat_streams_answers_with_history_reset_and_exit(runs):
+    """Piped stdin: one user turn per line. The answers are what plain transformers samples for the
+    same conversations with the same seed: history kept, then cleared by /reset; /exit stops."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
+
+    run = runs["sft"]
+    turns = "Hello!\nWhat did I say?\n/reset\n\nStart again.\n/exit\nNever answered.\n"
+    result = align("chat", run, "system=You are terse.", "temperature=1.0", "max_new_tokens=8", "seed=7", stdin=turns)
+    assert "(history cleared)" in result.stderr
+
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    config = GenerationConfig(
+        max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=50,
+        eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+    )
+    set_seed(7)
+    system = {"role": "system", "content": "You are terse."}
+    history, expected = [system], []
+    for text in ("Hello!", "What did I say?", None, "Start again."):
+        if text is None:
+            history = [system]
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, generation_config=config)
+        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": answer})
+        expected.append(answer + "\n")
+    assert result.stdout == "".join(expected)
+
+
+def test_chat_refuses_a_reward_model_and_bad_keys(runs):
+    rm = align("chat", runs["rm_lora"], stdin="hi\n", check=False)
+    assert rm.returncode == 1 and "is a reward model" in rm.stderr and "Traceback" not in rm.stderr
+    typo = align("chat", runs["sft"], "temprature=0", check=False)
+    assert "'temprature' is not an option (did you mean: temperature?)" in typo.stderr
+    bad = align("chat", runs["sft"], "top_p=0", check=False)
+    assert "top_p=0.0 must be in (0, 1]" in bad.stderr
+
+
+# --- model cards ---------------------------------------------------------------------------------
+
+
+def test_run_card_is_ours_and_its_snippet_runs(runs):
+    run = runs["sft_lora"]
+    card = (run / "README.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert "fine-tuned version of [None]" not in card and 'model="None"' not in card
+    assert "`tiny`" in card and "supervised fine-tuning" in card and "LoRA r=4" in card
+    assert "| train | `" in card and "sft_alpaca.jsonl` | 54 |" in card
+    assert f"| `loss_last_step` | {summary['loss_last_step']:.4g} |" in card
+    assert "align train method=sft model.name_or_path=tiny peft=lora peft.r=4" in card
+    assert "method.args.max_steps=3" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
