@@ -33,6 +33,16 @@ def _value(v: Any) -> str:
     return "null" if v is None else str(v)
 
 
+def _flat(prefix: str, values: dict) -> list[tuple[str, str]]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out += _flat(f"{prefix}{key}.", value)
+        else:
+            out.append((f"{prefix}{key}", _value(value)))
+    return out
+
+
 def reproduce_command(cfg: DictConfig) -> str:
     """`align train` with this run's overrides (Hydra's), or, outside Hydra (tests, notebooks), the
     choices a composed config holds: method, model, data, LoRA, quantization and every method.args key."""
@@ -135,8 +145,12 @@ def run_card(
     base = str(cfg.model.name_or_path)
     adapter = os.path.exists(os.path.join(output_dir, "adapter_config.json"))
     kind = "seq_cls" if name == "rm" else "causal_lm"
-    chat = os.path.exists(os.path.join(output_dir, "chat_template.jinja")) or bool(cfg.model.get("chat_template"))
-    resolved = modeling.resolve_model_path(modeling.ModelConfig(name_or_path=base)) if base == "tiny" else base
+    chat = os.path.exists(os.path.join(output_dir, "chat_template.jinja")) or bool(
+        cfg.model.get("chat_template")
+    )
+    resolved = (
+        modeling.resolve_model_path(modeling.ModelConfig(name_or_path=base)) if base == "tiny" else base
+    )
     lora = ""
     if adapter:
         lora = (
@@ -145,11 +159,11 @@ def run_card(
         )
         if cfg.quant.get("bits"):
             lora += f" on a {cfg.quant.bits}-bit ({cfg.quant.quant_type}) base (QLoRA)"
-    settings = [(k, _value(v)) for k, v in method.items() if k not in ("name", "args", "formats", "samples")]
-    settings += [(f"args.{k}", _value(v)) for k, v in (method.get("args") or {}).items()]
+    skip = ("name", "args", "formats", "samples", "sample", "default_reward")
+    settings = _flat("", {k: v for k, v in method.items() if k not in skip})
+    settings += _flat("args.", method.get("args") or {})
     if cfg.get("reward"):
-        reward = OmegaConf.to_container(cfg.reward, resolve=True)
-        settings += [(f"reward.{k}", _value(v)) for k, v in reward.items()]
+        settings += _flat("reward.", OmegaConf.to_container(cfg.reward, resolve=True))
     data = cfg.data
     if data.get("eval_path"):
         eval_source = str(data.eval_path)
@@ -167,7 +181,11 @@ def run_card(
         "",
         f"A {what} trained from `{base}` with {METHOD_NAMES.get(name, name)}{lora}, "
         "by align (on TRL, transformers and peft)."
-        + (" This folder holds the LoRA adapter; `align export` merges it into a plain model." if adapter else ""),
+        + (
+            " This folder holds the LoRA adapter; `align export` merges it into a plain model."
+            if adapter
+            else ""
+        ),
         "",
         "## Base model",
         "",
@@ -188,7 +206,10 @@ def run_card(
         "",
         "## Final metrics",
         "",
-        _table([(k, _value(v)) for k, v in metrics.items()], ("metric", "value")),
+        _table(
+            [(k, _value(v)) for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))],
+            ("metric", "value"),
+        ),
         "",
         "## Reproduce",
         "",
@@ -204,8 +225,10 @@ def run_card(
         "",
         "```bash",
         *(
-            [f"align chat {os.path.abspath(output_dir)}", f"align generate {os.path.abspath(output_dir)} "
-             "data.path=prompts.jsonl output=out.jsonl"]
+            [
+                f"align chat {os.path.abspath(output_dir)}",
+                f"align generate {os.path.abspath(output_dir)} data.path=prompts.jsonl output=out.jsonl",
+            ]
             if kind == "causal_lm"
             else []
         ),
@@ -218,7 +241,12 @@ def run_card(
 
 
 def write_run_card(
-    output_dir: str, cfg: DictConfig, metrics: dict[str, float], train_rows: int, eval_rows: int, data_source: str
+    output_dir: str,
+    cfg: DictConfig,
+    metrics: dict[str, float],
+    train_rows: int,
+    eval_rows: int,
+    data_source: str,
 ) -> str:
     """Writes `<output_dir>/README.md` (replacing TRL's card) and returns its path.
 

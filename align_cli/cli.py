@@ -88,7 +88,9 @@ def _serve(command: str, rest: list[str]) -> None:
     if {"-h", "--help"} & set(rest):
         from . import export, serve
 
-        print(f"usage: {dict(chat=serve.CHAT_USAGE, generate=serve.GENERATE_USAGE, export=export.USAGE)[command]}")
+        print(
+            f"usage: {dict(chat=serve.CHAT_USAGE, generate=serve.GENERATE_USAGE, export=export.USAGE)[command]}"
+        )
         return
     from .errors import AlignError
 

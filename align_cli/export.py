@@ -165,15 +165,23 @@ def export(src: str, out: str, opts: ExportOptions) -> str:
             what = "reward model (one-output sequence classifier)" if kind == "seq_cls" else "causal LM"
             qlora = f", its {quant['bits']}-bit base dequantized first" if quant.get("bits") else ""
             how = f"merged the LoRA adapter of {src} into its base {base}{qlora}: a full {what} in {dtype}"
-        tokenizer = modeling.load_tokenizer(ModelConfig(name_or_path=expanded, trust_remote_code=opts.trust_remote_code))
+        tokenizer = modeling.load_tokenizer(
+            ModelConfig(name_or_path=expanded, trust_remote_code=opts.trust_remote_code)
+        )
         if model is not None:
             if kind == "seq_cls":
                 model.config.num_labels = 1
-                model.config.pad_token_id = tokenizer.pad_token_id  # the classifier finds the last token with it
+                model.config.pad_token_id = (
+                    tokenizer.pad_token_id
+                )  # the classifier finds the last token with it
             else:
                 gen = model.generation_config
-                gen.pad_token_id = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
-                gen.eos_token_id = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+                gen.pad_token_id = (
+                    gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+                )
+                gen.eos_token_id = (
+                    gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+                )
             model.save_pretrained(tmp, max_shard_size=opts.max_shard_size, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         elif not os.path.exists(os.path.join(tmp, "tokenizer_config.json")):

@@ -171,7 +171,9 @@ class Chat:
         self.reset()
 
     def reset(self) -> None:
-        self.history: list[dict] = [{"role": "system", "content": self.opts.system}] if self.opts.system else []
+        self.history: list[dict] = (
+            [{"role": "system", "content": self.opts.system}] if self.opts.system else []
+        )
 
     def _fit(self, messages: list[dict]) -> tuple[list[dict], list[int]]:
         """Drops the oldest exchanges until the prompt leaves room for an answer within
@@ -279,17 +281,23 @@ def read_prompts(data_cfg: DataConfig, conversational: bool) -> tuple[list[dict]
     from .data.readers import read_any
 
     if not data_cfg.path:
-        raise AlignError("align generate: data.path is not set: give the prompts file, e.g. data.path=prompts.jsonl")
+        raise AlignError(
+            "align generate: data.path is not set: give the prompts file, e.g. data.path=prompts.jsonl"
+        )
     mapping = dict(data_cfg.columns)
     check_column_names(mapping, "prompt")
     problems = Problems()
-    raw = read_any(data_cfg.path, data_cfg.subset, data_cfg.split, problems, key="data.split", path_key="data.path")
+    raw = read_any(
+        data_cfg.path, data_cfg.subset, data_cfg.split, problems, key="data.split", path_key="data.path"
+    )
     problems.raise_if_any(raw.source)
     if data_cfg.max_samples:
         raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
     original = list(raw.rows)  # rename_columns makes new dicts: these keep the file's own names
     rename_columns(raw, mapping)
-    loaded = convert(raw, "prompt", data_cfg.format, ConvertOptions(conversational, data_cfg.system), problems)
+    loaded = convert(
+        raw, "prompt", data_cfg.format, ConvertOptions(conversational, data_cfg.system), problems
+    )
     problems.raise_if_any(raw.source)  # every row converted: `loaded.rows[i]` is `original[i]`
     return original, loaded.rows, raw.source
 
@@ -360,13 +368,16 @@ def generate_main(argv: list[str]) -> None:
     if not opts.output:
         raise AlignError(f"align generate: output is not set: add output=<file.jsonl> ({GENERATE_USAGE})")
     if not opts.data.path:
-        raise AlignError("align generate: data.path is not set: give the prompts file, e.g. data.path=prompts.jsonl")
+        raise AlignError(
+            "align generate: data.path is not set: give the prompts file, e.g. data.path=prompts.jsonl"
+        )
 
     import torch
     from tqdm.auto import tqdm
     from transformers import set_seed
 
     from . import modeling
+
     started = time.time()
     tokenizer = modeling.load_tokenizer(opts.model)
     conversational = tokenizer.chat_template is not None

@@ -374,10 +374,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 )
             from .card import write_run_card  # ours replaces TRL's card (written at each checkpoint)
 
-            write_run_card(
-                output_dir, cfg, metrics, len(train_ds), len(eval_ds) if eval_ds is not None else 0,
-                data_path(data_cfg, method.get("sample")),
-            )
+            rows = (len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+            write_run_card(output_dir, cfg, metrics, *rows, data_path(data_cfg, method.get("sample")))
             print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
         else:
             metrics = {}

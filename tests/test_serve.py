@@ -36,7 +36,9 @@ def align(*args, stdin: str | None = None, check: bool = True):
 
 
 def _train(folder, overrides):
-    cfg = compose([*overrides, "method.args.logging_steps=1", "method.args.save_steps=1000"], output_dir=folder)
+    cfg = compose(
+        [*overrides, "method.args.logging_steps=1", "method.args.save_steps=1000"], output_dir=folder
+    )
     return train(cfg)
 
 
@@ -80,7 +82,13 @@ def test_export_lora_is_a_plain_model_with_the_adapter_models_logits(runs, tmp_p
     result = align("export", run, out)
     assert "merged the LoRA adapter" in result.stdout
     names = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= names
     assert "adapter_config.json" not in names and "adapter_model.safetensors" not in names
     assert not names & {"metrics.jsonl", "summary.json", "training_args.bin"}
 
@@ -109,12 +117,16 @@ def test_export_qlora_dequantizes_the_base_then_merges(runs, tmp_path):
     assert exported.dtype == torch.float32
     # The weights the adapter was trained against: the base quantized as in training, dequantized.
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
-    quantized = AutoModelForCausalLM.from_pretrained(_base(run), quantization_config=quant, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        _base(run), quantization_config=quant, dtype=torch.float32
+    )
     reference = PeftModel.from_pretrained(quantized.dequantize(dtype=torch.float32), run).eval()
     expected, got = _logits(reference, tokenizer), _logits(exported, tokenizer)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     # Merging into the unquantized base instead would give other weights.
-    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(_base(run)), run).merge_and_unload()
+    naive = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(_base(run)), run
+    ).merge_and_unload()
     name = "model.layers.0.mlp.down_proj.weight"
     assert (exported.state_dict()[name] - naive.state_dict()[name]).abs().max() > 1e-3
 
@@ -158,7 +170,10 @@ def test_export_full_model_is_copied_with_a_note(runs, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["{run}", "{tmp}/x", "dtype=float8"], "dtype=float8 is not valid: use auto, float32, bfloat16, float16"),
+        (
+            ["{run}", "{tmp}/x", "dtype=float8"],
+            "dtype=float8 is not valid: use auto, float32, bfloat16, float16",
+        ),
         (["{run}", "{tmp}/x", "dtyp=float32"], "'dtyp' is not an option (did you mean: dtype?)"),
         (["{tmp}", "{tmp}/x"], "is not a run folder or model folder"),
         (["{run}", "{run}/.hydra"], "already exists and is not empty"),
@@ -187,8 +202,14 @@ def test_generate_keeps_input_columns_and_matches_greedy_decoding(runs, tmp_path
     rows = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "out.jsonl"
     result = align(
-        "generate", runs["sft"], f"data.path={tmp_path / 'p.jsonl'}", f"output={out}", "temperature=0",
-        "max_new_tokens=6", "batch_size=2", "data.system=Be brief.",
+        "generate",
+        runs["sft"],
+        f"data.path={tmp_path / 'p.jsonl'}",
+        f"output={out}",
+        "temperature=0",
+        "max_new_tokens=6",
+        "batch_size=2",
+        "data.system=Be brief.",
     )
     assert f"wrote 5 rows (5 in all) to {out}" in result.stdout and "generate: 100%" in result.stderr
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -198,15 +219,25 @@ def test_generate_keeps_input_columns_and_matches_greedy_decoding(runs, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(runs["sft"])
     model = AutoModelForCausalLM.from_pretrained(runs["sft"]).eval()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say 0.\nplease"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     greedy = model.generate(**ids, max_new_tokens=6, do_sample=False)
-    assert written[0]["completion"] == tokenizer.decode(greedy[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert written[0]["completion"] == tokenizer.decode(
+        greedy[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+    )
 
 
 def test_generate_resumes_and_samples_several_answers(runs, tmp_path):
     _prompts(tmp_path / "p.jsonl", 6)
     out = tmp_path / "out.jsonl"
-    common = ["generate", runs["sft_lora"], f"data.path={tmp_path / 'p.jsonl'}", f"output={out}", "max_new_tokens=4"]
+    common = [
+        "generate",
+        runs["sft_lora"],
+        f"data.path={tmp_path / 'p.jsonl'}",
+        f"output={out}",
+        "max_new_tokens=4",
+    ]
     align(*common, "num_return_sequences=3", "batch_size=4")
     lines = out.read_text().splitlines()
     assert len(lines) == 6 and all(len(json.loads(line)["completions"]) == 3 for line in lines)
@@ -215,20 +246,28 @@ def test_generate_resumes_and_samples_several_answers(runs, tmp_path):
     result = align(*common, "num_return_sequences=3")
     assert "resuming" in result.stdout and "at row 3 of 6" in result.stdout
     again = out.read_text().splitlines()
-    assert again[:2] == lines[:2] and len(again) == 6 and all(json.loads(line)["id"] == i for i, line in enumerate(again))
+    assert (
+        again[:2] == lines[:2]
+        and len(again) == 6
+        and all(json.loads(line)["id"] == i for i, line in enumerate(again))
+    )
     assert "already holds all 6 rows" in align(*common).stdout
     # Another prompts file is not "resumed" into this output.
     _prompts(tmp_path / "other.jsonl", 3)
     (tmp_path / "other.jsonl").write_text('{"prompt": "Hi"}\n', encoding="utf-8")
-    other = align("generate", runs["sft_lora"], f"data.path={tmp_path / 'other.jsonl'}", f"output={out}", check=False)
+    other = align(
+        "generate", runs["sft_lora"], f"data.path={tmp_path / 'other.jsonl'}", f"output={out}", check=False
+    )
     assert other.returncode == 1 and "holds 6 rows, more than the 1 input rows" in other.stderr
 
 
 def test_generate_reads_grpo_message_prompts_and_names_bad_rows(runs, tmp_path):
     data = tmp_path / "msgs.jsonl"
     data.write_text(
-        json.dumps({"prompt": [{"role": "user", "content": "What is 6 plus 9?"}], "answer": "15"}) + "\n"
-        + json.dumps({"prompt": "How many legs does a spider have?", "answer": "8"}) + "\n",
+        json.dumps({"prompt": [{"role": "user", "content": "What is 6 plus 9?"}], "answer": "15"})
+        + "\n"
+        + json.dumps({"prompt": "How many legs does a spider have?", "answer": "8"})
+        + "\n",
         encoding="utf-8",
     )
     out = tmp_path / "o.jsonl"
@@ -255,14 +294,21 @@ def test_chat_streams_answers_with_history_reset_and_exit(runs):
 
     run = runs["sft"]
     turns = "Hello!\nWhat did I say?\n/reset\n\nStart again.\n/exit\nNever answered.\n"
-    result = align("chat", run, "system=You are terse.", "temperature=1.0", "max_new_tokens=8", "seed=7", stdin=turns)
+    result = align(
+        "chat", run, "system=You are terse.", "temperature=1.0", "max_new_tokens=8", "seed=7", stdin=turns
+    )
     assert "(history cleared)" in result.stderr
 
     tokenizer = AutoTokenizer.from_pretrained(run)
     model = AutoModelForCausalLM.from_pretrained(run).eval()
     config = GenerationConfig(
-        max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=50,
-        eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=8,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=50,
+        eos_token_id=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
     )
     set_seed(7)
     system = {"role": "system", "content": "You are terse."}
@@ -272,7 +318,9 @@ def test_chat_streams_answers_with_history_reset_and_exit(runs):
             history = [system]
             continue
         history.append({"role": "user", "content": text})
-        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = model.generate(**ids, generation_config=config)
         answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         history.append({"role": "assistant", "content": answer})
