@@ -299,6 +299,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
     method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
+    from .terminal import prepare as prepare_terminal
+
+    prepare_terminal(bool(cfg.get("quiet")), bool(cfg.get("verbose")))
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)
     resume_from = check_run_folder(output_dir, cfg.get("resume"))
@@ -338,6 +341,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
             trainer.add_callback(callback)
     loss_guard.attach(trainer)
+    from .terminal import install as show_progress  # one bar and compact eval lines (quiet/verbose)
+
+    show_progress(
+        trainer, getattr(module, "SUMMARY_KEYS", []), bool(cfg.get("quiet")), bool(cfg.get("verbose"))
+    )
 
     stop.install()
     try:
@@ -547,6 +555,7 @@ def main(argv: list[str]) -> None:
     if {"--help", "-h"} & set(argv) and not any(a.startswith("method=") for a in argv):
         # Help composes the config, and `method` has no default: show it for the demo's method.
         argv = [*argv, "method=dpo"]
+    argv = ["quiet=true" if a in ("-q", "--quiet") else a for a in argv]
     argv = schema.normalize_overrides(list(argv))
     try:
         argv = prepare(argv)
