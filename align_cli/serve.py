@@ -77,6 +77,11 @@ def check_sampling(opts: Sampling, command: str) -> None:
         value = getattr(opts, key, 1)
         if value < 1:
             problems.append(f"{key}={value} must be at least 1")
+    if getattr(opts, "num_return_sequences", 1) > 1 and opts.temperature == 0:
+        problems.append(
+            f"num_return_sequences={opts.num_return_sequences} with temperature=0 would give one greedy answer "
+            "several times: sample (temperature > 0) or ask for one"
+        )
     if problems:
         raise AlignError(f"{command}: {'; '.join(problems)}")
 

@@ -130,6 +130,34 @@ def install(trainer, summary_keys: list[str], quiet: bool = False, verbose: bool
     trainer.add_callback(LogFileOnly() if quiet else TerminalProgress(summary_keys))
 
 
+# report_to name -> the packages transformers' integration can use (any one of them).
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+}
+
+
+def check_trackers(report_to) -> None:
+    """Raises a one-line AlignError for a `method.args.report_to` tracker whose package is missing
+    (transformers would stop with a traceback when it builds the trainer)."""
+    import importlib.util
+
+    from .errors import AlignError
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        packages = TRACKER_PACKAGES.get(str(name))
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise AlignError(
+                f"method.args.report_to={name} needs the {packages[0]} package, which is not installed: "
+                f"pip install {packages[0]} (or drop report_to)"
+            )
+
+
 def prepare(quiet: bool = False, verbose: bool = False) -> None:
     """Before anything is loaded: no bars but ours. Loading weights, each dataset pass TRL makes
     (tokenizing, truncating, ...) and each checkpoint written draw a bar of their own otherwise.

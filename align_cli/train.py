@@ -299,8 +299,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
     method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
+    from .terminal import check_trackers
     from .terminal import prepare as prepare_terminal
 
+    check_trackers(args.get("report_to"))
     prepare_terminal(bool(cfg.get("quiet")), bool(cfg.get("verbose")))
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)

@@ -101,3 +101,19 @@ def test_ppo_logs_its_own_metrics_to_tensorboard_and_writes_a_card(tmp_path):
         [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120, env=env
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
+
+
+def test_a_tracker_without_its_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from align_cli.errors import AlignError
+    from align_cli.terminal import check_trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(AlignError, match="report_to=wandb needs the wandb package, which is not installed"):
+        check_trackers(["tensorboard", "wandb"])
+    check_trackers("tensorboard")
+    check_trackers("none")
