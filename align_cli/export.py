@@ -53,6 +53,8 @@ class ExportOptions:
 def run_config(folder: str) -> dict:
     """The composed config of the run that wrote `folder` ({} for a folder align did not write)."""
     path = os.path.join(folder, ".hydra", "config.yaml")
+    if not os.path.exists(path) and os.path.basename(os.path.normpath(folder)).startswith("checkpoint-"):
+        path = os.path.join(os.path.dirname(os.path.normpath(folder)), ".hydra", "config.yaml")  # its run's
     if not os.path.exists(path):
         return {}
     from omegaconf import OmegaConf

@@ -377,7 +377,6 @@ def generate_main(argv: list[str]) -> None:
             "align generate: data.path is not set: give the prompts file, e.g. data.path=prompts.jsonl"
         )
 
-    import torch
     from tqdm.auto import tqdm
     from transformers import set_seed
 
@@ -406,9 +405,30 @@ def generate_main(argv: list[str]) -> None:
     tokenizer.padding_side = "left"
     set_seed(opts.seed)
     config = generation_config(opts, tokenizer, model, opts.num_return_sequences)
-    n = opts.num_return_sequences
     os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
     bar = tqdm(total=len(inputs), initial=start, unit="row", desc="generate", disable=opts.quiet)
+    try:
+        _generate_rows(opts, tokenizer, model, config, inputs, ids, start, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        err = AlignError(
+            f"interrupted: {opts.output} keeps the rows written so far; run the same command to resume"
+        )
+        err.exit_code = 130  # 128 + SIGINT, as for an interrupted training run
+        raise err from None
+    bar.close()
+    print(
+        f"align: generate wrote {len(inputs) - start} rows ({len(inputs)} in all) to {opts.output} "
+        f"in {time.time() - started:.1f}s",
+        flush=True,
+    )
+
+
+def _generate_rows(opts: GenerateOptions, tokenizer, model, config, inputs, ids, start: int, bar) -> None:
+    """Generates rows `start:` in batches, appending each batch to `opts.output` as it is done."""
+    import torch
+
+    n = opts.num_return_sequences
     with open(opts.output, "a", encoding="utf-8") as f:
         for s in range(start, len(inputs), opts.batch_size):
             rows = list(range(s, min(s + opts.batch_size, len(inputs))))
@@ -424,9 +444,3 @@ def generate_main(argv: list[str]) -> None:
             f.write("".join(lines))  # one write per batch: an interrupt loses at most this batch
             f.flush()
             bar.update(len(rows))
-    bar.close()
-    print(
-        f"align: generate wrote {len(inputs) - start} rows ({len(inputs)} in all) to {opts.output} "
-        f"in {time.time() - started:.1f}s",
-        flush=True,
-    )

@@ -35,6 +35,19 @@ def align(*args, stdin: str | None = None, check: bool = True):
     return out
 
 
+def main(*args, capsys=None) -> tuple[int, str, str]:
+    """`align ...` in this process (the same entry as the console script): exit code, stdout, stderr."""
+    from align_cli.cli import main as align_main
+
+    try:
+        align_main([str(a) for a in args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def _train(folder, overrides):
     cfg = compose(
         [*overrides, "method.args.logging_steps=1", "method.args.save_steps=1000"], output_dir=folder
@@ -105,13 +118,13 @@ def test_export_lora_is_a_plain_model_with_the_adapter_models_logits(runs, tmp_p
     assert "merged the LoRA adapter" in card and "## The run it comes from" in card and "[None]" not in card
 
 
-def test_export_qlora_dequantizes_the_base_then_merges(runs, tmp_path):
+def test_export_qlora_dequantizes_the_base_then_merges(runs, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     run, out = runs["sft_qlora"], tmp_path / "merged"
-    result = align("export", run, out, "dtype=float32")
-    assert "4-bit base dequantized first" in result.stdout
+    code, stdout, err = main("export", run, out, "dtype=float32", capsys=capsys)
+    assert code == 0 and "4-bit base dequantized first" in stdout, err
     tokenizer = AutoTokenizer.from_pretrained(out)
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert exported.dtype == torch.float32
@@ -131,12 +144,13 @@ def test_export_qlora_dequantizes_the_base_then_merges(runs, tmp_path):
     assert (exported.state_dict()[name] - naive.state_dict()[name]).abs().max() > 1e-3
 
 
-def test_export_reward_model_is_a_one_output_classifier(runs, tmp_path):
+def test_export_reward_model_is_a_one_output_classifier(runs, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run, out = runs["rm_lora"], tmp_path / "rm"
-    assert "reward model (one-output sequence classifier)" in align("export", run, out).stdout
+    code, stdout, err = main("export", run, out, capsys=capsys)
+    assert code == 0 and "reward model (one-output sequence classifier)" in stdout, err
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"][0].endswith("ForSequenceClassification") and len(config["id2label"]) == 1
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -151,20 +165,32 @@ def test_export_reward_model_is_a_one_output_classifier(runs, tmp_path):
     assert ran.returncode == 0 and "reward:" in ran.stdout, ran.stderr[-2000:]
 
 
-def test_export_full_model_is_copied_with_a_note(runs, tmp_path):
+def test_export_full_model_is_copied_with_a_note(runs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     run, out = runs["sft"], tmp_path / "full"
-    result = align("export", run, out)
-    assert "already holds a full model: copied" in result.stdout
+    code, stdout, _ = main("export", run, out, capsys=capsys)
+    assert code == 0 and "already holds a full model: copied" in stdout
 
     def digest(p):
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
     assert digest(out / "model.safetensors") == digest(run / "model.safetensors")
     assert not {"metrics.jsonl", "summary.json", "checkpoint-3", ".hydra"} & set(os.listdir(out))
-    # Another dtype is a real conversion, said as such.
-    half = align("export", run, tmp_path / "bf16", "dtype=bfloat16").stdout
-    assert "re-saved it in bfloat16" in half
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    # Another dtype is a real conversion, said as such; here in shards.
+    half = tmp_path / "bf16"
+    code, stdout, _ = main("export", run, half, "dtype=bfloat16", "max_shard_size=300KB", capsys=capsys)
+    assert code == 0 and "re-saved it in bfloat16" in stdout
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (half / "model.safetensors.index.json").exists() and len(
+        list(half.glob("model-*.safetensors"))
+    ) > 1
+    tokenizer = AutoTokenizer.from_pretrained(half)
+    original = AutoModelForCausalLM.from_pretrained(run, dtype=torch.bfloat16).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(half).eval()
+    assert loaded.dtype == torch.bfloat16 and torch.equal(
+        _logits(loaded, tokenizer), _logits(original, tokenizer)
+    )
 
 
 @pytest.mark.parametrize(
@@ -180,11 +206,11 @@ def test_export_full_model_is_copied_with_a_note(runs, tmp_path):
         (["{run}"], "missing argument: align export <run folder> <out dir>"),
     ],
 )
-def test_export_errors_are_one_line(runs, tmp_path, args, message):
+def test_export_errors_are_one_line(runs, tmp_path, args, message, capsys):
     args = [a.format(run=runs["sft"], tmp=tmp_path) for a in args]
-    result = align("export", *args, check=False)
-    assert result.returncode != 0 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    code, _, err = main("export", *args, capsys=capsys)
+    assert code == 1 and message in err and err.startswith("align: error: "), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 # --- generate -----------------------------------------------------------------------------------
@@ -228,7 +254,7 @@ def test_generate_keeps_input_columns_and_matches_greedy_decoding(runs, tmp_path
     )
 
 
-def test_generate_resumes_and_samples_several_answers(runs, tmp_path):
+def test_generate_resumes_and_samples_several_answers(runs, tmp_path, capsys):
     _prompts(tmp_path / "p.jsonl", 6)
     out = tmp_path / "out.jsonl"
     common = [
@@ -238,30 +264,43 @@ def test_generate_resumes_and_samples_several_answers(runs, tmp_path):
         f"output={out}",
         "max_new_tokens=4",
     ]
-    align(*common, "num_return_sequences=3", "batch_size=4")
+    code, _, err = main(*common, "num_return_sequences=3", "batch_size=4", capsys=capsys)
+    assert code == 0, err
     lines = out.read_text().splitlines()
     assert len(lines) == 6 and all(len(json.loads(line)["completions"]) == 3 for line in lines)
     # A run killed after two rows and in the middle of writing the third.
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15], encoding="utf-8")
-    result = align(*common, "num_return_sequences=3")
-    assert "resuming" in result.stdout and "at row 3 of 6" in result.stdout
+    code, stdout, _ = main(*common, "num_return_sequences=3", capsys=capsys)
+    assert code == 0 and "resuming" in stdout and "at row 3 of 6" in stdout
     again = out.read_text().splitlines()
     assert (
         again[:2] == lines[:2]
         and len(again) == 6
         and all(json.loads(line)["id"] == i for i, line in enumerate(again))
     )
-    assert "already holds all 6 rows" in align(*common).stdout
+    code, stdout, _ = main(*common, capsys=capsys)
+    assert code == 0 and "already holds all 6 rows" in stdout
     # Another prompts file is not "resumed" into this output.
-    _prompts(tmp_path / "other.jsonl", 3)
     (tmp_path / "other.jsonl").write_text('{"prompt": "Hi"}\n', encoding="utf-8")
-    other = align(
-        "generate", runs["sft_lora"], f"data.path={tmp_path / 'other.jsonl'}", f"output={out}", check=False
+    code, _, err = main(
+        "generate", runs["sft_lora"], f"data.path={tmp_path / 'other.jsonl'}", f"output={out}", capsys=capsys
     )
-    assert other.returncode == 1 and "holds 6 rows, more than the 1 input rows" in other.stderr
+    assert code == 1 and "holds 6 rows, more than the 1 input rows" in err
+    _prompts(tmp_path / "changed.jsonl", 6)
+    (tmp_path / "changed.jsonl").write_text(
+        (tmp_path / "changed.jsonl").read_text().replace("Say 1.", "Say one.")
+    )
+    code, _, err = main(
+        "generate",
+        runs["sft_lora"],
+        f"data.path={tmp_path / 'changed.jsonl'}",
+        f"output={out}",
+        capsys=capsys,
+    )
+    assert code == 1 and f"{out}:2 does not match input row 2" in err
 
 
-def test_generate_reads_grpo_message_prompts_and_names_bad_rows(runs, tmp_path):
+def test_generate_reads_grpo_message_prompts_and_names_bad_rows(runs, tmp_path, capsys):
     data = tmp_path / "msgs.jsonl"
     data.write_text(
         json.dumps({"prompt": [{"role": "user", "content": "What is 6 plus 9?"}], "answer": "15"})
@@ -271,17 +310,32 @@ def test_generate_reads_grpo_message_prompts_and_names_bad_rows(runs, tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "o.jsonl"
-    align("generate", runs["sft"], f"data.path={data}", f"output={out}", "max_new_tokens=3")
+    code, _, err = main(
+        "generate", runs["sft"], f"data.path={data}", f"output={out}", "max_new_tokens=3", capsys=capsys
+    )
+    assert code == 0, err
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [w["answer"] for w in written] == ["15", "8"] and written[0]["prompt"][0]["role"] == "user"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n', encoding="utf-8")
-    result = align("generate", runs["sft"], f"data.path={bad}", f"output={tmp_path / 'b.jsonl'}", check=False)
-    assert result.returncode == 1 and f"{bad}:2" in result.stderr and "prompt" in result.stderr
-    missing = align("generate", runs["sft"], f"output={out}", check=False)
-    assert "data.path is not set" in missing.stderr
-    typo = align("generate", runs["sft"], "data.pth=x", check=False)
-    assert "'data.pth' is not an option (did you mean: data.path," in typo.stderr
+    code, _, err = main(
+        "generate", runs["sft"], f"data.path={bad}", f"output={tmp_path / 'b.jsonl'}", capsys=capsys
+    )
+    assert code == 1 and f"{bad}:2" in err and "prompt" in err and not (tmp_path / "b.jsonl").exists()
+    code, _, err = main("generate", runs["sft"], f"output={out}", capsys=capsys)
+    assert code == 1 and "data.path is not set" in err
+    code, _, err = main("generate", runs["sft"], "data.pth=x", capsys=capsys)
+    assert code == 1 and "'data.pth' is not an option (did you mean: data.path," in err
+    code, _, err = main(
+        "generate",
+        runs["sft"],
+        f"data.path={data}",
+        "output=x.jsonl",
+        "num_return_sequences=2",
+        "temperature=0",
+        capsys=capsys,
+    )
+    assert code == 1 and "with temperature=0 would give one greedy answer several times" in err
 
 
 # --- chat -----------------------------------------------------------------------------------------
@@ -328,13 +382,18 @@ def test_chat_streams_answers_with_history_reset_and_exit(runs):
     assert result.stdout == "".join(expected)
 
 
-def test_chat_refuses_a_reward_model_and_bad_keys(runs):
-    rm = align("chat", runs["rm_lora"], stdin="hi\n", check=False)
-    assert rm.returncode == 1 and "is a reward model" in rm.stderr and "Traceback" not in rm.stderr
-    typo = align("chat", runs["sft"], "temprature=0", check=False)
-    assert "'temprature' is not an option (did you mean: temperature?)" in typo.stderr
-    bad = align("chat", runs["sft"], "top_p=0", check=False)
-    assert "top_p=0.0 must be in (0, 1]" in bad.stderr
+def test_chat_refuses_a_reward_model_and_bad_keys(runs, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, out, err = main("chat", runs["rm_lora"], capsys=capsys)
+    assert code == 1 and "is a reward model" in err and not out
+    code, _, err = main("chat", runs["sft"], "temprature=0", capsys=capsys)
+    assert code == 1 and "'temprature' is not an option (did you mean: temperature?)" in err
+    code, _, err = main("chat", runs["sft"], "top_p=0", capsys=capsys)
+    assert code == 1 and "top_p=0.0 must be in (0, 1]" in err
+    code, _, err = main("chat", capsys=capsys)
+    assert code == 1 and "missing argument: align chat <run folder|model>" in err
 
 
 # --- model cards ---------------------------------------------------------------------------------
@@ -353,3 +412,13 @@ def test_run_card_is_ours_and_its_snippet_runs(runs):
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]
+
+
+def test_reward_model_run_card_loads_the_lora_classifier(runs):
+    card = (runs["rm_lora"] / "README.md").read_text()
+    assert (
+        "A reward model trained from `tiny` with reward modelling" in card and "| `mode` | pairwise |" in card
+    )
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and "reward:" in ran.stdout, ran.stderr[-2000:]
