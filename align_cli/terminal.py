@@ -170,6 +170,12 @@ def prepare(quiet: bool = False, verbose: bool = False) -> None:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     if quiet:
+        import sys
+
         for h in logging.getLogger().handlers:
-            if not isinstance(h, logging.FileHandler):
+            # The console only: not train.log, nor a handler that captures logs (pytest's caplog).
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (
+                sys.stdout,
+                sys.stderr,
+            ):
                 h.setLevel(logging.WARNING)
