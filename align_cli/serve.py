@@ -156,6 +156,15 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+def context_length(model, overrides: list[str], model_cfg: ModelConfig) -> int:
+    """Tokens of prompt + answer: `model.max_length` when given on the command line, else the
+    model's own context (its config's max_position_embeddings); the training default of 512 would
+    cut conversations and long prompts for no reason here."""
+    if any(o.lstrip("+").startswith("model.max_length=") for o in overrides):
+        return model_cfg.max_length
+    return int(getattr(model.config, "max_position_embeddings", None) or model_cfg.max_length)
+
+
 def _no_template(model_cfg: ModelConfig) -> AlignError:
     return AlignError(
         f"model '{model_cfg.name_or_path}' has no chat template: pass one with "
@@ -169,8 +178,9 @@ def _no_template(model_cfg: ModelConfig) -> AlignError:
 class Chat:
     """One conversation: the history, and an answer for each user turn."""
 
-    def __init__(self, tokenizer, model, opts: ChatOptions, stream=None):
+    def __init__(self, tokenizer, model, opts: ChatOptions, stream=None, max_length: int | None = None):
         self.tokenizer, self.model, self.opts = tokenizer, model, opts
+        self.max_length = max_length or opts.model.max_length
         self.config = generation_config(opts, tokenizer, model)
         self.stream = stream  # where answers are streamed (a file); None: not streamed
         self.reset()
@@ -182,8 +192,8 @@ class Chat:
 
     def _fit(self, messages: list[dict]) -> tuple[list[dict], list[int]]:
         """Drops the oldest exchanges until the prompt leaves room for an answer within
-        model.max_length (the system prompt and the new turn always stay)."""
-        limit = self.opts.model.max_length - self.opts.max_new_tokens
+        the context length (the system prompt and the new turn always stay)."""
+        limit = self.max_length - self.opts.max_new_tokens
         dropped = 0
         while True:
             ids = prompt_ids(self.tokenizer, messages)
@@ -195,7 +205,7 @@ class Chat:
         if dropped:
             print(
                 f"(dropped the {dropped} oldest exchange(s): the conversation is longer than "
-                f"model.max_length={self.opts.model.max_length} less max_new_tokens={self.opts.max_new_tokens})",
+                f"{self.max_length} tokens less max_new_tokens={self.opts.max_new_tokens}; see model.max_length)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -248,7 +258,9 @@ def chat_main(argv: list[str]) -> None:
     from transformers import set_seed
 
     set_seed(opts.seed)
-    chat = Chat(tokenizer, model, opts, stream=sys.stdout)
+    chat = Chat(
+        tokenizer, model, opts, stream=sys.stdout, max_length=context_length(model, overrides, opts.model)
+    )
     if tty and not opts.quiet:
         print("type a message; /reset clears the history, /exit quits", file=sys.stderr, flush=True)
     while True:
@@ -393,15 +405,16 @@ def generate_main(argv: list[str]) -> None:
     if start and not opts.quiet:
         print(f"align: generate: resuming {opts.output} at row {start + 1} of {len(inputs)}", flush=True)
     ids = [prompt_ids(tokenizer, row["prompt"]) for row in converted]
-    limit = opts.model.max_length - opts.max_new_tokens
+    _, model = load_for_generation(opts.model)
+    max_length = context_length(model, overrides, opts.model)
+    limit = max_length - opts.max_new_tokens
     long = [i for i in range(start, len(ids)) if len(ids[i]) > limit]
     if long:
         raise AlignError(
-            f"{len(long)} prompts are longer than model.max_length - max_new_tokens = {opts.model.max_length} - "
-            f"{opts.max_new_tokens} = {limit} tokens (first: row {long[0] + 1}, {len(ids[long[0]])} tokens): raise "
-            "model.max_length or lower max_new_tokens"
+            f"{len(long)} prompts are longer than {max_length} - max_new_tokens={opts.max_new_tokens} = {limit} "
+            f"tokens (first: row {long[0] + 1}, {len(ids[long[0]])} tokens): shorten them, lower max_new_tokens, "
+            "or raise model.max_length if the model takes longer inputs"
         )
-    _, model = load_for_generation(opts.model)
     tokenizer.padding_side = "left"
     set_seed(opts.seed)
     config = generation_config(opts, tokenizer, model, opts.num_return_sequences)

@@ -336,6 +336,31 @@ def test_generate_reads_grpo_message_prompts_and_names_bad_rows(runs, tmp_path, 
         capsys=capsys,
     )
     assert code == 1 and "with temperature=0 would give one greedy answer several times" in err
+    code, _, err = main(
+        "generate", runs["sft"], f"data.path={data}", f"output={tmp_path / 'l.jsonl'}", "model.max_length=12",
+        "max_new_tokens=4", capsys=capsys,
+    )  # fmt: skip
+    assert code == 1 and "2 prompts are longer than 12 - max_new_tokens=4 = 8 tokens (first: row 1" in err
+
+
+def test_chat_drops_the_oldest_exchanges_that_no_longer_fit(runs, capsys):
+    from align_cli import serve
+    from align_cli.config import ModelConfig
+
+    opts = serve.ChatOptions(
+        model=ModelConfig(name_or_path=str(runs["sft"])), system="Be brief.", max_new_tokens=4, temperature=0
+    )
+    tokenizer, model = serve.load_for_generation(opts.model)
+    chat = serve.Chat(tokenizer, model, opts, max_length=60)
+    for text in ("first question here", "second question here", "third question here"):
+        chat.answer(text)
+    assert chat.history[0] == {"role": "system", "content": "Be brief."}
+    assert chat.history[-2] == {"role": "user", "content": "third question here"}
+    assert "first question here" not in str(chat.history)  # dropped to fit 60 - 4 tokens
+    assert len(serve.prompt_ids(tokenizer, chat.history[:-1])) <= 56
+    assert "dropped the 1 oldest exchange(s)" in capsys.readouterr().err
+    chat.reset()
+    assert chat.history == [{"role": "system", "content": "Be brief."}]
 
 
 # --- chat -----------------------------------------------------------------------------------------
