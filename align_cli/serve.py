@@ -278,6 +278,13 @@ def chat_main(argv: list[str]) -> None:
             if not opts.quiet:
                 print("(history cleared)", file=sys.stderr, flush=True)
             continue
+        if text.startswith("/") and " " not in text:  # a mistyped command is not a message
+            print(
+                f"(unknown command {text}: /reset clears the history, /exit quits)",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
         chat.answer(text)
 
 

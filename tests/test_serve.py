@@ -372,11 +372,11 @@ def test_chat_streams_answers_with_history_reset_and_exit(runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
     run = runs["sft"]
-    turns = "Hello!\nWhat did I say?\n/reset\n\nStart again.\n/exit\nNever answered.\n"
+    turns = "Hello!\nWhat did I say?\n/rest\n/reset\n\nStart again.\n/exit\nNever answered.\n"
     result = align(
         "chat", run, "system=You are terse.", "temperature=1.0", "max_new_tokens=8", "seed=7", stdin=turns
     )
-    assert "(history cleared)" in result.stderr
+    assert "(history cleared)" in result.stderr and "(unknown command /rest: /reset clears" in result.stderr
 
     tokenizer = AutoTokenizer.from_pretrained(run)
     model = AutoModelForCausalLM.from_pretrained(run).eval()
