@@ -31,13 +31,14 @@ def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def parse(cls: type[T], overrides: list[str], command: str) -> T:
+def parse(cls: type[T], overrides: list[str], command: str, unused: dict[str, str] | None = None) -> T:
     """Builds `cls` (a dataclass, possibly with dataclass groups) from `key=value` strings.
 
     Args:
         cls: the command's options dataclass.
         overrides: the command line's `key=value` arguments.
         command: e.g. "align chat", for messages.
+        unused: keys of a shared group this command does not read -> why (a one-line error if set).
 
     Raises:
         AlignError: an argument without `=`, an unknown key (with the nearest valid ones), a
@@ -46,12 +47,15 @@ def parse(cls: type[T], overrides: list[str], command: str) -> T:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    valid = _valid_keys(cls)
+    unused = unused or {}
+    valid = [k for k in _valid_keys(cls) if k not in unused]
     for item in overrides:
         key, sep, _ = item.partition("=")
         key = key.lstrip("+")
         if not sep or not key:
             raise AlignError(f"{command}: '{item}' is not key=value; valid keys: {', '.join(valid)}")
+        if key in unused:
+            raise AlignError(f"{command}: {key} {unused[key]}")
         if key not in valid and not any(key.startswith(f"{o}.") for o in _OPEN):
             raise AlignError(
                 f"{command}: '{key}' is not an option{nearest(key, valid)}; valid keys: {', '.join(valid)}"

@@ -32,6 +32,16 @@ GENERATE_USAGE = (
 )
 
 
+MODEL_ARG = "is the first argument here: align <chat|generate> <run folder|model> ..."
+# DataConfig keys that only training reads.
+GENERATE_UNUSED = {
+    "model.name_or_path": MODEL_ARG,
+    "data.eval_path": "is for training; generate answers every row of data.path",
+    "data.eval_split": "is for training; generate answers every row of data.path",
+    "data.eval_ratio": "is for training; generate answers every row of data.path (data.max_samples takes the first rows)",
+}
+
+
 @dataclass
 class Sampling:
     """How answers are sampled (temperature=0: greedy decoding)."""
@@ -245,7 +255,7 @@ def chat_main(argv: list[str]) -> None:
     from . import options
 
     (path,), overrides = options.split_args(argv, 1, CHAT_USAGE)
-    opts = options.parse(ChatOptions, overrides, "align chat")
+    opts = options.parse(ChatOptions, overrides, "align chat", {"model.name_or_path": MODEL_ARG})
     opts.quiet = opts.quiet or options.quiet_flag(argv)
     opts.model.name_or_path = path
     check_sampling(opts, "align chat")
@@ -385,7 +395,7 @@ def generate_main(argv: list[str]) -> None:
     from . import options
 
     (path,), overrides = options.split_args(argv, 1, GENERATE_USAGE)
-    opts = options.parse(GenerateOptions, overrides, "align generate")
+    opts = options.parse(GenerateOptions, overrides, "align generate", GENERATE_UNUSED)
     opts.quiet = opts.quiet or options.quiet_flag(argv)
     opts.model.name_or_path = path
     check_sampling(opts, "align generate")

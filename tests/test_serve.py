@@ -447,3 +447,32 @@ def test_reward_model_run_card_loads_the_lora_classifier(runs):
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0 and "reward:" in ran.stdout, ran.stderr[-2000:]
+
+
+def test_options_are_typed_and_checked_like_overrides():
+    from align_cli import options, serve
+    from align_cli.errors import AlignError
+
+    opts = options.parse(
+        serve.GenerateOptions,
+        [
+            "temperature=0",
+            "data.path=p.jsonl",
+            "data.columns.prompt=question",
+            "model.dtype=bfloat16",
+            "batch_size=3",
+        ],
+        "align generate",
+        serve.GENERATE_UNUSED,
+    )
+    assert (opts.temperature, opts.batch_size, opts.model.dtype) == (0.0, 3, "bfloat16")
+    assert opts.data.columns == {"prompt": "question"} and opts.data.path == "p.jsonl"
+    for bad, message in [
+        (["batch_size=two"], "batch_size: Value 'two' of type 'str' could not be converted to Integer"),
+        (["max_new_tokens"], "'max_new_tokens' is not key=value"),
+        (["data.eval_ratio=0.1"], "data.eval_ratio is for training"),
+        (["num_return_sequence=2"], "(did you mean: num_return_sequences?)"),
+    ]:
+        with pytest.raises(AlignError) as err:
+            options.parse(serve.GenerateOptions, bad, "align generate", serve.GENERATE_UNUSED)
+        assert message in str(err.value) and "\n" not in str(err.value)
