@@ -301,7 +301,8 @@ def write_export_card(target: str, final: str, source: str, kind: str, how: str,
     ]
     readme = os.path.join(source, "README.md")
     if os.path.exists(readme):
-        text = open(readme, encoding="utf-8").read()
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
         if MARKER in text:
             wanted = ("Base model", "Method and settings", "Data", "Final metrics", "Reproduce")
             sections = _sections(text, wanted).replace("\n## ", "\n### ").replace("## ", "### ", 1)

@@ -146,7 +146,8 @@ def export(src: str, out: str, opts: ExportOptions) -> str:
     try:
         if task is None:
             stored = saved_dtype(expanded)
-            config = json.load(open(os.path.join(expanded, "config.json"), encoding="utf-8"))
+            with open(os.path.join(expanded, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
             kind = "seq_cls" if modeling.is_classifier_config(config) else "causal_lm"
             if opts.dtype in ("auto", stored):
                 copied = _copy_full(expanded, tmp)
