@@ -27,6 +27,9 @@ commands:
   eval             evaluate policies (reward, win rate, KL, diversity) or reward models:
                                            align eval model.name_or_path=<run>,<run> reward=model ...
                                            align eval method=rm model.name_or_path=<rm run> data.path=pairs.jsonl
+  chat             talk to a model:        align chat <run folder|model> [system=...] [temperature=0]
+  generate         answer a prompts file:  align generate <run|model> data.path=p.jsonl output=out.jsonl
+  export           one plain model folder: align export <run folder> <out dir> [dtype=bfloat16]
   version          print the version
 
 examples:
@@ -83,11 +86,13 @@ def _dispatch(argv: list[str]) -> None:
         from .sweep import main as sweep_main
 
         sweep_main(rest)
+    elif command in ("chat", "generate", "export"):
+        _serve(command, rest)
     elif command in ("version", "--version"):
         print(f"align {__version__}")
     else:
         _fail(
-            f"unknown command '{command}': use train, pipeline, eval, data validate|preview, sweep report "
+            f"unknown command '{command}': use train, pipeline, eval, chat, generate, export, data validate|preview, sweep report "
             "or version (see align --help)"
         )
 
@@ -109,6 +114,34 @@ examples:
   align data validate method=dpo data=ultrafeedback model=qwen2.5-0.5b
   align data preview method=sft data.path=chats.jsonl rows=5 rendered=true | jq .
 """
+
+
+def _serve(command: str, rest: list[str]) -> None:
+    """`align chat|generate|export`: key=value options (no Hydra run folder), one-line errors."""
+    if {"-h", "--help"} & set(rest):
+        from . import export, serve
+
+        print(
+            f"usage: {dict(chat=serve.CHAT_USAGE, generate=serve.GENERATE_USAGE, export=export.USAGE)[command]}"
+        )
+        return
+    from .errors import AlignError
+
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
+    rest = [a for a in rest if not a.lower().startswith("debug=")]
+    try:
+        if command == "export":
+            from .export import main as entry
+        else:
+            from . import serve
+
+            entry = serve.chat_main if command == "chat" else serve.generate_main
+        entry(rest)
+    except AlignError as err:
+        if debug:
+            raise
+        print(f"align: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
 
 
 def _fail(message: str) -> None:

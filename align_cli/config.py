@@ -129,6 +129,8 @@ class AlignConfig:
     resume: Any = False  # false, true (the run folder's last checkpoint) or a checkpoint path
     debug: bool = False  # show full tracebacks
     plot: bool = True
+    quiet: bool = False  # no progress bar or evaluation lines (`align train -q`); records still in train.log
+    verbose: bool = False  # transformers' own display: every key of every logged record
 
 
 def run_stamp() -> str:

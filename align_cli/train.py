@@ -315,7 +315,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from . import modeling
     from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
-    from .data import load_datasets
+    from .data import data_path, load_datasets
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
     from .methods import prompt_room
     from .rewards import row_check
@@ -323,6 +323,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
     method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
+    from .terminal import check_trackers
+    from .terminal import prepare as prepare_terminal
+
+    check_trackers(args.get("report_to"))
+    prepare_terminal(bool(cfg.get("quiet")), bool(cfg.get("verbose")))
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)
     resume_from = check_run_folder(output_dir, cfg.get("resume"))
@@ -362,6 +367,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
             trainer.add_callback(callback)
     loss_guard.attach(trainer)
+    from .terminal import install as show_progress  # one bar and compact eval lines (quiet/verbose)
+
+    show_progress(
+        trainer, getattr(module, "SUMMARY_KEYS", []), bool(cfg.get("quiet")), bool(cfg.get("verbose"))
+    )
 
     stop.install()
     try:
@@ -407,6 +417,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                         only=watched,
                         max_panels=len(watched),
                     )
+            from .card import write_run_card  # ours replaces TRL's card (written at each checkpoint)
+
+            rows = (len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+            write_run_card(output_dir, cfg, metrics, *rows, data_path(data_cfg, method.get("sample")))
             print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
         else:
             metrics = {}
@@ -660,6 +674,7 @@ def main(argv: list[str]) -> None:
     if {"--help", "-h"} & set(argv) and not any(a.startswith("method=") for a in argv):
         # Help composes the config, and `method` has no default: show it for the demo's method.
         argv = [*argv, "method=dpo"]
+    argv = ["quiet=true" if a in ("-q", "--quiet") else a for a in argv]
     argv = schema.normalize_overrides(list(argv))
     try:
         argv = prepare(argv)
