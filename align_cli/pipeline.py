@@ -54,7 +54,7 @@ from .errors import AlignError, TrainingInterrupted
 log = logging.getLogger("align")
 
 # Keys of the pipeline itself (conf/pipeline.yaml), never passed to a stage.
-PIPELINE_KEYS = ("recipe", "gate", "output_dir", "debug", "hydra")
+PIPELINE_KEYS = ("recipe", "gate", "eval", "output_dir", "debug", "hydra")
 # Given once, unprefixed, applied to every stage.
 SHARED_GROUPS = ("model", "peft", "quant")
 SHARED_KEYS = ("seed", "plot")
@@ -98,6 +98,7 @@ class Plan:
     stages: list[Stage]
     gate: dict[str, Any]
     overrides: list[str]  # the command line's overrides, as typed
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the `eval:` settings
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -283,7 +284,7 @@ def _route(overrides: list[str], stage_names: list[str]) -> tuple[list[str], dic
             raise AlignError(
                 f"'{key}' is not an align pipeline option: '{head}' is not a stage of this recipe (stages: "
                 f"{stages}; e.g. {stage_names[0]}.method.args.max_steps=10); shared: model=, peft=, quant=, "
-                "seed=, plot=; the pipeline's: recipe=, gate.min_accuracy=, gate.metric=, output_dir=, hydra.run.dir="
+                "seed=, plot=; the pipeline's: recipe=, gate.min_accuracy=, gate.metric=, eval.enabled=, eval.max_prompts=, output_dir=, hydra.run.dir="
             )
     return shared, per_stage
 
@@ -465,7 +466,16 @@ def plan(overrides: list[str], folder: str | os.PathLike | None) -> Plan:
                 )
     gate = OmegaConf.to_container(pcfg.gate, resolve=True)
     _check_gate(gate, stages)
-    return Plan(str(recipe.get("name")), root, stages, gate, list(overrides))
+    evaluation = OmegaConf.to_container(pcfg.get("eval") or {}, resolve=True)
+    limit = evaluation.get("max_prompts")
+    if not isinstance(evaluation.get("enabled", True), bool) or (
+        limit is not None and (not isinstance(limit, int) or limit < 1)
+    ):
+        raise AlignError(
+            f"eval.enabled={evaluation.get('enabled')!r}, eval.max_prompts={limit!r}: enabled is true or false, "
+            "max_prompts a positive number of prompts or null for all"
+        )
+    return Plan(str(recipe.get("name")), root, stages, gate, list(overrides), evaluation)
 
 
 def _finished(folder: str) -> bool:
@@ -626,6 +636,9 @@ def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | N
     from .evaluate import EvalSettings, write_outputs
     from .evaluate import evaluate_policies as evaluate
 
+    if not p.evaluation.get("enabled", True):
+        log.info("pipeline: eval.enabled=false: the policies are not evaluated side by side")
+        return None
     policies = {"start": str(p.stages[0].cfg.model.name_or_path)}
     policies.update({r.name: r.folder for r in results if r.method in POLICY_METHODS})
     if len(policies) < 2:
@@ -635,6 +648,7 @@ def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | N
     data = OmegaConf.to_container(last.data, resolve=True)
     held_out = data.get("eval_path")
     data.update(path=held_out or data.get("path"), eval_path=None, eval_split=None, eval_ratio=0.0)
+    data["max_samples"] = p.evaluation.get("max_prompts", data.get("max_samples"))
     data = {k: v for k, v in data.items() if k in {f for f in schema.DataConfig.__dataclass_fields__}}
     args = OmegaConf.to_container(last.method.get("args") or {}, resolve=True)
     new_tokens = args.get("max_new_tokens") or args.get("max_completion_length") or 32

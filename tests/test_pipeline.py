@@ -38,6 +38,7 @@ FAST = [
     "ppo.method.args.num_ppo_epochs=1",
     "ppo.method.args.max_new_tokens=4",
     "ppo.data.eval_ratio=0",
+    "eval.max_prompts=8",
 ]
 
 
@@ -244,6 +245,7 @@ def test_a_sweep_over_whole_pipelines_through_the_real_entry_point(tmp_path):
         align, "pipeline", "-m", "recipe=dpo", "plot=false",
         "sft.method.args.max_steps=1", "sft.data.eval_ratio=0",
         "dpo.method.args.max_steps=1", "dpo.data.eval_ratio=0", "dpo.method.args.beta=0.1,0.5",
+        "eval.enabled=false",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]  # fmt: skip
     out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
