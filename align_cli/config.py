@@ -85,6 +85,32 @@ class PeftSettings:
     target_modules: Any = "all-linear"  # "all-linear" or a list of module names
     modules_to_save: list[str] | None = None
 
+    def __post_init__(self):
+        # peft checks none of these until the adapter is built (r=0 is a ZeroDivisionError).
+        problems = []
+        if self.r < 1:
+            problems.append(f"peft.r={self.r} must be at least 1 (the rank of the LoRA update, e.g. 8 or 16)")
+        if self.alpha <= 0:
+            problems.append(f"peft.alpha={self.alpha} must be positive (LoRA scales its update by alpha / r)")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"peft.dropout={self.dropout} must be in [0, 1)")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            ok = bool(targets.strip())
+        else:
+            ok = (
+                isinstance(targets, (list, tuple))
+                and bool(targets)
+                and all(isinstance(t, str) and t for t in targets)
+            )
+        if not ok:
+            problems.append(
+                f"peft.target_modules={targets!r} must be all-linear or a list of module names "
+                "(e.g. [q_proj,v_proj])"
+            )
+        if problems:
+            raise AlignError("; ".join(problems))
+
 
 @dataclass
 class QuantConfig:

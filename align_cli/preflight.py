@@ -49,13 +49,56 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
-            return compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
     except Exception as err:
         # Show overrides as typed: `method.args.k=v`, not the `++` form normalize_overrides made.
         message = hydra_message(err, _culprit(err, overrides)).replace("++method.args.", "method.args.")
         raise AlignError(message) from err
     finally:
         GlobalHydra.instance().clear()
+    check_interpolations(cfg)
+    return cfg
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Resolves every `${...}` of the config (Hydra's own node aside) once, up front.
+
+    OmegaConf resolves lazily: `${nosuch.key}` or `${oc.env:UNSET}` would otherwise fail
+    wherever the value is first read, as a traceback.
+
+    Raises:
+        AlignError: naming the key, its unresolved value and why it does not resolve.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            node = cfg._get_node(key)
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+            else:
+                cfg[key]  # noqa: B018 - reading a scalar resolves it
+        except OmegaConfBaseException as err:
+            full_key = getattr(err, "full_key", None) or str(key)
+            reason = one_line(getattr(err, "msg", "") or str(err))
+            raw = _raw(cfg, full_key)
+            raise AlignError(
+                f"{full_key}={raw} cannot be resolved: {reason} (set the key it names, the environment "
+                "variable, or give a value without ${...})"
+            ) from None
+
+
+def _raw(cfg: DictConfig, full_key: str) -> str:
+    """The value of `full_key` as written (its `${...}` text), or "?" when it cannot be read."""
+    node = cfg
+    try:
+        for part in full_key.split("."):
+            node = node._get_node(part)
+        return str(node._value())
+    except Exception:
+        return "?"
 
 
 def _shown(override: str) -> str:
@@ -247,6 +290,22 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return out
 
 
+def _resolved(cfg: DictConfig, ignore: set[str]) -> dict:
+    """The config as plain values, interpolations resolved (a message shows `pointwise`, not
+    `${oc.select:...}`); a key that does not resolve (a saved config's lost environment
+    variable) keeps its text."""
+    out = {}
+    for key in cfg:
+        if key in ignore:
+            continue
+        node = cfg._get_node(key)
+        try:
+            out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
+        except Exception:
+            out[key] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else str(node._value())
+    return out
+
+
 _FIXED_ON_RESUME = ("method.", "model.name_or_path", "model.revision", "peft.", "quant.", "data.")
 
 
@@ -257,8 +316,8 @@ def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
     if not run_dir or not os.path.exists(saved):
         return
     ignore = {"resume", "output_dir", "debug", "plot", "hydra"}
-    old = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k not in ignore}
-    new = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ignore}
+    schema.register()  # the saved config may use our resolvers (`${samples:...}`)
+    old, new = _resolved(OmegaConf.load(saved), ignore), _resolved(cfg, ignore)
     changed = _differences(old, new)
     # What would make the checkpoint mean something else: another method, model, adapter
     # setup or data. Trainer settings (method.args) may change, with a warning.

@@ -238,7 +238,7 @@ def check_method_args(module, ctx) -> None:
     # Quietly: the trainer builds this config again and shows its deprecation warnings then.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctx.trl_config(module.config_class())
+        ctx.config = ctx.trl_config(module.config_class())
 
 
 def checked_config(cfg: DictConfig):
@@ -273,6 +273,11 @@ def checked_config(cfg: DictConfig):
         seed=int(cfg.get("seed", 42)),
     )
     check_method_args(module, ctx)
+    from . import modeling
+
+    # From the model's config and file headers only: no weights are read.
+    modeling.check_target_modules(ctx.model_cfg, ctx.peft_cfg)
+    modeling.check_weight_files(modeling.resolve_model_path(ctx.model_cfg))
     return module, ctx, data_cfg
 
 
@@ -291,9 +296,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from . import modeling
     from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
-    from .data import load_datasets
+    from .data import read_splits
     from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
-    from .methods import prompt_room
+    from .methods import method_problems, prompt_room
     from .rewards import row_check
 
     started = time.time()
@@ -307,7 +312,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     # The tokenizer is cheap and decides whether prompts become chat messages; the data is
     # read and checked completely before any model weights are loaded.
     tokenizer = modeling.load_tokenizer(model_cfg)
-    train_ds, eval_ds = load_datasets(
+    splits = read_splits(
         data_cfg,
         method["format"],
         conversational=tokenizer.chat_template is not None,
@@ -317,6 +322,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         room=prompt_room(module, args, model_cfg),
         row_check=row_check(reward),  # values a reward cannot use, named by file:line
     )
+    # The method's own checks (settings, rewards, the columns they read): as validate runs them.
+    problems = method_problems(module, ctx, splits.train.rows)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more: `align data validate` lists them)" if len(problems) > 1 else ""
+        )
+        raise AlignError(problems[0] + more)
+    train_ds, eval_ds = splits.datasets()
     log.info("data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0)
 
     from transformers import set_seed

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..config import SAMPLES_DIR, DataConfig
-from ..errors import AlignError, nearest
+from ..errors import AlignError, nearest, one_line
 from .formats import (
     ConvertOptions,
     InputFormat,
@@ -179,9 +179,72 @@ def convert(
             else:
                 rows.append(converted)
                 origins.append(origin)
+    mixed = mixed_type_rows(rows, origins)
+    if mixed:
+        for i in sorted(mixed):
+            found.add(f"{origins[i]}: {mixed[i]}")
+        rows = [r for i, r in enumerate(rows) if i not in mixed]
+        origins = [o for i, o in enumerate(origins) if i not in mixed]
     if problems is None:
         found.raise_if_any(raw.source)
     return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files)
+
+
+def _kind(value: object) -> str | None:
+    """The type of a value as a column stores it (None: a missing value, which fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"  # ints and floats share a column (as floats)
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def mixed_type_rows(rows: list[dict], origins: list[str]) -> dict[int, str]:
+    """The converted rows whose value in some column has another type than in the column's other
+    rows, with what is wrong (row index -> message).
+
+    A dataset stores each column with one type (Arrow), so `"answer": 56` in one row and text in
+    the others cannot be trained on (common in maths data, for a column passed to rewards).
+    The type most rows have is taken as the column's (the first row's on a tie).
+    """
+    from collections import Counter
+
+    kinds: dict[str, Counter] = {}
+    first: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        for column, value in row.items():
+            kind = _kind(value)
+            if kind is not None:
+                kinds.setdefault(column, Counter())[kind] += 1
+                first.setdefault((column, kind), i)
+    out: dict[int, str] = {}
+    for column, counts in kinds.items():
+        if len(counts) < 2:
+            continue
+        major = max(counts, key=lambda k: (counts[k], -first[(column, k)]))
+        for i, row in enumerate(rows):
+            kind = _kind(row.get(column))
+            if kind is not None and kind != major and i not in out:
+                shown = repr(row[column])
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                if major == "text" and kind in ("a number", "true/false"):
+                    hint = f'write it as text too ("{row[column]}")'
+                else:
+                    hint = f"give '{column}' one type in every row"
+                out[i] = (
+                    f"column '{column}' is {kind} here ({shown}) but {major} in {counts[major]} other row"
+                    f"{'s' if counts[major] != 1 else ''} (first: {origins[first[(column, major)]]}); a column "
+                    f"holds one type: {hint}"
+                )
+    return out
 
 
 def has_eval_source(data_cfg: DataConfig) -> bool:
@@ -340,7 +403,116 @@ def _to_dataset(rows: list[dict]) -> Dataset:
     # Dataset.from_list takes its columns from the first row only: an optional column (e.g.
     # `margin`) that the first row lacks would vanish. Give every row every column (None if absent).
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    try:
+        return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    except Exception as err:
+        import pyarrow
+
+        if not isinstance(
+            err, (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, pyarrow.ArrowNotImplementedError)
+        ):
+            raise
+        # `mixed_type_rows` catches mixed columns by row; this is what it cannot see (values
+        # nested inside lists or objects of different types).
+        raise AlignError(
+            f"the rows cannot be stored as one dataset: {one_line(str(err))}; give each column (and each "
+            "field inside it) one type in every row"
+        ) from None
+
+
+@dataclass
+class Splits:
+    """The rows a run trains and evaluates on, as read and checked by `read_splits`.
+
+    `train` is None only when nothing of it was readable (then its problems say why);
+    `evaluation` holds rows read from `data.eval_path` / `data.eval_split`, and `held` the
+    indices of the training rows that `data.eval_ratio` holds out instead.
+    """
+
+    train: Loaded | None
+    evaluation: Loaded | None = None
+    held: list[int] = field(default_factory=list)
+
+    def datasets(self) -> tuple[Dataset, Dataset | None]:
+        """The train and evaluation datasets (held-out rows leave the training split)."""
+        assert self.train is not None
+        if self.evaluation is not None:
+            return _to_dataset(self.train.rows), _to_dataset(self.evaluation.rows)
+        if not self.held:
+            return _to_dataset(self.train.rows), None
+        held = set(self.held)
+        train_rows = [r for i, r in enumerate(self.train.rows) if i not in held]
+        return _to_dataset(train_rows), _to_dataset([self.train.rows[i] for i in self.held])
+
+
+def read_splits(
+    data_cfg: DataConfig,
+    standard: str,
+    conversational: bool,
+    seed: int = 42,
+    sample: str | None = None,
+    tokenizer=None,
+    room: PromptRoom | None = None,
+    row_check: RowCheck | None = None,
+    problems: tuple[Problems, Problems] | None = None,
+) -> Splits:
+    """Reads and checks both splits: every data check `align train` makes, in one place.
+
+    `align train` (through `load_datasets`) stops at the first check that fails; `align data
+    validate` passes `problems` and gets every problem of each split instead.
+
+    Args:
+        problems: (train, eval) collectors: note every problem and go on. None: raise.
+        Other arguments: as for `load_datasets`.
+
+    Raises:
+        AlignError: only without `problems`: see `load_datasets`.
+    """
+    train_found, eval_found = problems if problems is not None else (None, None)
+
+    def attempt(found: Problems | None, check: Callable, *args, **kwargs):
+        if found is None:
+            return check(*args, **kwargs)
+        try:
+            return check(*args, **kwargs)
+        except AlignError as err:  # nothing readable, or a check of the whole split
+            found.add(str(err))
+            return None
+
+    def fits(loaded: Loaded | None, found: Problems | None) -> None:
+        if loaded is not None and loaded.rows and tokenizer is not None and room is not None:
+            attempt(found, check_prompt_lengths, loaded, standard, tokenizer, room)
+
+    train = attempt(
+        train_found,
+        read_and_convert,
+        data_cfg,
+        standard,
+        conversational,
+        sample,
+        problems=train_found,
+        row_check=row_check,
+    )
+    fits(train, train_found)
+    splits = Splits(train)
+    if has_eval_source(data_cfg):
+        splits.evaluation = attempt(
+            eval_found,
+            read_and_convert,
+            data_cfg,
+            standard,
+            conversational,
+            sample,
+            evaluation=True,
+            problems=eval_found,
+            row_check=row_check,
+        )
+        if splits.evaluation is not None and train is not None:
+            attempt(eval_found, check_disjoint, train, splits.evaluation, data_cfg)
+        fits(splits.evaluation, eval_found)
+    elif train is not None and train.rows:
+        splits.held = attempt(train_found, held_out, train.rows, data_cfg.eval_ratio, seed) or []
+    return splits
 
 
 def load_datasets(
@@ -355,7 +527,8 @@ def load_datasets(
 ) -> tuple[Dataset, Dataset | None]:
     """Loads the train split and the evaluation split in the method's standard format.
 
-    Every row is read and checked first; a bad dataset raises before anything else happens.
+    Every row is read and checked first (`read_splits`); a bad dataset raises before anything
+    else happens.
 
     Args:
         data_cfg: the `data` config.
@@ -372,20 +545,6 @@ def load_datasets(
         AlignError: unreadable or empty data, columns that fit no input format of `standard`,
             prompts too long; DataError (a subclass) for bad rows: the first and the count.
     """
-    train = read_and_convert(data_cfg, standard, conversational, sample, row_check=row_check)
-    if tokenizer is not None and room is not None:
-        check_prompt_lengths(train, standard, tokenizer, room)
-    if has_eval_source(data_cfg):
-        evaluation = read_and_convert(
-            data_cfg, standard, conversational, sample, evaluation=True, row_check=row_check
-        )
-        check_disjoint(train, evaluation, data_cfg)
-        if tokenizer is not None and room is not None:
-            check_prompt_lengths(evaluation, standard, tokenizer, room)
-        return _to_dataset(train.rows), _to_dataset(evaluation.rows)
-    held = set(held_out(train.rows, data_cfg.eval_ratio, seed))
-    if not held:
-        return _to_dataset(train.rows), None
-    train_rows = [r for i, r in enumerate(train.rows) if i not in held]
-    eval_rows = [train.rows[i] for i in sorted(held)]
-    return _to_dataset(train_rows), _to_dataset(eval_rows)
+    return read_splits(
+        data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check
+    ).datasets()

@@ -142,6 +142,7 @@ class MethodContext:
     output_dir: str = "outputs/run"
     callbacks: list = field(default_factory=list)
     seed: int = 42
+    config: Any = None  # the method's config built from method.args once up front, for `check`
 
     def trl_config(self, cls: type, **defaults: Any):
         """Builds a TRL/transformers config dataclass: our run defaults < `defaults` < method.args.

@@ -26,7 +26,16 @@ from typing import Any
 from ..errors import AlignError, nearest
 from .base import Reward, message_text
 
-__all__ = ["TYPES", "Reward", "build_reward_functions", "check_columns", "message_text", "row_check"]
+__all__ = [
+    "TYPES",
+    "Reward",
+    "build_reward_functions",
+    "check_columns",
+    "message_text",
+    "reward_model_names",
+    "reward_problems",
+    "row_check",
+]
 
 # type name -> "module:class"; imported on use so that rule rewards never import torch.
 TYPES: dict[str, str] = {
@@ -73,8 +82,8 @@ def _resolve(name: str, entry: Any) -> tuple[type[Reward], dict]:
     return cls, entry
 
 
-def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
-    """Builds one reward function and its weight from a config entry."""
+def _options(name: str, entry: Any) -> tuple[type[Reward], dict, float]:
+    """The reward class of a config entry, its options and its weight, checked."""
     cls, entry = _resolve(name, entry)
     for key, value in entry.items():
         if value == "???":  # a mandatory value the chosen conf/reward file leaves to the user
@@ -82,7 +91,73 @@ def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
     weight = entry.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise AlignError(f"reward.{name}.weight={weight!r} must be a number")
-    return cls(name, **entry), float(weight)
+    return cls, entry, float(weight)
+
+
+def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
+    """Builds one reward function and its weight from a config entry."""
+    cls, options, weight = _options(name, entry)
+    return cls(name, **options), weight
+
+
+def reward_problems(method: str, reward_cfg: dict | None, columns: list[str] | None) -> list[str]:
+    """Everything wrong with a run's rewards that shows without loading a model's weights.
+
+    Rule rewards and user functions are built (cheap: an import); a reward model's entry is
+    checked through its options, path and config (`model.check_entry`). With `columns` (the
+    training data's), every column a reward reads must be one of them. `align train` and
+    `align data validate` both call this, so validate says "ready" only when train would start.
+
+    Returns:
+        One message per problem (empty when the rewards are fine).
+    """
+    if not reward_cfg:
+        return [
+            f"method={method} needs a reward: add reward=length (or keyword, match, format, function, mix), or "
+            "reward=model reward.model.path=<rm run folder>; see conf/reward/"
+        ]
+    reward_cfg = _plain(reward_cfg)
+    if not isinstance(reward_cfg, dict):
+        return [f"reward must be a mapping of name -> reward entry, got {reward_cfg!r}"]
+    problems: list[str] = []
+    funcs: list[Reward] = []
+    configured = 0
+    for name, entry in reward_cfg.items():
+        if entry is None:
+            continue
+        configured += 1
+        try:
+            cls, options, _ = _options(str(name), entry)
+            if cls.type == "model":
+                from .model import check_entry
+
+                check_entry(str(name), options)
+            else:
+                funcs.append(cls(str(name), **options))
+        except AlignError as err:
+            problems.append(str(err))
+    if not configured:
+        try:
+            build_reward_functions(reward_cfg)
+        except AlignError as err:
+            problems.append(str(err))
+    if columns is not None:
+        problems += column_problems(funcs, columns, "the training data")
+    return problems
+
+
+def reward_model_names(reward_cfg: dict | None) -> list[str]:
+    """The names of the reward-model entries of a `reward` config (no model is loaded)."""
+    reward_cfg = _plain(reward_cfg) or {}
+    names = []
+    for name, entry in reward_cfg.items() if isinstance(reward_cfg, dict) else ():
+        if entry is not None:
+            try:
+                if _resolve(str(name), entry)[0].type == "model":
+                    names.append(str(name))
+            except AlignError:
+                pass  # reward_problems names it
+    return names
 
 
 def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], list[float]]:
@@ -132,15 +207,24 @@ def check_columns(funcs: list[Callable], columns: list[str], source: str = "the 
     Raises:
         AlignError: naming the reward, the column and the columns there are.
     """
+    problems = column_problems(funcs, columns, source)
+    if problems:
+        raise AlignError(problems[0])
+
+
+def column_problems(funcs: list[Callable], columns: list[str], source: str = "the data") -> list[str]:
+    """One message per dataset column a reward reads that the data does not have (see `check_columns`)."""
+    problems = []
     for func in funcs:
         for column in getattr(func, "columns", ()):
             if column not in columns:
                 name = getattr(func, "__name__", "?")
                 extra = sorted(c for c in columns if c != "prompt")
-                raise AlignError(
+                problems.append(
                     f"reward.{name} reads the column '{column}', which {source} does not have; other columns: "
                     f"{', '.join(extra) or '(none)'} (set reward.{name}.column, or add the column to the data)"
                 )
+    return problems
 
 
 def row_check(reward_cfg: dict | None) -> Callable[[dict], str | None] | None:
