@@ -398,6 +398,35 @@ def prepare(argv: list[str]) -> list[str]:
         )
     else:
         extra.append(f"hydra.run.dir={_quote(shared_unique_dir(str(cfg.hydra.run.dir)))}")
+    if output_dir or "hydra.run.dir" in keys:
+        check_writable(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     if resuming:
         _warn_changed_config(run_dir if output_dir or "hydra.run.dir" in keys else "", cfg)
     return [*rest, *overrides, *extra]
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Refuses a run folder that cannot be written (a read-only mount, no permission), before
+    Hydra writes its config there (which would be a traceback) and before any training.
+
+    Probes the folder, or the nearest folder above it that exists, with a temporary file.
+
+    Raises:
+        AlignError: naming the key, the folder and the system's reason.
+    """
+    import tempfile
+
+    probe = os.path.abspath(folder)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".align-write-test-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise AlignError(
+            f"{key}={folder} cannot be written ({err.strerror or err}"
+            f"{'' if probe == os.path.abspath(folder) else f' in {probe}'}): choose a folder you can write to"
+        ) from None

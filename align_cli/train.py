@@ -115,12 +115,14 @@ def print_summary(
     print("\n".join(lines), flush=True)
 
 
-def check_run_folder(output_dir: str, resume) -> str | None:
+def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftSettings | None = None) -> str | None:
     """Refuses to write over a finished run, or over an unfinished one without `resume`.
 
     Args:
         output_dir: this run's folder.
         resume: the `resume` setting (false, true or a path).
+        peft_cfg: this run's adapter settings: a checkpoint must hold what it trains (a LoRA
+            adapter with `peft=lora`, the full model without).
 
     Returns:
         The checkpoint to resume from, or None.
@@ -143,7 +145,69 @@ def check_run_folder(output_dir: str, resume) -> str | None:
             f"{output_dir} holds checkpoints of an unfinished run (last: {os.path.basename(found)}): "
             "continue it with resume=true, or choose another output_dir"
         )
+    if resume_from is not None and peft_cfg is not None:
+        from .guard import checkpoint_kind
+
+        kind, wanted = checkpoint_kind(resume_from), "lora" if peft_cfg.method != "none" else "full"
+        if kind != wanted:
+            held = "a LoRA adapter" if kind == "lora" else "full model weights"
+            raise AlignError(
+                f"resume: {resume_from} holds {held}, but this run trains "
+                f"{'a LoRA adapter (peft=lora)' if wanted == 'lora' else 'the full model (peft=none)'}: resume a "
+                "checkpoint of this run with its own settings, or start from it with model.name_or_path=<folder>"
+            )
     return resume_from
+
+
+# Room for logs, the tokenizer, an adapter and its optimizer state, whatever the model.
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def check_free_space(output_dir: str, model_path: str, full: bool) -> None:
+    """Refuses to start on a disk that cannot hold one checkpoint of this run.
+
+    A full fine-tune's checkpoint holds at least the weights (plus optimizer state), so their
+    size on disk is the least it needs; a LoRA checkpoint is small.
+
+    Raises:
+        AlignError: naming the folder, the free space and the space needed.
+    """
+    import shutil
+
+    probe = os.path.abspath(output_dir)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    weights = 0
+    if full and os.path.isdir(model_path):
+        weights = sum(
+            os.path.getsize(os.path.join(model_path, f))
+            for f in os.listdir(model_path)
+            if f.endswith((".safetensors", ".bin"))
+        )
+    need = MIN_FREE_BYTES + weights
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise AlignError(
+            f"{output_dir}: only {free / 2**20:.0f} MiB free on its disk, and one checkpoint of this run needs "
+            f"at least {need / 2**20:.0f} MiB: free some space, or choose output_dir on another disk"
+        )
+
+
+def _disk_error(err: OSError, output_dir: str) -> AlignError | None:
+    """A full disk or an unwritable file while training or saving, as one line (None: another error)."""
+    import errno
+
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    from .guard import last_checkpoint
+
+    where = err.filename or output_dir
+    previous = last_checkpoint(output_dir)
+    kept = f"the last complete checkpoint is {previous}" if previous else "no checkpoint was completed"
+    return AlignError(
+        f"cannot write {where}: {err.strerror or err}; {kept} (free some space or fix the permissions, "
+        f"then continue with: {_resume_command(output_dir)})"
+    )
 
 
 def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings) -> None:
@@ -297,7 +361,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     from . import modeling
     from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
     from .data import read_splits
-    from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
+    from .guard import (
+        GracefulStop,
+        LossGuard,
+        NonFiniteLoss,
+        checkpoint_step,
+        install_atomic_trainer_state,
+        trim_metrics,
+    )
     from .methods import method_problems, prompt_room
     from .rewards import row_check
 
@@ -306,8 +377,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)
-    resume_from = check_run_folder(output_dir, cfg.get("resume"))
+    resume_from = check_run_folder(output_dir, cfg.get("resume"), ctx.peft_cfg)
     preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
+    check_free_space(output_dir, modeling.resolve_model_path(model_cfg), ctx.peft_cfg.method == "none")
 
     # The tokenizer is cheap and decides whether prompts become chat messages; the data is
     # read and checked completely before any model weights are loaded.
@@ -352,11 +424,18 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             trainer.add_callback(callback)
     loss_guard.attach(trainer)
 
+    install_atomic_trainer_state()
     stop.install()
     try:
         try:
-            # No keyword when starting fresh: a custom trainer's train() may not take it.
-            trainer.train(resume_from_checkpoint=resume_from) if resume_from else trainer.train()
+            if resume_from and finished_checkpoint(resume_from, trainer):
+                # The run stopped after its last step (killed while saving or evaluating):
+                # trainers would take one step more; finish from the checkpoint instead.
+                restore_checkpoint(trainer, resume_from)
+            elif resume_from:
+                trainer.train(resume_from_checkpoint=resume_from)
+            else:  # no keyword when starting fresh: a custom trainer's train() may not take it
+                trainer.train()
         except NonFiniteLoss as err:
             _close_progress_bars(trainer)
             raise AlignError(_diverged(trainer, err.step, err.what, args, output_dir)) from None
@@ -394,10 +473,34 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 "(final evaluation skipped)",
                 stop.signum,
             )
+    except OSError as err:  # a full disk or an unwritable file, while training or saving
+        mapped = _disk_error(err, output_dir)
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         stop.uninstall()
         _close_progress_bars(trainer)
     return RunResult(output_dir=output_dir, metrics=metrics, trainer=trainer)
+
+
+def finished_checkpoint(checkpoint: str, trainer) -> bool:
+    """Whether `checkpoint` is at the run's last step: `method.args.max_steps` when set, else the
+    step count the run planned when it started (trainer_state.json's max_steps)."""
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    wanted = getattr(trainer.args, "max_steps", -1)
+    last = wanted if wanted and wanted > 0 else int(state.get("max_steps") or 0)
+    return last > 0 and int(state["global_step"]) >= last
+
+
+def restore_checkpoint(trainer, checkpoint: str) -> None:
+    """Loads a checkpoint's weights and training state without training (see `finished_checkpoint`)."""
+    from transformers import TrainerState
+
+    log.info("%s is the run's last step: nothing left to train, finishing the run from it", checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
 def evaluated_at_end(trainer) -> dict[str, float]:

@@ -914,8 +914,12 @@ class PPOTrainer(Trainer):
             folder = os.path.join(
                 self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            with open(os.path.join(folder, PPO_STATE_NAME), "w", encoding="utf-8") as f:
-                json.dump({"kl_controller": self.kl_ctl.state_dict()}, f)
+            from ..guard import write_json_atomic
+
+            # A checkpoint is complete only with it (guard.checkpoint_problem): never half written.
+            write_json_atomic(
+                os.path.join(folder, PPO_STATE_NAME), {"kl_controller": self.kl_ctl.state_dict()}
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         wrapper = self.accelerator.unwrap_model(model or self.model)
