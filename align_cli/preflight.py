@@ -398,10 +398,14 @@ def prepare(argv: list[str]) -> list[str]:
         )
     else:
         extra.append(f"hydra.run.dir={_quote(shared_unique_dir(str(cfg.hydra.run.dir)))}")
-    if output_dir or "hydra.run.dir" in keys:
+    named = bool(output_dir or "hydra.run.dir" in keys)
+    if named:
         check_writable(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     if resuming:
-        _warn_changed_config(run_dir if output_dir or "hydra.run.dir" in keys else "", cfg)
+        _warn_changed_config(run_dir if named else "", cfg)
+    if named:
+        # Before Hydra writes .hydra/ into it: a second run must not rewrite the first's record.
+        lock_run_folder(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     return [*rest, *overrides, *extra]
 
 
@@ -430,3 +434,51 @@ def check_writable(folder: str, key: str) -> None:
             f"{key}={folder} cannot be written ({err.strerror or err}"
             f"{'' if probe == os.path.abspath(folder) else f' in {probe}'}): choose a folder you can write to"
         ) from None
+
+
+LOCK_NAME = ".align.lock"
+_HELD: dict[str, int] = {}  # run folder -> the open lock file this process holds
+
+
+def lock_run_folder(folder: str, key: str = "output_dir") -> None:
+    """Takes the run folder for this process, so a second run into it is refused while this one runs.
+
+    An exclusive `flock` on `<folder>/.align.lock`, which holds this run's pid, host and start
+    time for the message. The kernel drops the lock when the process ends, however it ends, so
+    a crashed run's lock file never blocks a later run. Ranks of a `torchrun` launch share the
+    folder: only global rank 0 takes it. Taking a folder this process holds already is a no-op.
+
+    Raises:
+        AlignError: another live process holds the folder, naming it.
+    """
+    import fcntl
+    import socket
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    folder = os.path.abspath(folder)
+    if folder in _HELD:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise AlignError(
+            f"{key}={folder} is in use by another align run ({holder}): wait for it to finish, or choose "
+            "another folder (two runs in one folder would mix their checkpoints, metrics and model)"
+        ) from None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}\n".encode(), 0)
+    _HELD[folder] = fd
+
+
+def unlock_run_folder(folder: str) -> None:
+    """Releases a folder taken by `lock_run_folder` (a sweep's job, when it ends)."""
+    fd = _HELD.pop(os.path.abspath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the file drops the flock

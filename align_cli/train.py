@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config as schema
 from .errors import AlignError, TrainingInterrupted, nearest, one_line
-from .preflight import prepare
+from .preflight import _HELD, LOCK_NAME, lock_run_folder, prepare, unlock_run_folder
 
 log = logging.getLogger("align")
 
@@ -346,6 +346,15 @@ def checked_config(cfg: DictConfig):
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
+    """Runs one training job described by a composed config (see `_train`), holding its run
+    folder (`preflight.lock_run_folder`) until it ends."""
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        unlock_run_folder(resolve_output_dir(cfg))
+
+
+def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """Runs one training job described by a composed config.
 
     Args:
@@ -377,6 +386,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)
+    lock_run_folder(output_dir)  # held already when preflight named the folder; a sweep's job here
     resume_from = check_run_folder(output_dir, cfg.get("resume"), ctx.peft_cfg)
     preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
     check_free_space(output_dir, modeling.resolve_model_path(model_cfg), ctx.peft_cfg.method == "none")
@@ -637,7 +647,7 @@ def _remove_if_untouched(run_dir: str) -> bool:
     """Deletes a run folder that holds only what Hydra put there (a run that stopped before it
     began); True if it did."""
     try:
-        if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "train.log"}:
+        if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "train.log", LOCK_NAME}:
             import shutil
 
             shutil.rmtree(run_dir)
@@ -667,4 +677,8 @@ def main(argv: list[str]) -> None:
             raise
         fail(err)
     sys.argv = ["align train", *argv]
-    _hydra_entry()
+    try:
+        _hydra_entry()
+    finally:
+        for folder in list(_HELD):  # taken by prepare for a run that never reached train()
+            unlock_run_folder(folder)
