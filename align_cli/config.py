@@ -188,7 +188,7 @@ def register() -> None:
 # Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn
 # their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
 # method yaml does not list. `++` adds or overrides, so the user never needs to know which.
-OPEN_PREFIXES = ("method.args.", "data.columns.")
+OPEN_PREFIXES = ("method.args.", "data.columns.", "reward.timeout")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:

@@ -95,6 +95,36 @@ class GracefulStop(TrainerCallback):
         return control
 
 
+class StickyInterrupt:
+    """Makes Ctrl-C (SIGINT) before training stop the run even when library code swallows it.
+
+    `datasets` hashes transforms inside a bare `except:` (fingerprinting), so a
+    KeyboardInterrupt raised there is lost and preparation goes on. Inside this context a
+    SIGINT still raises KeyboardInterrupt at once, and is remembered: leaving the block raises
+    it again if it did not get out by itself.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.received and exc_type is None:
+            raise KeyboardInterrupt  # it was swallowed somewhere inside
+        return False
+
+
 class NonFiniteLoss(Exception):
     """Raised from inside the training loop when the loss, gradients or outputs are NaN or infinite.
 

@@ -374,12 +374,13 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         GracefulStop,
         LossGuard,
         NonFiniteLoss,
+        StickyInterrupt,
         checkpoint_step,
         install_atomic_trainer_state,
         trim_metrics,
     )
     from .methods import method_problems, prompt_room
-    from .rewards import row_check
+    from .rewards import RewardFailed, row_check
 
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
@@ -391,48 +392,54 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
     check_free_space(output_dir, modeling.resolve_model_path(model_cfg), ctx.peft_cfg.method == "none")
 
-    # The tokenizer is cheap and decides whether prompts become chat messages; the data is
-    # read and checked completely before any model weights are loaded.
-    tokenizer = modeling.load_tokenizer(model_cfg)
-    splits = read_splits(
-        data_cfg,
-        method["format"],
-        conversational=tokenizer.chat_template is not None,
-        seed=int(cfg.seed),
-        sample=method.get("sample"),
-        tokenizer=tokenizer,
-        room=prompt_room(module, args, model_cfg),
-        row_check=row_check(reward),  # values a reward cannot use, named by file:line
-    )
-    # The method's own checks (settings, rewards, the columns they read): as validate runs them.
-    problems = method_problems(module, ctx, splits.train.rows)
-    if problems:
-        more = (
-            f" (and {len(problems) - 1} more: `align data validate` lists them)" if len(problems) > 1 else ""
+    # Until training starts, Ctrl-C stops the run even where a library swallows it (datasets).
+    with StickyInterrupt():
+        # The tokenizer is cheap and decides whether prompts become chat messages; the data is
+        # read and checked completely before any model weights are loaded.
+        tokenizer = modeling.load_tokenizer(model_cfg)
+        splits = read_splits(
+            data_cfg,
+            method["format"],
+            conversational=tokenizer.chat_template is not None,
+            seed=int(cfg.seed),
+            sample=method.get("sample"),
+            tokenizer=tokenizer,
+            room=prompt_room(module, args, model_cfg),
+            row_check=row_check(reward),  # values a reward cannot use, named by file:line
         )
-        raise AlignError(problems[0] + more)
-    train_ds, eval_ds = splits.datasets()
-    log.info("data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+        # The method's own checks (settings, rewards, the columns they read): as validate runs them.
+        problems = method_problems(module, ctx, splits.train.rows)
+        if problems:
+            more = (
+                f" (and {len(problems) - 1} more: `align data validate` lists them)"
+                if len(problems) > 1
+                else ""
+            )
+            raise AlignError(problems[0] + more)
+        train_ds, eval_ds = splits.datasets()
+        log.info(
+            "data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0
+        )
 
-    from transformers import set_seed
+        from transformers import set_seed
 
-    set_seed(int(cfg.seed))
-    os.makedirs(output_dir, exist_ok=True)
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer per run folder (torchrun ranks share it)
-        if resume_from is not None:
-            trim_metrics(metrics_path, checkpoint_step(resume_from))
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)  # left by a run that died before its first checkpoint
-    stop, loss_guard = GracefulStop(), LossGuard()
-    ctx.tokenizer, ctx.train_dataset, ctx.eval_dataset = tokenizer, train_ds, eval_ds
-    ctx.callbacks = [MetricsFileCallback(metrics_path), stop, loss_guard, *(callbacks or [])]
-    trainer = module.build(ctx)
-    handler = getattr(trainer, "callback_handler", None)
-    for callback in ctx.callbacks if handler is not None else []:
-        if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
-            trainer.add_callback(callback)
-    loss_guard.attach(trainer)
+        set_seed(int(cfg.seed))
+        os.makedirs(output_dir, exist_ok=True)
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer per run folder (torchrun ranks share it)
+            if resume_from is not None:
+                trim_metrics(metrics_path, checkpoint_step(resume_from))
+            elif os.path.exists(metrics_path):
+                os.remove(metrics_path)  # left by a run that died before its first checkpoint
+        stop, loss_guard = GracefulStop(), LossGuard()
+        ctx.tokenizer, ctx.train_dataset, ctx.eval_dataset = tokenizer, train_ds, eval_ds
+        ctx.callbacks = [MetricsFileCallback(metrics_path), stop, loss_guard, *(callbacks or [])]
+        trainer = module.build(ctx)
+        handler = getattr(trainer, "callback_handler", None)
+        for callback in ctx.callbacks if handler is not None else []:
+            if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
+                trainer.add_callback(callback)
+        loss_guard.attach(trainer)
 
     install_atomic_trainer_state()
     stop.install()
@@ -449,6 +456,11 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         except NonFiniteLoss as err:
             _close_progress_bars(trainer)
             raise AlignError(_diverged(trainer, err.step, err.what, args, output_dir)) from None
+        except RewardFailed as err:
+            # Raised while scoring, before the step's update: the weights are the last step's.
+            _close_progress_bars(trainer)
+            stopped = f" (a {signal.Signals(stop.signum).name} came during the call)" if stop.signum else ""
+            raise AlignError(f"{err}{stopped}{_save_state(trainer, output_dir)}") from None
         if loss_guard.bad is not None:
             step, key, value = loss_guard.bad
             raise AlignError(_diverged(trainer, step, f"{key} became {value}", args, output_dir, saved=False))
@@ -564,6 +576,20 @@ def _interrupted(stop, output_dir: str) -> str:
     )
 
 
+def _save_state(trainer, output_dir: str) -> str:
+    """Saves the state after the last completed step (the one the failed step started from) as a
+    checkpoint when its weights are finite; says where, or names the last checkpoint there is."""
+    from .guard import last_checkpoint, params_finite
+
+    good = trainer.state.global_step
+    if good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
+        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
+        trainer._save_checkpoint(trainer.model, trial=None)
+        return f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
+    previous = last_checkpoint(output_dir)
+    return f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"
+
+
 def _diverged(trainer, step: int, what: str, args: dict, output_dir: str, saved: bool = True) -> str:
     """Saves the state the failed step started from (if its weights are finite); says what happened.
 
@@ -576,13 +602,10 @@ def _diverged(trainer, step: int, what: str, args: dict, output_dir: str, saved:
         saved: False when the bad step was already applied (seen in the logs, after the fact):
             only an earlier checkpoint is named then.
     """
-    from .guard import last_checkpoint, params_finite
+    from .guard import last_checkpoint
 
-    good = trainer.state.global_step
-    if saved and good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
-        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
-        trainer._save_checkpoint(trainer.model, trial=None)
-        where = f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
+    if saved:
+        where = _save_state(trainer, output_dir)
     else:
         previous = last_checkpoint(output_dir)
         where = f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"

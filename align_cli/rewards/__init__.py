@@ -16,6 +16,11 @@ sets a type's main option, so these are the same:
     align train method=ppo reward=model reward.model=outputs/rm/run
 
 An entry set to null is dropped (`reward.keyword=null` removes it from a mix).
+
+`reward.timeout` (not an entry) is how many seconds one call of a reward (one batch) may
+take, 300 by default (null: no limit): a reward that hangs, calls sys.exit, or returns no
+finite value for a whole batch stops the run with a message naming it, after saving the
+last step's state; a few NaN/inf values are dropped and counted (`rewards/<name>/non_finite`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AlignError, nearest
-from .base import Reward, message_text
+from .base import DEFAULT_TIMEOUT, Reward, RewardFailed, message_text
 
 __all__ = [
     "TYPES",
@@ -32,8 +37,10 @@ __all__ = [
     "build_reward_functions",
     "check_columns",
     "message_text",
+    "RewardFailed",
     "reward_model_names",
     "reward_problems",
+    "reward_timeout",
     "row_check",
 ]
 
@@ -63,6 +70,34 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+def _entries(reward_cfg: Any) -> dict:
+    """The reward entries of a `reward` config: every key but `timeout` (a setting of them all)."""
+    return (
+        {k: v for k, v in reward_cfg.items() if k != "timeout"}
+        if isinstance(reward_cfg, dict)
+        else reward_cfg
+    )
+
+
+def reward_timeout(reward_cfg: Any) -> float | None:
+    """`reward.timeout`: the seconds one reward call may take (default `DEFAULT_TIMEOUT`; null or
+    0: no limit).
+
+    Raises:
+        AlignError: a value that is not a non-negative number.
+    """
+    value = (
+        _plain(reward_cfg).get("timeout", DEFAULT_TIMEOUT) if isinstance(_plain(reward_cfg), dict) else None
+    )
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise AlignError(
+            f"reward.timeout={value!r} must be a number of seconds (e.g. 300), or null for no limit"
+        )
+    return float(value) or None
 
 
 def _resolve(name: str, entry: Any) -> tuple[type[Reward], dict]:
@@ -120,9 +155,13 @@ def reward_problems(method: str, reward_cfg: dict | None, columns: list[str] | N
     if not isinstance(reward_cfg, dict):
         return [f"reward must be a mapping of name -> reward entry, got {reward_cfg!r}"]
     problems: list[str] = []
+    try:
+        reward_timeout(reward_cfg)
+    except AlignError as err:
+        problems.append(str(err))
     funcs: list[Reward] = []
     configured = 0
-    for name, entry in reward_cfg.items():
+    for name, entry in _entries(reward_cfg).items():
         if entry is None:
             continue
         configured += 1
@@ -150,7 +189,7 @@ def reward_model_names(reward_cfg: dict | None) -> list[str]:
     """The names of the reward-model entries of a `reward` config (no model is loaded)."""
     reward_cfg = _plain(reward_cfg) or {}
     names = []
-    for name, entry in reward_cfg.items() if isinstance(reward_cfg, dict) else ():
+    for name, entry in _entries(reward_cfg).items() if isinstance(reward_cfg, dict) else ():
         if entry is not None:
             try:
                 if _resolve(str(name), entry)[0].type == "model":
@@ -181,10 +220,12 @@ def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], lis
         raise AlignError(f"reward must be a mapping of name -> reward entry, got {reward_cfg!r}")
     funcs: list[Callable] = []
     weights: list[float] = []
-    for name, entry in reward_cfg.items():
+    timeout = reward_timeout(reward_cfg)
+    for name, entry in _entries(reward_cfg).items():
         if entry is None:
             continue
         func, weight = build_reward(str(name), entry)
+        func.timeout = timeout
         funcs.append(func)
         weights.append(weight)
     if not funcs:
@@ -249,7 +290,7 @@ def row_check(reward_cfg: dict | None) -> Callable[[dict], str | None] | None:
     if not isinstance(reward_cfg, dict):
         return None  # build_reward_functions says what is wrong with it
     checkers = []
-    for name, entry in reward_cfg.items():
+    for name, entry in _entries(reward_cfg).items():
         if entry is None:
             continue
         cls, _ = _resolve(str(name), entry)

@@ -316,7 +316,7 @@ class ModelReward(Reward):
             out.append(ids[-self.max_length :])
         return out
 
-    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    def compute(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         import torch
 
         rows = self.input_ids(prompts, completions)
