@@ -403,10 +403,32 @@ def prepare(argv: list[str]) -> list[str]:
         check_writable(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     if resuming:
         _warn_changed_config(run_dir if named else "", cfg)
+        other = _run_of_checkpoint(cfg.get("resume"))
+        if other and (not named or os.path.abspath(other) != os.path.abspath(run_dir)):
+            _warn_changed_config(other, cfg)  # another run's checkpoint: it must be the same kind of run
     if named:
         # Before Hydra writes .hydra/ into it: a second run must not rewrite the first's record.
         lock_run_folder(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     return [*rest, *overrides, *extra]
+
+
+def _run_of_checkpoint(resume) -> str | None:
+    """The run folder a `resume=<path>` belongs to (the path, or the folder above a
+    checkpoint-<step>), when it holds a saved config; None for true/false."""
+    if resume in (None, True, False) or str(resume).strip().lower() in (
+        "true",
+        "false",
+        "yes",
+        "no",
+        "1",
+        "0",
+    ):
+        return None
+    path = os.path.abspath(os.path.expanduser(str(resume)))
+    for folder in (path, os.path.dirname(path)):
+        if os.path.exists(os.path.join(folder, ".hydra", "config.yaml")):
+            return folder
+    return None
 
 
 def check_writable(folder: str, key: str) -> None:

@@ -131,7 +131,7 @@ def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftSettings | No
         AlignError: `output_dir` holds a finished run (summary.json), checkpoints of an
             unfinished run while `resume` is off, or `resume` names nothing to resume from.
     """
-    from .guard import find_checkpoint, last_checkpoint
+    from .guard import find_checkpoint, scan_checkpoints
 
     if os.path.exists(os.path.join(output_dir, "summary.json")):
         raise AlignError(
@@ -139,7 +139,8 @@ def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftSettings | No
             f"start from it with model.name_or_path={output_dir})"
         )
     resume_from = find_checkpoint(resume, output_dir)
-    found = last_checkpoint(output_dir)
+    complete, incomplete = scan_checkpoints(output_dir)
+    found = complete or (incomplete[0][0] if incomplete else None)  # either says a run began here
     if found and resume_from is None:
         raise AlignError(
             f"{output_dir} holds checkpoints of an unfinished run (last: {os.path.basename(found)}): "

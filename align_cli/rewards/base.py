@@ -126,11 +126,13 @@ class Reward:
         return None
 
     timeout: float | None = DEFAULT_TIMEOUT  # seconds one call may take (`reward.timeout`; None: no limit)
+    dropped: int = 0  # non-finite values dropped so far
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         """Scores a batch (TRL's signature) through `compute`, guarded: a call that runs past
         `timeout` or calls sys.exit stops the run naming this reward; non-finite values are
-        dropped (None) and counted in the metric `rewards/<name>/non_finite`, and a batch with
+        dropped (None) and counted in the metric `rewards/<name>/non_finite` (the total so far,
+        logged from the first one on), and a batch with
         no finite value at all stops the run (every update would rest on nothing)."""
         values = list(self._call_guarded(lambda: self.compute(prompts, completions, **kwargs)))
         bad = [
@@ -147,9 +149,10 @@ class Reward:
                 )
             for i in bad:
                 values[i] = None  # left out of the group statistics, as an abstention
+            self.dropped += len(bad)
         log_metric = kwargs.get("log_metric")
-        if callable(log_metric):
-            log_metric(f"rewards/{self.name}/non_finite", float(len(bad)))
+        if self.dropped and callable(log_metric):  # logged from the first drop on: the total so far
+            log_metric(f"rewards/{self.name}/non_finite", float(self.dropped))
         return values
 
     def _call_guarded(self, call):
