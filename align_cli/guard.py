@@ -267,6 +267,8 @@ def checkpoint_kind(folder: str | os.PathLike) -> str | None:
     for kind, names in _WEIGHTS.items():
         if any((Path(folder) / n).is_file() for n in names):
             return kind
+    if any(Path(folder).glob("pytorch_model_fsdp*")):  # FSDP's sharded full model
+        return "full"
     return None
 
 
@@ -295,9 +297,12 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         check_weight_files(str(folder))
     except AlignError as err:
         return str(err)
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (folder / name).is_file():
-            return f"no {name} (resuming would restart the optimizer from scratch)"
+    # DeepSpeed and FSDP keep the optimizer in their own layouts (global_step*/, optimizer_0/).
+    engine_state = any(folder.glob("global_step*")) or any(folder.glob("optimizer_*"))
+    if not engine_state:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if not (folder / name).is_file():
+                return f"no {name} (resuming would restart the optimizer from scratch)"
     critic = folder / PPO_CRITIC_DIR
     if critic.is_dir() or (folder / PPO_STATE_NAME).exists():  # a PPO checkpoint
         if checkpoint_kind(critic) is None:
