@@ -201,7 +201,11 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     """
     out = [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]
     methods = [o.split("=", 1)[1] for o in out if o.startswith("method=")]
-    if len(methods) == 1 and not any(o.lstrip("+~").startswith("reward") for o in out):
+    # `reward.timeout` is a setting of the rewards, not a choice of one.
+    chosen = any(
+        o.lstrip("+~").startswith("reward") and not o.lstrip("+~").startswith("reward.timeout") for o in out
+    )
+    if len(methods) == 1 and not chosen:
         default = _method_default_reward(methods[0])
         if default:  # placed first: Hydra's parser takes no override after `--cfg job`
             out.insert(0, f"reward={default}")

@@ -377,6 +377,21 @@ def test_reward_values_that_are_not_finite(user_rewards):
     assert logged == [("rewards/function/non_finite", 1.0), ("rewards/function/non_finite", 2.0)]
 
 
+def test_reward_timeout_is_a_setting_not_a_reward(tmp_path):
+    from align_cli.config import normalize_overrides
+    from align_cli.rewards import build_reward_functions
+
+    # The method's default reward still applies when only the timeout is set.
+    assert normalize_overrides(["method=grpo", "reward.timeout=30"]) == [
+        "reward=length",
+        "method=grpo",
+        "++reward.timeout=30",
+    ]
+    funcs, _ = build_reward_functions({"length": 10, "timeout": 30})
+    assert [f.__name__ for f in funcs] == ["length"] and funcs[0].timeout == 30
+    assert build_reward_functions({"length": 10, "timeout": None})[0][0].timeout is None
+
+
 def test_a_reward_that_exits_or_hangs_is_named(user_rewards):
     from align_cli.rewards import RewardFailed
 
