@@ -472,3 +472,24 @@ def test_kto_seed_changes_the_run(tmp_path):
         )
         runs[name] = weights(result.trainer.model)
     assert any(not torch.equal(runs["a"][n], runs["b"][n]) for n in runs["a"])
+
+
+def test_validate_refuses_a_critic_whose_tokenizer_differs(tmp_path, capsys):
+    """PPO's critic from a reward model with another vocabulary: found by validate, no weights loaded."""
+    from align_cli import modeling
+    from align_cli.cli import main as align
+    from align_cli.config import ModelConfig
+
+    tokenizer = modeling.load_tokenizer(ModelConfig())
+    torch.manual_seed(0)
+    model = modeling.load_model(ModelConfig(), kind="seq_cls", pad_token_id=tokenizer.pad_token_id)
+    tokenizer.add_tokens(["<an-extra-token>"])  # another vocabulary than the policy's
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    base = ["data", "validate", "method=ppo", "reward=model", f"reward.model.path={tmp_path / 'rm'}"]
+    with pytest.raises(SystemExit):
+        align([*base, "method.critic_init=reward"])
+    out = capsys.readouterr().out
+    assert f"method.critic_init=reward: the reward model '{tmp_path / 'rm'}' uses another tokenizer" in out
+    align([*base, "method.critic_init=auto"])  # auto starts the critic from the policy instead
+    assert "ready for method=ppo" in capsys.readouterr().out

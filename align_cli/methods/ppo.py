@@ -90,8 +90,31 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
 
     columns = sorted({k for r in rows for k in r}) if rows is not None else None
     problems = reward_problems("ppo", ctx.reward, columns)
-    critic = critic_problem(str(ctx.method.get("critic_init", "auto")), reward_model_names(ctx.reward))
-    return problems + ([critic] if critic else [])
+    choice, models = str(ctx.method.get("critic_init", "auto")), reward_model_names(ctx.reward)
+    critic = critic_problem(choice, models)
+    if critic:
+        return [*problems, critic]
+    if problems or choice in ("auto", "policy") or not models:
+        return problems  # `auto` falls back to the policy when the tokenizers differ
+    # An explicit reward-model critic must read the policy's tokens: compare the tokenizers.
+    from ..config import ModelConfig
+    from ..modeling import load_tokenizer
+    from ..rewards import reward_model_path
+
+    name = choice if choice in models else models[0]
+    path = reward_model_path(ctx.reward, name)
+    if path:
+        policy = load_tokenizer(ctx.model_cfg).get_vocab()
+        if load_tokenizer(ModelConfig(name_or_path=path)).get_vocab() != policy:
+            problems.append(_other_tokenizer(choice, path))
+    return problems
+
+
+def _other_tokenizer(choice: str, path: str) -> str:
+    return (
+        f"method.critic_init={choice}: the reward model '{path}' uses another tokenizer than the policy, "
+        "so as a critic it could not read the policy's tokens; use method.critic_init=policy"
+    )
 
 
 def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
@@ -110,10 +133,7 @@ def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
                 source.path,
             )
             return None
-        raise AlignError(
-            f"method.critic_init={choice}: the reward model '{source.path}' uses another tokenizer than the policy, "
-            "so as a critic it could not read the policy's tokens; use method.critic_init=policy"
-        )
+        raise AlignError(_other_tokenizer(choice, str(source.path)))
     return source
 
 

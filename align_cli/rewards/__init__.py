@@ -39,6 +39,7 @@ __all__ = [
     "message_text",
     "RewardFailed",
     "reward_model_names",
+    "reward_model_path",
     "reward_problems",
     "reward_timeout",
     "row_check",
@@ -197,6 +198,16 @@ def reward_model_names(reward_cfg: dict | None) -> list[str]:
             except AlignError:
                 pass  # reward_problems names it
     return names
+
+
+def reward_model_path(reward_cfg: dict | None, name: str) -> str | None:
+    """The `path` of the reward-model entry `name` (no model is loaded), or None."""
+    entry = _entries(_plain(reward_cfg) or {}).get(name)
+    try:
+        _, options = _resolve(name, entry)
+    except AlignError:
+        return None
+    return str(options["path"]) if options.get("path") not in (None, "???") else None
 
 
 def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], list[float]]:
