@@ -493,3 +493,37 @@ def test_validate_refuses_a_critic_whose_tokenizer_differs(tmp_path, capsys):
     assert f"method.critic_init=reward: the reward model '{tmp_path / 'rm'}' uses another tokenizer" in out
     align([*base, "method.critic_init=auto"])  # auto starts the critic from the policy instead
     assert "ready for method=ppo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("text", r"reward.model returned nan for all 16 completions of a batch"),
+        ("tokens", r"reward.model scored no completion of a batch with a finite value"),
+    ],
+)
+def test_ppo_stops_on_a_reward_model_that_scores_nothing_finite(tmp_path, how, message):
+    """PPO calls the reward (text), or scores the policy's tokens with the model directly: both guarded."""
+    from align_cli import modeling
+    from align_cli.config import ModelConfig
+
+    tokenizer = modeling.load_tokenizer(ModelConfig())
+    model = modeling.load_model(ModelConfig(), kind="seq_cls", pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))  # a broken head: every score is NaN
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    overrides = [
+        "method=ppo",
+        "reward=model",
+        f"reward.model.path={tmp_path / 'rm'}",
+        "method.critic_init=policy",
+        f"method.args.reward_model_input={how}",
+    ]
+    with pytest.raises(AlignError, match=message):
+        train(
+            compose(
+                [*overrides, "method.args.max_steps=2", "data.eval_ratio=0", "plot=false"], tmp_path / "run"
+            )
+        )
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -522,6 +522,12 @@ class PPOTrainer(Trainer):
                         self._token_reward_models[i], sequences, attention_mask, last
                     )
                 per_func[:, i] = values.float().cpu()
+                if not torch.isfinite(per_func[:, i]).any():  # as Reward.__call__ does for the others
+                    from ..rewards import RewardFailed
+
+                    raise RewardFailed(
+                        f"reward.{self.reward_names[i]} scored no completion of a batch with a finite value"
+                    )
             else:
                 out = func(
                     prompts=prompts,
