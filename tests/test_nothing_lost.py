@@ -501,6 +501,7 @@ def test_validate_refuses_a_critic_whose_tokenizer_differs(tmp_path, capsys):
         ("text", r"reward.model returned nan for all 16 completions of a batch"),
         ("tokens", r"reward.model scored no completion of a batch with a finite value"),
     ],
+    ids=["text", "tokens"],
 )
 def test_ppo_stops_on_a_reward_model_that_scores_nothing_finite(tmp_path, how, message):
     """PPO calls the reward (text), or scores the policy's tokens with the model directly: both guarded."""
