@@ -39,9 +39,14 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(
-    metrics_path: Path, out_path: Path, priority: list[str] | None = None, max_panels: int = 6
+    metrics_path: Path,
+    out_path: Path,
+    priority: list[str] | None = None,
+    max_panels: int = 6,
+    only: list[str] | None = None,
 ) -> Path | None:
-    """Plots logged scalar curves against the step: losses, then `priority` keys, then the rest."""
+    """Plots logged scalar curves against the step: losses, then `priority` keys, then the rest
+    (or, with `only`, just those keys that were logged, in that order)."""
     records = read_metrics(metrics_path)
     if not records:
         return None
@@ -51,12 +56,15 @@ def plot_metrics(
         for key in rec:
             if key not in skip and not key.endswith(("_runtime", "_per_second")) and key not in keys:
                 keys.append(key)
-    # The training loss, then the method's key metrics: what a reader looks for first.
-    wanted = ["loss", *(priority or [])]
-    order = {k: i for i, k in enumerate(keys)}
-    keys = sorted(keys, key=lambda k: (wanted.index(k) if k in wanted else len(wanted), order[k]))[
-        :max_panels
-    ]
+    if only is not None:
+        keys = [k for k in only if k in keys][:max_panels]
+    else:
+        # The training loss, then the method's key metrics: what a reader looks for first.
+        wanted = ["loss", *(priority or [])]
+        order = {k: i for i, k in enumerate(keys)}
+        keys = sorted(keys, key=lambda k: (wanted.index(k) if k in wanted else len(wanted), order[k]))[
+            :max_panels
+        ]
     if not keys:
         return None
     panels = []
@@ -79,9 +87,12 @@ def _ticks(lo: float, hi: float) -> list[float]:
 
 
 def svg_panels(
-    panels: list[tuple[str, list[tuple[float, float]]]], width: int = 300, height: int = 230
+    panels: list[tuple[str, list[tuple[float, float]]]],
+    width: int = 300,
+    height: int = 230,
+    xlabel: str = "step",
 ) -> str:
-    """Small-multiple line charts (one panel per metric, x = step) as a standalone SVG document.
+    """Small-multiple line charts (one panel per metric, x = `xlabel`) as a standalone SVG document.
 
     Written by hand rather than with matplotlib: importing and drawing with it took about half a
     second at the end of every run, for a picture this simple.
@@ -102,7 +113,7 @@ def svg_panels(
             f'<text x="{x0 + pw / 2}" y="15" text-anchor="middle" font-size="12">{escape(key)}</text>'
         )
         parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
-        parts.append(f'<text x="{x0 + pw / 2}" y="{height - 4}" text-anchor="middle">step</text>')
+        parts.append(f'<text x="{x0 + pw / 2}" y="{height - 4}" text-anchor="middle">{escape(xlabel)}</text>')
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -130,3 +141,155 @@ def svg_panels(
             parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="#1f77b4"/>' for x, y in points]
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+class CollapseCallback(TrainerCallback):
+    """Watches PPO/GRPO's logged metrics for the collapse signatures of align_cli/diagnostics.py.
+
+    Each signature found is printed once (`align: warning: collapse ...`) and kept for
+    summary.json. With `stop` (`method.stop_on_collapse=true`) the first one stops training;
+    until then a checkpoint is saved at every logging step whose record shows no signature (and
+    none where one shows), so the last checkpoint before the collapse began is there to restore
+    (`collapse_outcome`).
+
+    Args:
+        vocab_size: the policy's vocabulary size (the uniform entropy is log V).
+        keys: which logged keys hold reward, entropy, KL, top-completion share and probe.
+        settings: the thresholds (`method.collapse`).
+        stop: stop training at the first collapse.
+    """
+
+    def __init__(self, vocab_size: int, keys, settings=None, stop: bool = False):
+        from .diagnostics import CollapseSettings
+
+        self.vocab_size = int(vocab_size)
+        self.keys = keys
+        self.settings = settings or CollapseSettings()
+        self.stop = bool(stop)
+        self.history: list[dict] = []
+        self.found: list = []
+        self.notes: list[str] = []
+        self.stopped = None  # the Collapse that stopped training
+
+    def _say(self, state, text: str, kind: str = "warning") -> None:
+        if state.is_world_process_zero:
+            import sys
+
+            print(f"align: {kind}: {text}", file=sys.stderr, flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from .diagnostics import find_collapse, shows_signature, start_notes
+
+        if not logs or self.keys.reward not in logs:  # evaluation and end-of-training records
+            return
+        self.history.append({"step": state.global_step, **logs})
+        if len(self.history) == 1:
+            self.notes = start_notes(self.history[0], self.vocab_size, self.settings, self.keys)
+            for note in self.notes:
+                self._say(state, note, "note")
+        known = {c.kind for c in self.found}
+        for collapse in find_collapse(self.history, self.vocab_size, self.settings, self.keys):
+            if collapse.kind not in known:
+                self.found.append(collapse)
+                self._say(
+                    state,
+                    f"collapse at step {collapse.step} (since step {collapse.onset}): {collapse.message}",
+                )
+        if not self.stop:
+            return
+        if self.found:
+            self.stopped = self.stopped or self.found[0]
+            control.should_training_stop = True
+            control.should_save = False  # the collapsed state is not worth a checkpoint
+        else:
+            # A checkpoint of every healthy logged step; none of a step that shows a signature.
+            control.should_save = not shows_signature(self.history, self.vocab_size, self.settings, self.keys)
+
+    def summary(self) -> dict:
+        """What summary.json says about collapse ({} when nothing was found)."""
+        out: dict = {}
+        if self.found:
+            out["collapse"] = [c.as_dict() for c in self.found]
+        if self.notes:
+            out["diagnostic_notes"] = list(self.notes)
+        return out
+
+
+def _checkpoints_before(output_dir: str, step: int) -> list[tuple[int, str]]:
+    import os
+    import re
+
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            if match and int(match.group(1)) < step:
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def collapse_outcome(trainer, output_dir: str) -> dict:
+    """After training: what the collapse watch found, for summary.json; after a stop on
+    collapse, the last checkpoint from before the collapse began is loaded back into the
+    trainer, so the model saved as the run's is that one.
+
+    Returns:
+        {} when the run has no `CollapseCallback` or it found nothing; else `collapse` (the
+        signatures), and after a stop `stopped_on_collapse` (step, kind, message, restored).
+    """
+    handler = getattr(trainer, "callback_handler", None)
+    watch = next((c for c in getattr(handler, "callbacks", []) if isinstance(c, CollapseCallback)), None)
+    if watch is None:
+        return {}
+    out = watch.summary()
+    collapse = watch.stopped
+    if collapse is None:
+        return out
+    good = _checkpoints_before(output_dir, collapse.onset)
+    restored = None
+    if good:
+        restored = good[-1][1]
+        # transformers' own resume loader (our PPO trainer loads policy and critic in it).
+        trainer._load_from_checkpoint(restored)
+        where = f"the run's model is {restored}, the last checkpoint before it"
+    else:
+        where = "no checkpoint was saved before it began, so the run's model is the collapsed one"
+    out["stopped_on_collapse"] = {**collapse.as_dict(), "restored": restored}
+    if trainer.is_world_process_zero():
+        import sys
+
+        print(
+            f"align: warning: stopped at step {collapse.step} (method.stop_on_collapse), {collapse.kind} since "
+            f"step {collapse.onset}: {collapse.message}; {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+def collapse_watch(method: dict, vocab_size: int, keys) -> CollapseCallback:
+    """The `CollapseCallback` of a PPO/GRPO run from its method settings (`method.stop_on_collapse`,
+    `method.collapse`).
+
+    Raises:
+        AlignError: an unknown `method.collapse` key or a bad value, a stop_on_collapse that is
+            not true/false.
+    """
+    stop, settings = collapse_settings(method)
+    return CollapseCallback(vocab_size, keys, settings, stop)
+
+
+def collapse_settings(method: dict):
+    """`(method.stop_on_collapse, CollapseSettings from method.collapse)`, checked.
+
+    Raises:
+        AlignError: an unknown `method.collapse` key or a bad value, a stop_on_collapse that is
+            not true/false.
+    """
+    from .diagnostics import CollapseSettings
+    from .errors import AlignError
+
+    stop = method.get("stop_on_collapse", False)
+    if not isinstance(stop, bool):
+        raise AlignError(f"method.stop_on_collapse={stop!r} must be true or false")
+    return stop, CollapseSettings.from_config(method.get("collapse"))

@@ -18,8 +18,18 @@ commands:
   train            train with one method:  align train method=dpo [group=option] [key=value]
                    sweep with Hydra:       align train -m method=dpo method.args.beta=0.1,0.5
                    options and groups:     align train --help
+  pipeline         stages as one job:      align pipeline recipe=<rlhf|rlhf_grpo|dpo|kto> [<stage>.<key>=v]
   data validate    check a dataset for a method without training:
                                            align data validate method=kto data.path=my.jsonl
+  data preview     the rows the trainer gets, as JSON lines (rows=N, rendered=true):
+                                           align data preview method=dpo data.path=my.jsonl
+  sweep report     rebuild a sweep's results table:  align sweep report multirun/dpo/<time>
+  eval             evaluate policies (reward, win rate, KL, diversity) or reward models:
+                                           align eval model.name_or_path=<run>,<run> reward=model ...
+                                           align eval method=rm model.name_or_path=<rm run> data.path=pairs.jsonl
+  chat             talk to a model:        align chat <run folder|model> [system=...] [temperature=0]
+  generate         answer a prompts file:  align generate <run|model> data.path=p.jsonl output=out.jsonl
+  export           one plain model folder: align export <run folder> <out dir> [dtype=bfloat16]
   version          print the version
 
 examples:
@@ -50,32 +60,88 @@ def _dispatch(argv: list[str]) -> None:
         from .train import main as train_main
 
         train_main(rest)
+    elif command == "pipeline":
+        from .pipeline import main as pipeline_main
+
+        pipeline_main(rest)
     elif command == "data":
         if not rest or rest[0] in ("-h", "--help") or {"-h", "--help"} & set(rest[1:]):
             print(DATA_USAGE)
             return
+        if rest[0] == "preview":
+            from .data.preview import main as preview_main
+
+            preview_main(rest[1:])
+            return
         if rest[0] != "validate":
-            _fail(f"unknown data command '{rest[0]}': use `align data validate`")
+            _fail(f"unknown data command '{rest[0]}': use `align data validate` or `align data preview`")
         from .validate import main as validate_main
 
         validate_main(rest[1:])
+    elif command == "eval":
+        from .evaluate import main as eval_main
+
+        eval_main(rest)
+    elif command == "sweep":
+        from .sweep import main as sweep_main
+
+        sweep_main(rest)
+    elif command in ("chat", "generate", "export"):
+        _serve(command, rest)
     elif command in ("version", "--version"):
         print(f"align {__version__}")
     else:
-        _fail(f"unknown command '{command}': use train, data validate or version (see align --help)")
+        _fail(
+            f"unknown command '{command}': use train, pipeline, eval, chat, generate, export, data validate|preview, sweep report "
+            "or version (see align --help)"
+        )
 
 
 DATA_USAGE = """usage: align data validate method=<name> [data=<name>] [data.path=<file>] [key=value ...]
+       align data preview method=<name> [data.path=<file>] [rows=N] [rendered=true] [key=value ...]
 
 Reads the whole dataset the way `align train` would and reports every problem with its file
 and line (missing or mistyped columns, empty texts, identical chosen and rejected, malformed
 JSON, prompts longer than model.max_length), then a summary: rows, columns, detected input
 format, token-length percentiles. Exits 0 when the data is ready to train on, 1 otherwise.
 
+`preview` prints the first N (default 3) training rows exactly as the trainer gets them, one
+JSON object per line with its `source` (file:line), and nothing else on stdout; rendered=true
+adds the chat-template text and the part the loss is computed on.
+
 examples:
   align data validate method=kto data.path=my_feedback.jsonl
   align data validate method=dpo data=ultrafeedback model=qwen2.5-0.5b
+  align data preview method=sft data.path=chats.jsonl rows=5 rendered=true | jq .
 """
+
+
+def _serve(command: str, rest: list[str]) -> None:
+    """`align chat|generate|export`: key=value options (no Hydra run folder), one-line errors."""
+    if {"-h", "--help"} & set(rest):
+        from . import export, serve
+
+        print(
+            f"usage: {dict(chat=serve.CHAT_USAGE, generate=serve.GENERATE_USAGE, export=export.USAGE)[command]}"
+        )
+        return
+    from .errors import AlignError
+
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
+    rest = [a for a in rest if not a.lower().startswith("debug=")]
+    try:
+        if command == "export":
+            from .export import main as entry
+        else:
+            from . import serve
+
+            entry = serve.chat_main if command == "chat" else serve.generate_main
+        entry(rest)
+    except AlignError as err:
+        if debug:
+            raise
+        print(f"align: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
 
 
 def _fail(message: str) -> None:

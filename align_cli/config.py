@@ -52,24 +52,27 @@ class DataConfig:
     """Where the dataset is and how to read it."""
 
     name: str = "sample"
-    path: str | None = (
-        None  # file (json/jsonl/csv/parquet), directory, or hub dataset id; null: the method's sample
-    )
+    # A file (json/jsonl/csv/parquet/txt), a folder, a hub dataset id, or a list of them (each may
+    # be {path, rows} or {path, share} to take part of it); null: the method's sample. Any: a list
+    # is valid too, which `str | None` would refuse when composing (checked in data/sources.py).
+    path: Any = None
     format: str = "auto"  # auto: detected from the columns; or one of the formats in data/formats.py
     subset: str | None = None  # hub dataset configuration name
     split: str = "train"
-    eval_path: str | None = (
-        None  # a separate evaluation file, folder or hub id (with eval_split if it has splits)
-    )
+    eval_path: Any = None  # a separate evaluation file, folder or hub id, or a list (as data.path)
     eval_split: str | None = None  # the evaluation split: a hub split, or `test` for a folder's test.jsonl
     eval_ratio: float = 0.1  # without eval_path/eval_split: held out of `split` by prompt (0: no evaluation)
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the name in your file
     max_samples: int | None = None
     system: str | None = None  # a system prompt added to every conversational prompt
+    dataset: str | None = None  # with data.path=<dataset_info.json>: the LLaMA-Factory dataset to read
+    too_long: str = "refuse"  # prompts with no room left for an answer: refuse | drop | truncate
 
     def __post_init__(self):
         if not 0 <= self.eval_ratio < 1:
             raise AlignError(f"data.eval_ratio={self.eval_ratio} must be in [0, 1) (0: no held-out split)")
+        if self.too_long not in ("refuse", "drop", "truncate"):
+            raise AlignError(f"data.too_long={self.too_long} is not valid: use refuse, drop or truncate")
         if self.max_samples is not None and self.max_samples < 1:
             raise AlignError(f"data.max_samples={self.max_samples} must be at least 1, or null for every row")
 
@@ -123,6 +126,20 @@ class QuantConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What a multirun optimises and sorts its results table by (see sweep.py)."""
+
+    metric: str | None = None  # a key of summary.json, e.g. eval_rewards/accuracies; null: eval_loss
+    direction: str = "auto"  # maximize | minimize | auto (minimize losses and errors, maximize the rest)
+
+    def __post_init__(self):
+        if self.direction not in ("maximize", "minimize", "auto"):
+            raise AlignError(
+                f"sweep.direction={self.direction!r} is not valid: use maximize, minimize or auto"
+            )
+
+
+@dataclass
 class AlignConfig:
     """The root of every composed config."""
 
@@ -134,9 +151,12 @@ class AlignConfig:
     reward: Any = None
     seed: int = 42
     output_dir: str | None = None  # null: Hydra's run directory
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     resume: Any = False  # false, true (the run folder's last checkpoint) or a checkpoint path
     debug: bool = False  # show full tracebacks
     plot: bool = True
+    quiet: bool = False  # no progress bar or evaluation lines (`align train -q`); records still in train.log
+    verbose: bool = False  # transformers' own display: every key of every logged record
 
 
 def run_stamp() -> str:

@@ -70,6 +70,8 @@ def one_line(text: str) -> str:
 _GROUP_HINTS = {
     "model": "; or point model.name_or_path at a hub id or a local folder",
     "data": "; or point data.path at a file, a folder or a hub dataset",
+    "hydra/sweeper": " (optuna comes with pip install 'align-cli[sweep]')",
+    "hydra/launcher": " (submitit_local and submitit_slurm come with pip install 'align-cli[cluster]')",
 }
 
 

@@ -345,6 +345,10 @@ def load_model(
         if mapped is err:
             raise
         raise mapped from None
+    if quant is not None:
+        from .compat import keep_4bit_trainable
+
+        keep_4bit_trainable(model)  # before any forward: eval passes must not repack the weights
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -20,12 +20,15 @@ from . import config as schema
 from .errors import AlignError, hydra_message, one_line
 
 
-def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+def compose_checked(
+    overrides: list[str], return_hydra_config: bool = False, config_name: str = "config"
+) -> DictConfig:
     """Composes conf/config.yaml as `align` does; a composition problem is a one-line AlignError.
 
     Args:
         overrides: command-line overrides, already normalized (`method.args.k` -> `++...`).
         return_hydra_config: keep the `hydra` node (to read the run folder).
+        config_name: the root config in conf/ (`pipeline` for `align pipeline`, `eval` for `align eval`).
 
     Raises:
         AlignError: an override that does not parse, an unknown group option (with the valid
@@ -49,7 +52,9 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
+            cfg = compose(
+                config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config
+            )
     except Exception as err:
         # Show overrides as typed: `method.args.k=v`, not the `++` form normalize_overrides made.
         message = hydra_message(err, _culprit(err, overrides)).replace("++method.args.", "method.args.")
@@ -205,7 +210,12 @@ def _probe_sets(overrides: list[str], multirun: bool, limit: int = 40) -> list[l
                 continue
             key = _key(override)
             prefix = _PREFIX.get(override.type.name, "")
-            values = [f"{prefix}{key}={v}" for v in override.sweep_string_iterator()]
+            interval = override.value()
+            if type(interval).__name__ == "IntervalSweep":  # Optuna's interval(a,b): probe both ends
+                ends = [interval.start, interval.end]
+                values = [f"{prefix}{key}={v!r}" for v in ends]
+            else:
+                values = [f"{prefix}{key}={v}" for v in override.sweep_string_iterator()]
             for value in values:
                 parser.parse_override(value)  # a value that needs quoting: let Hydra expand it
             choices.append(values or [text])
@@ -336,6 +346,47 @@ def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
         )
 
 
+def _optuna_settings(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """Makes Optuna optimise `sweep.metric` in `sweep.direction`; checks its storage can work.
+
+    Returns overrides to add (`hydra.sweeper.direction=...` when the command line sets none).
+
+    Raises:
+        AlignError: a direction that contradicts sweep.direction, or an SQL storage with an
+            SQLAlchemy that optuna 2.x cannot use.
+    """
+    from .sweep import default_metric
+
+    metric, direction = default_metric(cfg.sweep.metric, cfg.sweep.direction)
+    given = [o for o in overrides if o.startswith("hydra.sweeper.direction=")]
+    extra = []
+    if not given:
+        extra.append(f"hydra.sweeper.direction={direction}")
+    elif given[0].split("=", 1)[1] != direction and cfg.sweep.direction != "auto":
+        raise AlignError(
+            f"{given[0]} contradicts sweep.direction={cfg.sweep.direction}: give one of them "
+            f"(sweep.direction alone also sets Optuna's)"
+        )
+    storage = cfg.hydra.sweeper.get("storage")
+    if storage and str(storage).startswith(("sqlite", "postgresql", "mysql")):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            sqlalchemy = version("sqlalchemy")
+        except PackageNotFoundError:
+            sqlalchemy = "0"
+        if int(sqlalchemy.split(".")[0]) >= 2:
+            raise AlignError(
+                f"hydra.sweeper.storage={storage}: optuna 2.x (what hydra-optuna-sweeper 1.3 allows) fails "
+                f"with SQLAlchemy {sqlalchemy}; install the sweep extra, which pins it: "
+                "pip install 'align-cli[sweep]' (or pip install 'sqlalchemy<2'), or drop the storage "
+                "for an in-memory study"
+            )
+    log_metric = f"align: optuna: {direction} {metric}"
+    print(log_metric, file=sys.stderr, flush=True)
+    return extra
+
+
 def prepare(argv: list[str]) -> list[str]:
     """Checks the command line and picks the run folder before Hydra starts.
 
@@ -350,6 +401,10 @@ def prepare(argv: list[str]) -> list[str]:
     args = get_args_parser().parse_intermixed_args(argv)
     if args.help or args.hydra_help or args.shell_completion or args.info or args.experimental_rerun:
         return argv
+    if args.multirun and args.cfg:
+        raise AlignError(
+            f"--cfg {args.cfg} prints one config: drop -m (a sweep value's config: give that value)"
+        )
     overrides = list(args.overrides)
     rest = list(argv)
     for override in overrides:  # what is left are Hydra's flags, in their order
@@ -365,6 +420,8 @@ def prepare(argv: list[str]) -> list[str]:
     keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     output_dir = cfg.get("output_dir")
     extra = []
+    if args.multirun and "optuna" in str(cfg.hydra.sweeper.get("_target_", "")).lower():
+        extra += _optuna_settings(cfg, overrides)
     if args.multirun:
         if output_dir:
             raise AlignError(

@@ -244,6 +244,28 @@ def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings
             f"({type(err).__name__}: {one_line(str(err))}); use quant=none, or install a bitsandbytes "
             "build for this device"
         ) from None
+    if quant_cfg.bits == 4:
+        from .compat import check_4bit_training
+
+        # A kernel that trains until the first evaluation and then crashes, or passes no
+        # gradient, would lose a run hours in: try an eval pass then a backward now.
+        problem = check_4bit_training(
+            device, quant_cfg.quant_type, modeling.torch_dtype(quant_cfg.compute_dtype)
+        )
+        if problem:
+            raise AlignError(
+                f"quant=4bit: bitsandbytes {_version('bitsandbytes')} cannot train on this machine's {device}: "
+                f"{problem}; use quant=none, or a bitsandbytes version align supports (see pyproject.toml)"
+            )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 def check_method_format(method: dict) -> str:
@@ -338,6 +360,8 @@ def checked_config(cfg: DictConfig):
         seed=int(cfg.get("seed", 42)),
     )
     check_method_args(module, ctx)
+    if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
+        module.check_settings(method)
     from . import modeling
 
     # From the model's config and file headers only: no weights are read.
@@ -369,8 +393,8 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after saving a checkpoint.
     """
     from . import modeling
-    from .callbacks import MetricsFileCallback, finite_or_none, plot_metrics
-    from .data import read_splits
+    from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
+    from .data import data_path, read_splits
     from .guard import (
         GracefulStop,
         LossGuard,
@@ -386,6 +410,11 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
     method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
+    from .terminal import check_trackers
+    from .terminal import prepare as prepare_terminal
+
+    check_trackers(args.get("report_to"))
+    prepare_terminal(bool(cfg.get("quiet")), bool(cfg.get("verbose")))
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)
     lock_run_folder(output_dir)  # held already when preflight named the folder; a sweep's job here
@@ -441,6 +470,11 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
                 trainer.add_callback(callback)
         loss_guard.attach(trainer)
+        from .terminal import install as show_progress  # one bar and compact eval lines (quiet/verbose)
+
+        show_progress(
+            trainer, getattr(module, "SUMMARY_KEYS", []), bool(cfg.get("quiet")), bool(cfg.get("verbose"))
+        )
 
     install_atomic_trainer_state()
     stop.install()
@@ -467,6 +501,8 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             raise AlignError(_diverged(trainer, step, f"{key} became {value}", args, output_dir, saved=False))
         if stop.stopped_at is not None:
             raise TrainingInterrupted(_interrupted(stop, output_dir), stop.signum)
+        # PPO/GRPO: collapse signatures; after a stop on collapse, the last good checkpoint is loaded.
+        diagnosis = collapse_outcome(trainer, output_dir)
         # A signal after the last step: skip the final evaluation, but save the finished model.
         final_eval = {}
         if eval_ds is not None and stop.signum is None:
@@ -482,11 +518,24 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
             with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
                 # Strict JSON: an undefined metric (NaN) is null.
                 strict = {k: finite_or_none(v) for k, v in metrics.items()}
-                json.dump({"method": method["name"], "metrics": strict}, f, indent=2, allow_nan=False)
+                summary = {"method": method["name"], "metrics": strict, **diagnosis}
+                json.dump(summary, f, indent=2, allow_nan=False, ensure_ascii=False)
             if cfg.get("plot", True):
                 plot_metrics(
                     Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys
                 )
+                watched = getattr(module, "DIAGNOSTIC_KEYS", None)
+                if watched:  # PPO/GRPO: the collapse watch's curves
+                    plot_metrics(
+                        Path(output_dir) / "metrics.jsonl",
+                        Path(output_dir) / "diagnostics.svg",
+                        only=watched,
+                        max_panels=len(watched),
+                    )
+            from .card import write_run_card  # ours replaces TRL's card (written at each checkpoint)
+
+            rows = (len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+            write_run_card(output_dir, cfg, metrics, *rows, data_path(data_cfg, method.get("sample")))
             print_summary(method["name"], output_dir, metrics, keys, time.time() - started)
         else:
             metrics = {}
@@ -623,48 +672,130 @@ def fail(err: BaseException | str, code: int | None = None) -> None:
     sys.exit(code if code is not None else getattr(err, "exit_code", 1))
 
 
-_FAILED_JOBS: list[str] = []
-
-
 def _hydra_entry() -> None:
     import hydra
 
     @hydra.main(config_path=str(schema.CONF_DIR), config_name="config", version_base="1.3")
-    def _main(cfg: DictConfig) -> None:
+    def _main(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         debug = bool(cfg.get("debug", False))
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return _sweep_job(cfg, hydra_cfg, debug)
         try:
             train(cfg)
         except TrainingInterrupted as err:
             if debug:
                 raise
-            fail(err)  # a sweep stops too: the user asked to stop
+            fail(err)
         except AlignError as err:
             if debug:
                 raise
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                # One bad job (a diverging learning rate...) does not stop the sweep.
-                job_dir = HydraConfig.get().runtime.output_dir
-                job = HydraConfig.get().job.num
-                print(f"align: error: job {job}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-                _FAILED_JOBS.append(job_dir)
-                return
-            _remove_if_untouched(HydraConfig.get().runtime.output_dir)
+            _remove_if_untouched(hydra_cfg.runtime.output_dir)
             fail(err)
         except KeyboardInterrupt:
             if debug:
                 raise
-            run_dir = HydraConfig.get().runtime.output_dir
+            run_dir = hydra_cfg.runtime.output_dir
             if _remove_if_untouched(run_dir):
                 fail("interrupted before training started (nothing to save)", 128 + signal.SIGINT)
             fail(f"interrupted (nothing saved since the last checkpoint in {run_dir})", 128 + signal.SIGINT)
+        return None
 
-    _FAILED_JOBS.clear()
     _main()
-    if _FAILED_JOBS:
-        fail(f"{len(_FAILED_JOBS)} job(s) of the sweep failed: {', '.join(_FAILED_JOBS)}")
+    sweep_dir = _sweep_dir_of(sys.argv)
+    if sweep_dir and os.path.isdir(sweep_dir):
+        from .sweep import report
+
+        # Again in this process: with a launcher whose jobs run elsewhere (submitit), the last
+        # job's own report may predate another's end.
+        result = report(sweep_dir)
+        failed = [j for j in result["jobs"] if j["status"] != "finished"]
+        print(f"align: sweep results: {os.path.join(sweep_dir, 'results.md')}", file=sys.stderr, flush=True)
+        if failed:
+            fail(f"{len(failed)} job(s) of the sweep failed: {', '.join(j['run_dir'] for j in failed)}")
+
+
+def _sweep_job(cfg: DictConfig, hydra_cfg, debug: bool) -> float | None:
+    """One job of a multirun: trains, records `job.json`, refreshes the sweep's results table.
+
+    Returns the job's `sweep.metric` (what a Hydra sweeper such as Optuna optimises), or None
+    for a failed job or an undefined value, which Optuna records as a failed trial, not a score.
+    One failed job does not stop the sweep; an interrupt (the user asked to stop) does.
+    """
+    from .sweep import default_metric, job_record, metric_value, report, write_job
+
+    job_dir, num = hydra_cfg.runtime.output_dir, hydra_cfg.job.num
+    overrides = list(hydra_cfg.overrides.task)
+    started = time.time()
+    sweep_cfg = cfg.get("sweep") or {}
+    metric, direction = default_metric(sweep_cfg.get("metric"), sweep_cfg.get("direction", "auto"))
+
+    def record(status: str, error: str = "") -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_job(job_dir, job_record(job_dir, num, overrides, status, started, error))
+            report(hydra_cfg.sweep.dir, metric, direction)
+
+    ranks_from_submitit()
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as err:
+        record("interrupted", str(err))
+        if debug:
+            raise
+        fail(err)  # a sweep stops too: the user asked to stop
+    except AlignError as err:
+        record("failed", str(err))
+        if debug:
+            raise
+        print(f"align: error: job {num}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        return None
+    except KeyboardInterrupt:
+        record("interrupted", "interrupted")
+        if debug:
+            raise
+        fail(f"interrupted (nothing saved since the last checkpoint in {job_dir})", 128 + signal.SIGINT)
+    except Exception as err:  # a bug: recorded, then Hydra reports it with its traceback
+        record("failed", f"{type(err).__name__}: {one_line(str(err))}")
+        raise
+    record("finished")
+    if (
+        int(os.environ.get("RANK", "0")) == 0
+        and metric not in result.metrics
+        and not (metric == "eval_loss" and "loss_last_step" in result.metrics)
+    ):
+        # A name no job will report: every trial would fail; stop the sweep now, saying so.
+        fail(
+            f"sweep.metric={metric} is not in this run's summary.json; it has: "
+            f"{', '.join(sorted(result.metrics))}"
+        )
+    return metric_value(result.metrics, metric)
+
+
+def ranks_from_submitit() -> None:
+    """Under submitit (hydra/launcher=submitit_slurm|submitit_local) with several tasks, each task
+    is one DDP rank: export RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous as torchrun would,
+    so accelerate and align read them the same way. A torchrun launch inside a task is left alone.
+    """
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Every rank keeps seeing all GPUs: accelerate picks cuda:LOCAL_RANK itself.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _sweep_dir_of(argv: list[str]) -> str | None:
+    """The multirun folder named on the command line (`prepare` always adds it), else None."""
+    if not {"-m", "--multirun"} & set(argv):
+        return None
+    for arg in argv:
+        if arg.startswith("hydra.sweep.dir="):
+            return arg.split("=", 1)[1].strip("'\"")
+    return None
 
 
 def _remove_if_untouched(run_dir: str) -> bool:
@@ -693,6 +824,7 @@ def main(argv: list[str]) -> None:
     if {"--help", "-h"} & set(argv) and not any(a.startswith("method=") for a in argv):
         # Help composes the config, and `method` has no default: show it for the demo's method.
         argv = [*argv, "method=dpo"]
+    argv = ["quiet=true" if a in ("-q", "--quiet") else a for a in argv]
     argv = schema.normalize_overrides(list(argv))
     try:
         argv = prepare(argv)

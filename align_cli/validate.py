@@ -143,11 +143,14 @@ def split_report(
         report.rows_read, report.rows_valid = loaded.rows_read, len(loaded.rows)
         report.columns = loaded.columns
         report.input_format = loaded.input_format.name if loaded.input_format else None
+        if len(set(loaded.formats)) > 1:  # several files, each in its own layout
+            report.input_format = " + ".join(loaded.formats)
         if loaded.rows:
             lengths = measure(loaded.rows, standard, tokenizer)
             report.lengths = {"prompt": percentiles(lengths.prompt)}
             report.lengths.update({name: percentiles(v) for name, v in lengths.answers.items()})
             report.notes = _notes(loaded.rows, standard, lengths, max_length)
+            report.notes += [f"warning: {w}" for w in loaded.warnings]  # e.g. what data.too_long did
             if held is not None:
                 report.notes.append(_held_out_note(loaded.rows, held, eval_ratio))
         elif not problems:

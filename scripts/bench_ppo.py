@@ -26,8 +26,7 @@ never clips). An extra row runs ours with TRL's two `gc.collect()` calls per ste
 show how much of the difference they account for.
 
 TRL 1.12 lives in a virtual environment made on first use (`.bench/trl112-venv`, git-ignored)
-with `--system-site-packages` and `pip install --no-deps "trl==1.12.*"`: it shares this
-environment's torch, transformers, peft, accelerate and datasets (TRL 1.12 asks for
+with `pip install --no-deps "trl==1.12.*"`; a `.pth` file shares this environment's torch, transformers, peft, accelerate and datasets (TRL 1.12 asks for
 transformers>=4.56.2, accelerate>=1.4, datasets>=4.7, which they satisfy), and `--no-deps`
 guarantees pip installs nothing else, in particular no CUDA build of torch.
 """
@@ -285,7 +284,12 @@ def ensure_trl_venv() -> Path:
         return python
     shutil.rmtree(VENV, ignore_errors=True)
     print(f"bench: creating {VENV} with {TRL_SPEC} (no dependencies pulled)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+    # Not --system-site-packages (from inside a venv that is the base interpreter's, without torch):
+    # a .pth file shares this environment's packages, and TRL 1.12 installed into it comes first.
+    from align_cli.testing import share_site_packages
+
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    share_site_packages(VENV)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", TRL_SPEC], check=True)
     if subprocess.run(check, capture_output=True).returncode != 0:
         raise SystemExit(f"bench: {TRL_SPEC} did not install into {VENV}")

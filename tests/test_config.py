@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from align_cli.config import CONF_DIR, normalize_overrides
 from align_cli.errors import AlignError
 from align_cli.methods import REGISTRY, load_method
-from align_cli.testing import compose
+from align_cli.testing import compose, share_site_packages
 
 GROUPS = ["method", "model", "data", "peft", "quant", "reward"]
 
@@ -106,7 +106,10 @@ def test_non_editable_install_finds_conf_and_samples(tmp_path):
 
     root = Path(__file__).parents[1]
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # Not --system-site-packages: from inside a venv that sees the *base* interpreter's packages
+    # (no torch there). The new venv sees this one's packages through a .pth file instead.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    share_site_packages(venv)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip, str(root)], check=True, capture_output=True)
     out = subprocess.run(

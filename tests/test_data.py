@@ -456,8 +456,9 @@ def test_column_mapping_names_are_checked_on_both_sides(tmp_path):
     with pytest.raises(
         AlignError,
         match=r"data\.columns\.promt=question: 'promt' is not a column of preference data \(did you mean: "
-        r"prompt\?\); data\.columns\.<ours> takes one of chosen, history, input, instruction, margin, "
-        r"prompt, rejected, system$",
+        r"prompt\?\); data\.columns\.<ours> takes one of chosen, conversations, history, "
+        r"human_ref_A, human_ref_B, input, instruction, labels, margin, non_preferred_output, preferred_output, "
+        r"prompt, rejected, system, tools$",
     ):
         load(str(path), "preference", columns={"promt": "question"})
     with pytest.raises(

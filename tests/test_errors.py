@@ -277,7 +277,8 @@ CASES = [
     (
         ["data", "validate", "method=dpo", "data.path={tmp}/question.csv", "data.columns.promt=question"],
         "data.columns.promt=question: 'promt' is not a column of preference data (did you mean: prompt?); "
-        "data.columns.<ours> takes one of chosen, history, input, instruction, margin, prompt, rejected, system",
+        "data.columns.<ours> takes one of chosen, conversations, history, human_ref_A, human_ref_B, input, "
+        "instruction, labels, margin, non_preferred_output, preferred_output, prompt, rejected, system, tools",
         1,
     ),
     (

@@ -160,6 +160,8 @@ def test_rule_rewards_full_finetune(tmp_path, monkeypatch):
     # GRPO optimises 1.0 * correct + 0.5 * brevity + 0.2 * politeness (conf/reward/mix.yaml).
     assert result.trainer.reward_weights.tolist() == pytest.approx([1.0, 0.5, 0.2])
     assert (tmp_path / "run" / "model.safetensors").exists()
+    card = (tmp_path / "run" / "README.md").read_text()  # ours, with the rewards it was trained on
+    assert "Group Relative Policy Optimization" in card and "| `reward.correct.weight` | 1 |" in card
 
 
 def test_user_function_with_lora_rank_and_plain_prompts(tmp_path, monkeypatch, user_modules):

@@ -52,6 +52,8 @@ def test_full_finetune_moves_weights_and_reloads(method, tmp_path, monkeypatch):
     assert summary["method"] == method and summary["metrics"]["global_step"] == 3
     svg = (tmp_path / "training_curves.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") >= 1 and ">loss</text>" in svg
+    card = (tmp_path / "README.md").read_text()  # ours, not TRL's "fine-tuned version of [None]"
+    assert "<!-- written by align -->" in card and f"`method={method}`" in card and "[None]" not in card
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "kto"])

@@ -15,9 +15,11 @@ Evaluation never reads a file that training reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,10 +34,12 @@ from .formats import (
     detect,
     keeps_extra,
     known_columns,
+    unread_columns,
 )
 from .lengths import measure, too_long
 from .problems import Problems
 from .readers import Rows, read_any
+from .sources import from_registry, is_registry, registry_rows, sources, take
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -58,10 +62,13 @@ class Loaded:
     columns: list[str] = field(default_factory=list)
     rows_read: int = 0
     files: list[str] = field(default_factory=list)  # what was read (see readers.Rows.files)
+    warnings: list[str] = field(default_factory=list)  # columns and keys nothing read, said once each
+    formats: list[str] = field(default_factory=list)  # each source's input format, when several were read
 
 
-def data_path(data_cfg: DataConfig, sample: str | None) -> str:
-    """The configured path, or the method's sample file when `data.path` is null."""
+def data_path(data_cfg: DataConfig, sample: str | None):
+    """The configured path (a string or a list, see sources.py), or the method's sample file when
+    `data.path` is null."""
     if data_cfg.path:
         return data_cfg.path
     if not sample:
@@ -155,6 +162,10 @@ def convert(
         raise AlignError(f"{raw.source}: the dataset is empty")
     columns = set().union(*(r.keys() for r in raw.rows))
     fmt = detect(standard, columns, requested, raw.source, raw.renamed)
+    warnings = unread_columns(fmt, columns, raw.source)
+    # Per file: OpenAI's per-message `weight` anywhere makes every conversation of the file
+    # train turn by turn (one layout for the whole dataset, as TRL needs).
+    opts = dataclasses.replace(opts, weighted=standard == "sft" and _has_weights(raw.rows), ignored=Counter())
     found = problems if problems is not None else Problems()
     rows, origins = [], []
     for row, origin in zip(raw.rows, raw.origins, strict=True):
@@ -173,12 +184,13 @@ def convert(
             # a problem of this row, not a crash.
             found.add(f"{origin}: cannot read this row as {fmt.name} ({type(err).__name__}: {err})")
         else:
-            problem = row_check(converted) if row_check is not None else None
-            if problem:
-                found.add(f"{origin}: {problem}")
-            else:
-                rows.append(converted)
-                origins.append(origin)
+            for one in converted if isinstance(converted, list) else [converted]:
+                problem = row_check(one) if row_check is not None else None
+                if problem:
+                    found.add(f"{origin}: {problem}")
+                else:
+                    rows.append(one)
+                    origins.append(origin)
     mixed = mixed_type_rows(rows, origins)
     if mixed:
         for i in sorted(mixed):
@@ -187,7 +199,30 @@ def convert(
         origins = [o for i, o in enumerate(origins) if i not in mixed]
     if problems is None:
         found.raise_if_any(raw.source)
-    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files)
+    if len(set(origins)) < len(origins):
+        warnings.append(
+            f"{raw.source}: {len(set(origins))} rows became {len(rows)} training rows ("
+            + ("one per assistant turn with weight 1" if opts.weighted else "one per response and score")
+            + ")"
+        )
+    warnings += [
+        f"{raw.source}: message key '{name}' is not read ({count} message{'s' if count > 1 else ''})"
+        for name, count in sorted(opts.ignored.items())
+    ]
+    for warning in warnings:
+        log.warning("%s", warning)
+    return Loaded(rows, origins, fmt, raw.source, sorted(columns), len(raw.rows), raw.files, warnings)
+
+
+def _has_weights(rows: list[dict]) -> bool:
+    """Whether some message of some row has OpenAI's per-message `weight`."""
+    return any(
+        isinstance(m, dict) and "weight" in m
+        for row in rows
+        for value in (row.get("messages"), row.get("conversations"))
+        if isinstance(value, list)
+        for m in value
+    )
 
 
 def _kind(value: object) -> str | None:
@@ -262,7 +297,8 @@ def read_and_convert(
     row_check: RowCheck | None = None,
 ) -> Loaded:
     """Reads and converts the training split, or the evaluation split; every bad row is
-    collected before stopping.
+    collected before stopping. Several sources (`data.path=[a.jsonl,b.json]`) are read and
+    converted one by one (each may have its own layout) and joined in order.
 
     Args:
         evaluation: read `data.eval_path` / `data.eval_split` instead of `data.path` / `data.split`.
@@ -278,23 +314,78 @@ def read_and_convert(
     else:
         path, path_key = data_path(data_cfg, sample), "data.path"
         split = data_cfg.eval_split if evaluation else data_cfg.split
-    raw = read_any(
-        path,
-        data_cfg.subset,
-        split,
-        found,
-        key="data.eval_split" if evaluation else "data.split",
-        split_names=(data_cfg.split, data_cfg.eval_split),
-        path_key=path_key,
-    )
-    rename_columns(raw, mapping)
-    if data_cfg.max_samples:
-        raw.rows, raw.origins = raw.rows[: data_cfg.max_samples], raw.origins[: data_cfg.max_samples]
-    opts = ConvertOptions(conversational, data_cfg.system)
-    loaded = convert(raw, standard, data_cfg.format, opts, found, row_check)
+    parts = []
+    budget = data_cfg.max_samples
+    for source in sources(path, path_key):
+        if is_registry(source.path):
+            source = dataclasses.replace(
+                from_registry(source.path, data_cfg.dataset), rows=source.rows, share=source.share
+            )
+        raw = read_any(
+            source.path,
+            source.subset or data_cfg.subset,
+            source.split or split,
+            found,
+            key="data.eval_split" if evaluation else "data.split",
+            split_names=(data_cfg.split, data_cfg.eval_split),
+            path_key=path_key,
+        )
+        raw.rows, raw.origins = take(raw.rows, raw.origins, source)
+        if source.formatting:
+            raw.rows = registry_rows(raw.rows, source)
+        rename_columns(raw, mapping)
+        if budget is not None:
+            raw.rows, raw.origins = raw.rows[:budget], raw.origins[:budget]
+            budget -= len(raw.rows)
+        opts = ConvertOptions(conversational, data_cfg.system)
+        parts.append(convert(raw, standard, data_cfg.format, opts, found, row_check))
+        if budget is not None and budget <= 0:
+            break
+    loaded = parts[0] if len(parts) == 1 else _join(parts)
     if problems is None:
-        found.raise_if_any(raw.source)
+        found.raise_if_any(loaded.source)
     return loaded
+
+
+def _join(parts: list[Loaded]) -> Loaded:
+    """Several sources' rows as one dataset.
+
+    Raises:
+        AlignError: SFT sources that convert to different row layouts (conversations and
+            prompt/completion pairs): TRL trains one layout per dataset.
+    """
+    layouts: dict[str, str] = {}
+    for part in parts:
+        if part.rows:
+            layouts.setdefault(_layout(part.rows[0]), part.source)
+    if len(layouts) > 1:
+        (a, sa), (b, sb) = list(layouts.items())[:2]
+        raise AlignError(
+            f"{sa} gives {a} rows and {sb} gives {b} rows: TRL trains one row layout per dataset; "
+            "convert one file to the other's layout, or train them in separate runs"
+        )
+    first = next((p for p in parts if p.input_format is not None), parts[0])
+    return Loaded(
+        rows=[r for p in parts for r in p.rows],
+        origins=[o for p in parts for o in p.origins],
+        input_format=first.input_format,
+        source=" + ".join(p.source for p in parts),
+        columns=sorted({c for p in parts for c in p.columns}),
+        rows_read=sum(p.rows_read for p in parts),
+        files=[f for p in parts for f in p.files],
+        warnings=[w for p in parts for w in p.warnings],
+        formats=[p.input_format.name for p in parts if p.input_format],
+    )
+
+
+def _layout(row: dict) -> str:
+    if "messages" in row:
+        return "conversation (messages)"
+    if "text" in row:
+        return "plain text"
+    return ", ".join(
+        sorted(k for k in row if k in ("prompt", "completion", "chosen", "rejected", "completions"))
+    )
 
 
 def check_disjoint(train: Loaded, evaluation: Loaded, data_cfg: DataConfig) -> None:
@@ -326,7 +417,7 @@ def prompt_key(row: dict) -> str | None:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def held_out(rows: list[dict], ratio: float, seed: int) -> list[int]:
+def held_out(rows: list[dict], ratio: float, seed: int, origins: list[str] | None = None) -> list[int]:
     """The indices (in order) of the rows held out for evaluation, whole prompts at a time.
 
     Prompts are visited in an order shuffled with `seed`; each is held out when that brings
@@ -343,10 +434,29 @@ def held_out(rows: list[dict], ratio: float, seed: int) -> list[int]:
     target = int(round(len(rows) * ratio))
     if target == 0:
         return []
-    groups: dict[object, list[int]] = {}
+    # Rows go together when they share a prompt, or (with `origins`) come from one line of the
+    # file (a conversation trained turn by turn: a later turn's prompt holds the earlier ones).
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[object, int] = {}
     for i, row in enumerate(rows):
         key = prompt_key(row)
-        groups.setdefault(("row", i) if key is None else key, []).append(i)
+        for k in ([("prompt", key)] if key is not None else []) + (
+            [("origin", origins[i])] if origins else []
+        ):
+            if k in first:
+                parent[root(i)] = root(first[k])
+            else:
+                first[k] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(root(i), []).append(i)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     held: list[int] = []
@@ -385,26 +495,158 @@ def long_prompts_problem(loaded: Loaded, prompt_lengths: list[int], room: Prompt
     return (
         f"{len(long)} of {len(prompt_lengths)} prompts are longer than {room.limit} tokens ({room.why}); "
         f"first: {loaded.origins[first]} ({prompt_lengths[first]} tokens): "
-        "raise model.max_length or shorten these prompts"
+        "raise model.max_length, shorten these prompts, or set data.too_long=drop (leave those rows out) "
+        "or data.too_long=truncate (cut them to fit)"
     )
 
 
-def check_prompt_lengths(loaded: Loaded, standard: str, tokenizer, room: PromptRoom) -> None:
-    """Raises AlignError when prompts are longer than `room` allows (count and first row)."""
+def check_prompt_lengths(
+    loaded: Loaded, standard: str, tokenizer, room: PromptRoom, mode: str = "refuse"
+) -> str | None:
+    """Prompts longer than `room` allows: refused (count and first row), or, with `data.too_long`,
+    left out (`drop`) or cut to fit (`truncate`) in place.
+
+    Returns:
+        What was done, for the log (None when every prompt fits).
+
+    Raises:
+        AlignError: some prompt is too long and `mode` is refuse, or truncating cannot make it fit.
+    """
     lengths = measure(loaded.rows, standard, tokenizer, prompts_only=True)
     message = long_prompts_problem(loaded, lengths.prompt, room)
-    if message:
+    if not message:
+        return None
+    if mode == "refuse":
         raise AlignError(message)
+    long = too_long(lengths.prompt, room.limit)
+    if mode == "drop":
+        if len(long) == len(loaded.rows):
+            raise AlignError(f"data.too_long=drop would leave no row: {message}")
+        skip, first = set(long), loaded.origins[long[0]]
+        loaded.rows = [r for i, r in enumerate(loaded.rows) if i not in skip]
+        loaded.origins = [o for i, o in enumerate(loaded.origins) if i not in skip]
+        return (
+            f"data.too_long=drop: left out {len(long)} of {len(lengths.prompt)} rows whose prompt is longer "
+            f"than {room.limit} tokens (first: {first})"
+        )
+    for i in long:
+        loaded.rows[i] = truncate_row(loaded.rows[i], standard, tokenizer, room.limit, loaded.origins[i])
+    return (
+        f"data.too_long=truncate: cut {len(long)} of {len(lengths.prompt)} prompts to {room.limit} tokens "
+        "(earliest turns first, then the end of the last user turn)"
+    )
+
+
+def truncate_row(row: dict, standard: str, tokenizer, limit: int, origin: str) -> dict:
+    """The row with its prompt cut to `limit` tokens as rendered: the oldest turns of a
+    conversation go first (its system message stays), then the end of the last user turn
+    (or of a text prompt), which keeps an instruction's opening words.
+
+    Raises:
+        AlignError: the prompt cannot fit even when cut (e.g. a system prompt alone is longer).
+    """
+    from .lengths import measure as _measure
+
+    def fits(prompt) -> int:
+        probe = (
+            {**row, "messages": [*prompt, row["messages"][-1]]}
+            if "messages" in row
+            else {**row, "prompt": prompt}
+        )
+        return _measure([probe], standard, tokenizer, prompts_only=True).prompt[0]
+
+    prompt = row["messages"][:-1] if "messages" in row else row["prompt"]
+    if isinstance(prompt, list):
+        prompt = [dict(m) for m in prompt]
+        head = 1 if prompt and prompt[0]["role"] == "system" else 0
+        # Drop the oldest turns (user and the answer after it) while more than one user turn is left.
+        while fits(prompt) > limit and sum(m["role"] == "user" for m in prompt[head:]) > 1:
+            del prompt[head]
+            while len(prompt) > head + 1 and prompt[head]["role"] != "user":
+                del prompt[head]
+    for _ in range(8):  # each pass cuts the excess (token counts of a cut text shift a little)
+        excess = fits(prompt) - limit
+        if excess <= 0:
+            break
+        last = prompt[-1] if isinstance(prompt, list) else None
+        content = last["content"] if last is not None else prompt
+        ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+        if excess >= len(ids):
+            raise AlignError(f"{origin}: data.too_long=truncate cannot fit this prompt in {limit} tokens")
+        cut = tokenizer.decode(ids[: len(ids) - excess])
+        if last is not None:
+            last["content"] = cut
+        else:
+            prompt = cut
+    else:
+        raise AlignError(f"{origin}: data.too_long=truncate cannot fit this prompt in {limit} tokens")
+    if "messages" in row:
+        return {**row, "messages": [*prompt, row["messages"][-1]]}
+    return {**row, "prompt": prompt}
+
+
+def check_tool_rendering(loaded: Loaded, tokenizer, model_name: str = "") -> None:
+    """Refuses tool calls or tool schemas that the chat template does not render: the rows would
+    train on empty assistant turns or without the tools they call.
+
+    Raises:
+        AlignError: naming the first such row and the way on (a template that renders tools).
+    """
+    for row, origin in zip(loaded.rows, loaded.origins, strict=True):
+        msgs = row.get("messages") or [
+            *(row.get("prompt") if isinstance(row.get("prompt"), list) else []),
+            *(row.get("completion") or row.get("chosen") or []),
+        ]
+        calls = [c for m in msgs if isinstance(m, dict) for c in m.get("tool_calls") or []]
+        tools = json.loads(row["tools"]) if row.get("tools") else []
+        if not calls and not tools:
+            continue
+
+        # A template renders them when taking them away changes the text.
+        def render(messages, schemas):
+            try:
+                return tokenizer.apply_chat_template(messages, tools=schemas or None, tokenize=False)
+            except Exception as err:  # a template that cannot take these messages at all
+                return f"<error {type(err).__name__}: {err}>"
+
+        full = render(msgs, tools)
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in msgs]
+        missing = None
+        if full.startswith("<error"):
+            missing = ("tool calls", full)
+        elif calls and render(bare, tools) == full:
+            missing = ("tool calls", calls[0]["function"]["name"])
+        elif tools and render(msgs, None) == full:
+            missing = ("tool schemas ('tools')", tools[0]["function"]["name"])
+        if missing:
+            what, name = missing
+            raise AlignError(
+                f"{origin}: the chat template{f' of {model_name}' if model_name else ''} does not render {what} "
+                f"({name!r:.80} leaves the text unchanged), so these rows would train without them: set "
+                "model.chat_template=<file> to a template that renders tools, or use a model whose template does"
+            )
+        return  # one row shows whether the template renders them
 
 
 def _to_dataset(rows: list[dict]) -> Dataset:
-    from datasets import Dataset
+    from datasets import Dataset, Features, Json, List
 
     # Dataset.from_list takes its columns from the first row only: an optional column (e.g.
     # `margin`) that the first row lacks would vanish. Give every row every column (None if absent).
     columns = list(dict.fromkeys(key for row in rows for key in row))
     try:
-        return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+        full = [{key: row.get(key) for key in columns} for row in rows]
+        # Arrow gives every message the union of all messages' keys (`tool_calls: None` on a user
+        # turn) and every tool call's arguments the union of all arguments (`{"city": "Oslo",
+        # "unit": None}`): a chat template would render those. Messages with more than role and
+        # content are stored as JSON instead, so each comes back as it was written.
+        rich = [c for c in columns if any(_rich_messages(row.get(c)) for row in rows)]
+        if not rich:
+            return Dataset.from_list(full)
+        plain = Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in full]).features
+        features = Features({c: List(Json()) if c in rich else plain[c] for c in columns})
+        return Dataset.from_list(full, features=features)
+
     except Exception as err:
         import pyarrow
 
@@ -433,16 +675,29 @@ class Splits:
     evaluation: Loaded | None = None
     held: list[int] = field(default_factory=list)
 
-    def datasets(self) -> tuple[Dataset, Dataset | None]:
-        """The train and evaluation datasets (held-out rows leave the training split)."""
+    def loaded(self) -> tuple[Loaded, Loaded | None]:
+        """The train and evaluation rows with their origins (held-out rows leave the training split)."""
         assert self.train is not None
-        if self.evaluation is not None:
-            return _to_dataset(self.train.rows), _to_dataset(self.evaluation.rows)
-        if not self.held:
-            return _to_dataset(self.train.rows), None
+        train = self.train
+        if self.evaluation is not None or not self.held:
+            return train, self.evaluation
         held = set(self.held)
-        train_rows = [r for i, r in enumerate(self.train.rows) if i not in held]
-        return _to_dataset(train_rows), _to_dataset([self.train.rows[i] for i in self.held])
+        evaluation = dataclasses.replace(
+            train,
+            rows=[train.rows[i] for i in sorted(held)],
+            origins=[train.origins[i] for i in sorted(held)],
+        )
+        train = dataclasses.replace(
+            train,
+            rows=[r for i, r in enumerate(train.rows) if i not in held],
+            origins=[o for i, o in enumerate(train.origins) if i not in held],
+        )
+        return train, evaluation
+
+    def datasets(self) -> tuple[Dataset, Dataset | None]:
+        """The train and evaluation datasets."""
+        train, evaluation = self.loaded()
+        return _to_dataset(train.rows), _to_dataset(evaluation.rows) if evaluation is not None else None
 
 
 def read_splits(
@@ -480,8 +735,8 @@ def read_splits(
             return None
 
     def fits(loaded: Loaded | None, found: Problems | None) -> None:
-        if loaded is not None and loaded.rows and tokenizer is not None and room is not None:
-            attempt(found, check_prompt_lengths, loaded, standard, tokenizer, room)
+        if loaded is not None and loaded.rows:
+            attempt(found, _fit, loaded, standard, tokenizer, room, data_cfg)
 
     train = attempt(
         train_found,
@@ -511,8 +766,17 @@ def read_splits(
             attempt(eval_found, check_disjoint, train, splits.evaluation, data_cfg)
         fits(splits.evaluation, eval_found)
     elif train is not None and train.rows:
-        splits.held = attempt(train_found, held_out, train.rows, data_cfg.eval_ratio, seed) or []
+        splits.held = (
+            attempt(train_found, held_out, train.rows, data_cfg.eval_ratio, seed, train.origins) or []
+        )
     return splits
+
+
+def _rich_messages(value) -> bool:
+    """Whether a column value is a list of messages with keys beyond role and content."""
+    return isinstance(value, list) and any(
+        isinstance(m, dict) and set(m) - {"role", "content"} for m in value
+    )
 
 
 def load_datasets(
@@ -548,3 +812,30 @@ def load_datasets(
     return read_splits(
         data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check
     ).datasets()
+
+
+def _fit(loaded: Loaded, standard: str, tokenizer, room: PromptRoom | None, data_cfg: DataConfig) -> None:
+    if tokenizer is None:
+        return
+    if tokenizer.chat_template is not None:
+        check_tool_rendering(loaded, tokenizer)
+    if room is not None:
+        note = check_prompt_lengths(loaded, standard, tokenizer, room, data_cfg.too_long)
+        if note:
+            log.warning("%s", note)
+            loaded.warnings.append(note)
+
+
+def load_splits(
+    data_cfg: DataConfig,
+    standard: str,
+    conversational: bool,
+    seed: int = 42,
+    sample: str | None = None,
+    tokenizer=None,
+    room: PromptRoom | None = None,
+    row_check: RowCheck | None = None,
+) -> tuple[Loaded, Loaded | None]:
+    """The train and evaluation rows as `load_datasets` gives them to the trainer, with their
+    origins (`align data preview` prints them); the arguments are `load_datasets`'."""
+    return read_splits(data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check).loaded()

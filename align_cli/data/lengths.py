@@ -51,6 +51,8 @@ def _count(texts: list[str], tokenizer, chunk: int = 1024) -> list[int]:
 
 def split_row(row: dict, standard: str) -> tuple[Any, list[tuple[str, Any]]]:
     """(prompt, [(field, answer), ...]) of a converted row; `messages` rows split at the last turn."""
+    if "text" in row and "prompt" not in row:  # plain text (sft): no prompt, all of it is trained on
+        return "", [("text", row["text"])]
     if "messages" in row:  # sft conversations: everything before the last assistant turn is the prompt
         msgs = row["messages"]
         return msgs[:-1], [("completion", msgs[-1]["content"])]

@@ -38,3 +38,7 @@ class Problems:
         """Raises a DataError naming the first problem and the count, if there is any."""
         if self.total:
             raise self.error(source)
+
+
+class RowError(ValueError):
+    """A problem with one row; the caller adds the row's origin (file:line)."""

@@ -20,20 +20,48 @@ advantage says how it compares with its group; no value model (critic) is traine
 
 The policy then follows TRL's clipped objective, with a KL penalty to the starting model
 when `method.args.beta` > 0 (with `peft=lora` the reference is the model with adapters off).
+
+Beside TRL's metrics (`entropy`, `kl` when beta > 0, `clip_ratio/*`, completion lengths),
+every step logs the collapse watch's `distinct_1`/`distinct_2`, `identical_share`,
+`top_completion_share` and, with a reward model, `probe/<text>` and `probe_reward`
+(align_cli/diagnostics.py); `method.stop_on_collapse=true` stops at a collapse signature and
+keeps the last checkpoint from before it as the run's model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ..rewards import rewards_for
+from ..callbacks import collapse_settings, collapse_watch
+from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
+from ..rewards import message_text, rewards_for
 from ..rewards.advantage import rank_advantages
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
+# The collapse watch's metrics (align_cli/diagnostics.py), plotted in diagnostics.svg; TRL logs
+# `kl` only when method.args.beta > 0.
+DIAGNOSTIC_KEYS = [
+    "entropy",
+    "kl",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "distinct_2",
+    "identical_share",
+    "top_completion_share",
+    "probe_reward",
+]
 ADVANTAGES = ("zscore", "rank")
 # TRL options that only shape the z-score advantage; with `rank` they would be silently ignored.
 ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
+
+
+def check_settings(method: dict) -> None:
+    """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    collapse_settings(method)
 
 
 def config_class():
@@ -74,6 +102,35 @@ class RankAdvantageGRPOTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(advantages.tolist())
         return output
+
+
+class WatchedReward:
+    """The run's first reward function, which also hands the collapse watch's batch metrics
+    (align_cli/diagnostics.py) to TRL through the `log_metric` keyword TRL gives reward functions.
+
+    TRL averages them over each logging step and logs them beside its own `entropy`, `kl` and
+    `completions/mean_length`, so no TRL internals are touched. Everything else (the name, the
+    scores, `to(device)`) is the wrapped function's.
+    """
+
+    def __init__(self, func, probe: Probe | None = None):
+        self.func = func
+        self.probe = probe
+        self.__name__ = getattr(func, "__name__", "reward")
+
+    def __getattr__(self, name):
+        return getattr(self.func, name)
+
+    def __call__(self, prompts, completions, **kwargs):
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            values = batch_metrics(prompts, [message_text(c) for c in completions])
+            if self.probe is not None:
+                values.update(self.probe.metrics())
+            for key, value in values.items():
+                if math.isfinite(value):  # TRL sums what it is given: a NaN would spoil the step
+                    log_metric(key, value)
+        return self.func(prompts=prompts, completions=completions, **kwargs)
 
 
 def check(ctx, rows: list[dict] | None) -> list[str]:
@@ -121,15 +178,19 @@ def build(ctx):
     advantage = ctx.method.get("advantage", "zscore")
     funcs, weights = rewards_for("grpo", ctx.reward, ctx.train_dataset.column_names)
     trainer_cls = RankAdvantageGRPOTrainer if advantage == "rank" else GRPOTrainer
+    policy = ctx.load_model()
+    probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
+    keys = GRPO_KEYS if probe is None else dataclasses.replace(GRPO_KEYS, reward=probe.reward_key)
+    watch = collapse_watch(ctx.method, policy.config.vocab_size, keys)
     trainer = trainer_cls(
-        model=ctx.load_model(),
-        reward_funcs=funcs,
+        model=policy,
+        reward_funcs=[WatchedReward(funcs[0], probe), *funcs[1:]],
         args=ctx.trl_config(config_class(), reward_weights=weights),
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
         processing_class=ctx.tokenizer,
         peft_config=ctx.lora(),
-        callbacks=ctx.callbacks,
+        callbacks=[*ctx.callbacks, watch],
     )
     # Reward models are our callables, not modules TRL would place: put them beside the policy.
     for func in funcs:

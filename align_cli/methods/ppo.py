@@ -25,15 +25,24 @@ the starting policy (with `peft=lora`: the model with its adapter off).
 `method.args` fills `align_cli.ppo.config.PPOConfig` (TrainingArguments plus PPO's knobs:
 batching, sampling, KL, clipping, GAE). Besides the model, the run folder holds
 `samples.jsonl`: the prompt, completion and score of every eval prompt at each evaluation.
+
+Every step also logs the collapse watch's metrics (align_cli/diagnostics.py): `kl_per_token`,
+`value_explained_variance`, `distinct_1`/`distinct_2`, `identical_share`,
+`top_completion_share`, and with a reward model `probe/<text>` and `probe_reward`; a
+collapse signature is a warning and goes into summary.json, and `method.stop_on_collapse=true`
+stops the run there, keeping the last checkpoint from before it as the run's model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
+from ..callbacks import collapse_settings, collapse_watch
 from ..data import PromptRoom
+from ..diagnostics import PPO_KEYS, Probe
 from ..errors import AlignError
 from ..modeling import quiet_transformers
 from ..ppo.config import PPOConfig
@@ -52,7 +61,23 @@ SUMMARY_KEYS = [
     "response_length",
     "eval_score",
 ]
+# The collapse watch's metrics (align_cli/diagnostics.py), plotted in diagnostics.svg.
+DIAGNOSTIC_KEYS = [
+    "entropy",
+    "kl_per_token",
+    "policy_clipfrac",
+    "value_explained_variance",
+    "response_length",
+    "distinct_2",
+    "identical_share",
+    "probe_reward",
+]
 CRITIC_INITS = ("auto", "reward", "policy")
+
+
+def check_settings(method: dict) -> None:
+    """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    collapse_settings(method)
 
 
 def config_class():
@@ -167,8 +192,12 @@ def build(ctx):
                 torch.nn.init.zeros_(head.bias)
     else:
         critic = ctx.load_model(kind="seq_cls", path=str(source.path))
+    policy = ctx.load_model()
+    probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
+    keys = PPO_KEYS if probe is None else dataclasses.replace(PPO_KEYS, reward=probe.reward_key)
+    watch = collapse_watch(ctx.method, policy.config.vocab_size, keys)
     return PPOTrainer(
-        policy=ctx.load_model(),
+        policy=policy,
         critic=critic,
         args=args,
         processing_class=ctx.tokenizer,
@@ -178,5 +207,6 @@ def build(ctx):
         reward_weights=weights,
         peft_config=ctx.lora("CAUSAL_LM"),
         critic_peft_config=ctx.lora("SEQ_CLS"),
-        callbacks=ctx.callbacks,
+        callbacks=[*ctx.callbacks, watch],
+        probe=probe,
     )

@@ -254,6 +254,8 @@ class PPOTrainer(Trainer):
         peft_config / critic_peft_config: LoRA configs for the policy / the critic (QLoRA when
             the models were loaded in 4 bit).
         callbacks: extra `TrainerCallback`s.
+        probe: degenerate texts scored by the reward model (`align_cli.diagnostics.Probe`),
+            logged every step as `probe/<name>` and `probe_reward`; None: not logged.
     """
 
     def __init__(
@@ -270,6 +272,7 @@ class PPOTrainer(Trainer):
         peft_config: Any = None,
         critic_peft_config: Any = None,
         callbacks: list | None = None,
+        probe: Any = None,
     ):
         if not reward_funcs:
             raise ValueError("PPO needs at least one reward function or reward model")
@@ -359,6 +362,7 @@ class PPOTrainer(Trainer):
         # What reward functions hand to TRL's `log_metric` / `log_extra` (as under GRPO).
         self._user_metrics: dict[str, list[float]] = defaultdict(list)
         self._user_extra: dict[str, list[Any]] = defaultdict(list)
+        self.probe = probe
 
     # --- placement, data --------------------------------------------------------------------
 
@@ -585,7 +589,7 @@ class PPOTrainer(Trainer):
         args = self.args
         sequences, attention_mask, mask = self._sample([self._train_prompt_ids[r] for r in rows])
         width = mask.shape[1]
-        scores, per_func, _ = self._score(rows, self.train_dataset, sequences, attention_mask, mask)
+        scores, per_func, texts = self._score(rows, self.train_dataset, sequences, attention_mask, mask)
         scores, has_eos = self._penalize_missing_eos(scores, sequences, width)
         forward = self._logprobs_values(sequences, attention_mask, width)
         logprobs, ref_logprobs, values = (
@@ -627,7 +631,25 @@ class PPOTrainer(Trainer):
         }
         for i, name in enumerate(self.reward_names):
             metrics[f"rewards/{name}/mean"] = per_func[:, i].nanmean()
+        metrics.update(self._diagnostics(rows, texts, kl, values, returns, mask))
         return experience, metrics
+
+    def _diagnostics(self, rows, texts, kl, values, returns, mask) -> dict[str, torch.Tensor]:
+        """The collapse watch's metrics of one rollout (align_cli/diagnostics.py), as tensors so
+        that they are averaged over processes like the others."""
+        from ..diagnostics import batch_metrics, explained_variance
+
+        device = mask.device
+        out = {
+            "kl_per_token": kl.sum() / mask.sum().clamp(min=1),
+            "value_explained_variance": explained_variance(values, returns, mask),
+        }
+        prompts = self.train_dataset[rows]["prompt"]
+        for key, value in batch_metrics(prompts, texts).items():
+            out[key] = torch.tensor(value, device=device)
+        if self.probe is not None:
+            out.update({k: torch.tensor(v, device=device) for k, v in self.probe.metrics().items()})
+        return out
 
     # --- update -----------------------------------------------------------------------------
 
@@ -764,6 +786,8 @@ class PPOTrainer(Trainer):
         start_time, first_step = time.time(), self.state.global_step
         self._log_buffer.clear()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start and self.state.global_step == 0:
+            self.evaluate()  # as transformers' Trainer does: the starting policy's numbers
         while self.state.global_step < max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             experience, metrics = self.make_experience(self._batch_rows(self.state.global_step))

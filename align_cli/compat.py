@@ -1,0 +1,104 @@
+"""Where align touches a library's internals, with the version each workaround was written against.
+
+Nothing here imports torch or bitsandbytes at module level, so `align --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# bitsandbytes 0.49-0.50, CPU with AVX512-BF16: importing the CPU backend tries to load an optional
+# inference kernel from the `kernels` package and logs a warning when it is missing. align never
+# uses that kernel (see `keep_4bit_trainable`), so the warning is noise on every command, even
+# quant=none (peft imports bitsandbytes when it is installed).
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def quiet_library_noise() -> None:
+    """Silences what libraries print on import that says nothing to an align user.
+
+    - bitsandbytes' warning about its optional CPU inference kernel (see BNB_CPU_OPS_LOGGER);
+    - alembic 1.14 (optuna's schema tool, with the sweep extra) logs one "setup plugin" line per
+      plugin at INFO, which Hydra's logging shows at the start of every Optuna sweep.
+    """
+    logging.getLogger(BNB_CPU_OPS_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def keep_4bit_trainable(model) -> int:
+    """Stops bitsandbytes' 4-bit layers from switching to the CPU inference kernel; returns how many.
+
+    bitsandbytes 0.49-0.50 (checked against 0.50.2): on a CPU with AVX512-BF16,
+    `Linear4bit.forward` in eval mode without grad repacks its weight in place
+    (`packing_format_for_cpu`) and nothing undoes it when training resumes. From then on
+    `matmul_4bit` takes the inference kernel, which has no backward: layers with a bias crash
+    ("a view of a leaf Variable that requires grad is being used in an in-place operation"), and
+    layers without one pass no gradient to their input, silently. Every evaluation pass and every
+    PPO/GRPO rollout runs in eval mode, so training must never see the packed layout. The flag
+    `support_avx512bf16_for_cpu` is what gates the repacking; a layer already packed is unpacked.
+    CUDA never takes that path; the flag is harmless there.
+
+    Args:
+        model: any torch module (a transformers model, a peft model).
+    """
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        count += 1
+    return count
+
+
+def check_4bit_training(device: str, quant_type: str, compute_dtype) -> str | None:
+    """Runs what a QLoRA run does to one 4-bit layer: an eval forward, then a training backward.
+
+    The layer has a bias, a LoRA pair beside it, and a trainable layer before it that gets its
+    gradient only through the 4-bit layer, so both failure modes of a 4-bit kernel show: a crash,
+    or a gradient that does not reach the weights before it (or is not finite).
+
+    Returns:
+        None when gradients reach every trainable tensor and are finite, else what went wrong.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layer = bnb.nn.Linear4bit(64, 64, bias=True, quant_type=quant_type, compute_dtype=compute_dtype)
+        layer = layer.to(device)
+        layer.bias.requires_grad_(False)  # frozen, as peft leaves a base layer
+        keep_4bit_trainable(layer)
+        before = torch.nn.Parameter(torch.randn(64, 64, device=device) * 0.1)
+        lora_a = torch.nn.Parameter(torch.randn(64, 4, device=device) * 0.1)
+        lora_b = torch.nn.Parameter(torch.randn(4, 64, device=device) * 0.1)
+        x = torch.randn(3, 64, device=device)
+
+    def forward():
+        hidden = x @ before
+        # `before` gets its gradient through the 4-bit layer alone; the LoRA pair reads x.
+        return layer(hidden.to(compute_dtype)).float() + x @ lora_a @ lora_b
+
+    try:
+        layer.eval()
+        with torch.no_grad():
+            forward()
+        layer.train()
+        forward().pow(2).mean().backward()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"a training step after an evaluation pass failed ({first})"
+    for name, param in (("the layer before it", before), ("LoRA A", lora_a), ("LoRA B", lora_b)):
+        if param.grad is None:
+            return f"no gradient reached {name} after an evaluation pass"
+        if not torch.isfinite(param.grad).all():
+            return f"the gradient of {name} is not finite after an evaluation pass"
+    if before.grad.abs().sum() == 0:
+        return "the gradient through the 4-bit layer is zero after an evaluation pass"
+    return None
