@@ -203,8 +203,8 @@ def test_a_checkpoint_of_another_kind_or_run_is_refused(tmp_path, capsys):
     from align_cli.cli import main as align
 
     lora = checkpointed_run(tmp_path, steps=1, extra=["peft=lora", "peft.r=4"])
-    # As `align train` leaves it (train() called directly writes no .hydra/).
-    (lora / ".hydra").mkdir()
+    # As `align train` leaves it: the settings it was composed with.
+    (lora / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(compose([*SFT, "peft=lora", "peft.r=4"]), lora / ".hydra" / "config.yaml")
     with pytest.raises(
         AlignError, match=r"holds a LoRA adapter, but this run trains the full model \(peft=none\)"
