@@ -88,6 +88,32 @@ class PeftSettings:
     target_modules: Any = "all-linear"  # "all-linear" or a list of module names
     modules_to_save: list[str] | None = None
 
+    def __post_init__(self):
+        # peft checks none of these until the adapter is built (r=0 is a ZeroDivisionError).
+        problems = []
+        if self.r < 1:
+            problems.append(f"peft.r={self.r} must be at least 1 (the rank of the LoRA update, e.g. 8 or 16)")
+        if self.alpha <= 0:
+            problems.append(f"peft.alpha={self.alpha} must be positive (LoRA scales its update by alpha / r)")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"peft.dropout={self.dropout} must be in [0, 1)")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            ok = bool(targets.strip())
+        else:
+            ok = (
+                isinstance(targets, (list, tuple))
+                and bool(targets)
+                and all(isinstance(t, str) and t for t in targets)
+            )
+        if not ok:
+            problems.append(
+                f"peft.target_modules={targets!r} must be all-linear or a list of module names "
+                "(e.g. [q_proj,v_proj])"
+            )
+        if problems:
+            raise AlignError("; ".join(problems))
+
 
 @dataclass
 class QuantConfig:
@@ -182,7 +208,7 @@ def register() -> None:
 # Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn
 # their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
 # method yaml does not list. `++` adds or overrides, so the user never needs to know which.
-OPEN_PREFIXES = ("method.args.", "data.columns.")
+OPEN_PREFIXES = ("method.args.", "data.columns.", "reward.timeout")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -195,7 +221,11 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     """
     out = [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]
     methods = [o.split("=", 1)[1] for o in out if o.startswith("method=")]
-    if len(methods) == 1 and not any(o.lstrip("+~").startswith("reward") for o in out):
+    # `reward.timeout` is a setting of the rewards, not a choice of one.
+    chosen = any(
+        o.lstrip("+~").startswith("reward") and not o.lstrip("+~").startswith("reward.timeout") for o in out
+    )
+    if len(methods) == 1 and not chosen:
         default = _method_default_reward(methods[0])
         if default:  # placed first: Hydra's parser takes no override after `--cfg job`
             out.insert(0, f"reward={default}")

@@ -95,6 +95,36 @@ class GracefulStop(TrainerCallback):
         return control
 
 
+class StickyInterrupt:
+    """Makes Ctrl-C (SIGINT) before training stop the run even when library code swallows it.
+
+    `datasets` hashes transforms inside a bare `except:` (fingerprinting), so a
+    KeyboardInterrupt raised there is lost and preparation goes on. Inside this context a
+    SIGINT still raises KeyboardInterrupt at once, and is remembered: leaving the block raises
+    it again if it did not get out by itself.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.received and exc_type is None:
+            raise KeyboardInterrupt  # it was swallowed somewhere inside
+        return False
+
+
 class NonFiniteLoss(Exception):
     """Raised from inside the training loop when the loss, gradients or outputs are NaN or infinite.
 
@@ -218,21 +248,107 @@ def params_finite(model) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def last_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """The highest `checkpoint-<step>` folder that was saved completely, or None.
+# What a checkpoint folder holds for its weights: a full model, a LoRA adapter (either sharded).
+_WEIGHTS = {
+    "full": (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+    "lora": ("adapter_model.safetensors", "adapter_model.bin"),
+}
+PPO_STATE_NAME = "ppo_state.json"  # written by our PPO trainer (the KL controller)
+PPO_CRITIC_DIR = "critic"
 
-    transformers writes `trainer_state.json` last, so a checkpoint cut short (power loss,
-    SIGKILL) lacks it and is skipped.
+
+def checkpoint_kind(folder: str | os.PathLike) -> str | None:
+    """ "full" or "lora": what kind of weights a checkpoint holds (None: none at all)."""
+    for kind, names in _WEIGHTS.items():
+        if any((Path(folder) / n).is_file() for n in names):
+            return kind
+    if any(Path(folder).glob("pytorch_model_fsdp*")):  # FSDP's sharded full model
+        return "full"
+    return None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is complete.
+
+    Complete means everything resuming reads: `trainer_state.json` that parses, the weights
+    (readable safetensors headers), `optimizer.pt` and `scheduler.pt` (else training would
+    go on with a fresh optimizer state, silently), and for PPO `ppo_state.json` and the critic.
     """
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (saving was cut short)"
+    try:
+        with open(state, encoding="utf-8") as f:
+            int(json.load(f)["global_step"])
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is damaged (not valid JSON with a global_step)"
+    if checkpoint_kind(folder) is None:
+        return "no model or adapter weights"
+    from .errors import AlignError
+    from .modeling import check_weight_files
+
+    try:
+        check_weight_files(str(folder))
+    except AlignError as err:
+        return str(err)
+    # DeepSpeed and FSDP keep the optimizer in their own layouts (global_step*/, optimizer_0/).
+    engine_state = any(folder.glob("global_step*")) or any(folder.glob("optimizer_*"))
+    if not engine_state:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if not (folder / name).is_file():
+                return f"no {name} (resuming would restart the optimizer from scratch)"
+    critic = folder / PPO_CRITIC_DIR
+    if critic.is_dir() or (folder / PPO_STATE_NAME).exists():  # a PPO checkpoint
+        if checkpoint_kind(critic) is None:
+            return f"no critic weights in {PPO_CRITIC_DIR}/"
+        try:
+            with open(folder / PPO_STATE_NAME, encoding="utf-8") as f:
+                json.load(f)["kl_controller"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"no readable {PPO_STATE_NAME} (the KL controller's state)"
+    return None
+
+
+def scan_checkpoints(run_dir: str | os.PathLike) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete `checkpoint-<step>` folder of a run (or None), and the newer ones
+    skipped as incomplete, each with why (newest first)."""
     run = Path(run_dir)
     if not run.is_dir():
-        return None
-    steps = []
-    for child in run.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and (child / "trainer_state.json").is_file():
-            steps.append((int(match.group(1)), child))
-    return str(max(steps)[1]) if steps else None
+        return None, []
+    found = sorted(
+        ((int(m.group(1)), child) for child in run.iterdir() if (m := CHECKPOINT_RE.match(child.name))),
+        reverse=True,
+    )
+    skipped = []
+    for _, child in found:
+        problem = checkpoint_problem(child)
+        if problem is None:
+            return str(child), skipped
+        skipped.append((str(child), problem))
+    return None, skipped
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The highest `checkpoint-<step>` folder that was saved completely (see `checkpoint_problem`), or None."""
+    return scan_checkpoints(run_dir)[0]
+
+
+def _say_skipped(skipped: list[tuple[str, str]], chosen: str | None) -> None:
+    import sys
+
+    for folder, problem in skipped:
+        then = f"resuming from {os.path.basename(chosen)}" if chosen else "no complete checkpoint is left"
+        print(
+            f"align: warning: {folder} is incomplete ({problem}); {then}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def checkpoint_step(checkpoint: str) -> int:
@@ -241,7 +357,11 @@ def checkpoint_step(checkpoint: str) -> int:
 
 
 def find_checkpoint(resume, output_dir: str) -> str | None:
-    """What `resume=` continues from: None (start fresh), or a checkpoint folder.
+    """What `resume=` continues from: None (start fresh), or a complete checkpoint folder.
+
+    A run folder's newer checkpoints that are incomplete (a truncated trainer_state.json,
+    missing weights or optimizer state) are skipped, with a warning naming each and the one
+    used; a checkpoint named directly must be complete.
 
     Args:
         resume: false/None, true (the last checkpoint of `output_dir`), or a path: a
@@ -254,7 +374,8 @@ def find_checkpoint(resume, output_dir: str) -> str | None:
     if resume is None or resume is False or str(resume).strip().lower() in ("", "false", "no", "0", "none"):
         return None
     if resume is True or str(resume).strip().lower() in ("true", "yes", "1", "last"):
-        found = last_checkpoint(output_dir)
+        found, skipped = scan_checkpoints(output_dir)
+        _say_skipped(skipped, found)
         if found is None:
             raise AlignError(
                 f"resume=true: {output_dir} holds no complete checkpoint-<step> folder; name the run to "
@@ -263,16 +384,80 @@ def find_checkpoint(resume, output_dir: str) -> str | None:
             )
         return found
     path = os.path.expanduser(str(resume))
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    found = last_checkpoint(path)
-    if found is not None:  # a run folder: its last checkpoint
+    if CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path))) or os.path.isfile(
+        os.path.join(path, "trainer_state.json")
+    ):
+        if not os.path.exists(path):
+            raise AlignError(f"resume={resume}: no such folder")
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        newest = last_checkpoint(os.path.dirname(os.path.abspath(path)))
+        hint = f"; resume from {newest} instead" if newest else ""
+        raise AlignError(f"resume={resume}: this checkpoint is incomplete ({problem}){hint}")
+    found, skipped = scan_checkpoints(path)
+    if found is not None:  # a run folder: its last complete checkpoint
+        _say_skipped(skipped, found)
         return found
     if not os.path.exists(path):
         raise AlignError(f"resume={resume}: no such folder")
+    if skipped:
+        raise AlignError(f"resume={resume}: no complete checkpoint ({skipped[0][0]}: {skipped[0][1]})")
     raise AlignError(
         f"resume={resume}: not a checkpoint (no trainer_state.json) and holds no checkpoint-<step> folder"
     )
+
+
+def write_json_atomic(path: str | os.PathLike, data, **kwargs) -> None:
+    """Writes JSON to a temporary file beside `path` and renames it over `path`: a reader (a
+    resumed run) sees the old file or the new one, never half of one."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, **kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def install_atomic_trainer_state() -> None:
+    """Makes transformers write `trainer_state.json` atomically (temp file + rename).
+
+    transformers writes it in place, last in a checkpoint; a kill mid-write leaves a truncated
+    file in an otherwise complete checkpoint. Its method is replaced once per process
+    (transformers 5.x: `TrainerState.save_to_json(json_path)` writing `json.dumps(asdict(self),
+    indent=2, sort_keys=True) + "\n"`, kept byte for byte).
+    """
+    import dataclasses
+
+    from transformers import TrainerState
+
+    if getattr(TrainerState.save_to_json, "_align_atomic", False):
+        return
+
+    def save_to_json(self, json_path: str) -> None:
+        import tempfile
+
+        text = json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(json_path)), prefix=".trainer_state.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, json_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    save_to_json._align_atomic = True
+    TrainerState.save_to_json = save_to_json
 
 
 def trim_metrics(path: str, step: int) -> None:

@@ -52,7 +52,7 @@ def compose_checked(
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3", job_name="align"):
-            return compose(
+            cfg = compose(
                 config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config
             )
     except Exception as err:
@@ -61,6 +61,49 @@ def compose_checked(
         raise AlignError(message) from err
     finally:
         GlobalHydra.instance().clear()
+    check_interpolations(cfg)
+    return cfg
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Resolves every `${...}` of the config (Hydra's own node aside) once, up front.
+
+    OmegaConf resolves lazily: `${nosuch.key}` or `${oc.env:UNSET}` would otherwise fail
+    wherever the value is first read, as a traceback.
+
+    Raises:
+        AlignError: naming the key, its unresolved value and why it does not resolve.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            node = cfg._get_node(key)
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+            else:
+                cfg[key]  # noqa: B018 - reading a scalar resolves it
+        except OmegaConfBaseException as err:
+            full_key = getattr(err, "full_key", None) or str(key)
+            reason = one_line(getattr(err, "msg", "") or str(err))
+            raw = _raw(cfg, full_key)
+            raise AlignError(
+                f"{full_key}={raw} cannot be resolved: {reason} (set the key it names, the environment "
+                "variable, or give a value without ${...})"
+            ) from None
+
+
+def _raw(cfg: DictConfig, full_key: str) -> str:
+    """The value of `full_key` as written (its `${...}` text), or "?" when it cannot be read."""
+    node = cfg
+    try:
+        for part in full_key.split("."):
+            node = node._get_node(part)
+        return str(node._value())
+    except Exception:
+        return "?"
 
 
 def _shown(override: str) -> str:
@@ -257,6 +300,22 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return out
 
 
+def _resolved(cfg: DictConfig, ignore: set[str]) -> dict:
+    """The config as plain values, interpolations resolved (a message shows `pointwise`, not
+    `${oc.select:...}`); a key that does not resolve (a saved config's lost environment
+    variable) keeps its text."""
+    out = {}
+    for key in cfg:
+        if key in ignore:
+            continue
+        node = cfg._get_node(key)
+        try:
+            out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
+        except Exception:
+            out[key] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else str(node._value())
+    return out
+
+
 _FIXED_ON_RESUME = ("method.", "model.name_or_path", "model.revision", "peft.", "quant.", "data.")
 
 
@@ -267,8 +326,8 @@ def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
     if not run_dir or not os.path.exists(saved):
         return
     ignore = {"resume", "output_dir", "debug", "plot", "hydra"}
-    old = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k not in ignore}
-    new = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ignore}
+    schema.register()  # the saved config may use our resolvers (`${samples:...}`)
+    old, new = _resolved(OmegaConf.load(saved), ignore), _resolved(cfg, ignore)
     changed = _differences(old, new)
     # What would make the checkpoint mean something else: another method, model, adapter
     # setup or data. Trainer settings (method.args) may change, with a warning.
@@ -396,6 +455,109 @@ def prepare(argv: list[str]) -> list[str]:
         )
     else:
         extra.append(f"hydra.run.dir={_quote(shared_unique_dir(str(cfg.hydra.run.dir)))}")
+    named = bool(output_dir or "hydra.run.dir" in keys)
+    if named:
+        check_writable(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     if resuming:
-        _warn_changed_config(run_dir if output_dir or "hydra.run.dir" in keys else "", cfg)
+        _warn_changed_config(run_dir if named else "", cfg)
+        other = _run_of_checkpoint(cfg.get("resume"))
+        if other and (not named or os.path.abspath(other) != os.path.abspath(run_dir)):
+            _warn_changed_config(other, cfg)  # another run's checkpoint: it must be the same kind of run
+    if named:
+        # Before Hydra writes .hydra/ into it: a second run must not rewrite the first's record.
+        lock_run_folder(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     return [*rest, *overrides, *extra]
+
+
+def _run_of_checkpoint(resume) -> str | None:
+    """The run folder a `resume=<path>` belongs to (the path, or the folder above a
+    checkpoint-<step>), when it holds a saved config; None for true/false."""
+    if resume in (None, True, False) or str(resume).strip().lower() in (
+        "true",
+        "false",
+        "yes",
+        "no",
+        "1",
+        "0",
+    ):
+        return None
+    path = os.path.abspath(os.path.expanduser(str(resume)))
+    for folder in (path, os.path.dirname(path)):
+        if os.path.exists(os.path.join(folder, ".hydra", "config.yaml")):
+            return folder
+    return None
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Refuses a run folder that cannot be written (a read-only mount, no permission), before
+    Hydra writes its config there (which would be a traceback) and before any training.
+
+    Probes the folder, or the nearest folder above it that exists, with a temporary file.
+
+    Raises:
+        AlignError: naming the key, the folder and the system's reason.
+    """
+    import tempfile
+
+    probe = os.path.abspath(folder)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".align-write-test-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise AlignError(
+            f"{key}={folder} cannot be written ({err.strerror or err}"
+            f"{'' if probe == os.path.abspath(folder) else f' in {probe}'}): choose a folder you can write to"
+        ) from None
+
+
+LOCK_NAME = ".align.lock"
+_HELD: dict[str, int] = {}  # run folder -> the open lock file this process holds
+
+
+def lock_run_folder(folder: str, key: str = "output_dir") -> None:
+    """Takes the run folder for this process, so a second run into it is refused while this one runs.
+
+    An exclusive `flock` on `<folder>/.align.lock`, which holds this run's pid, host and start
+    time for the message. The kernel drops the lock when the process ends, however it ends, so
+    a crashed run's lock file never blocks a later run. Ranks of a `torchrun` launch share the
+    folder: only global rank 0 takes it. Taking a folder this process holds already is a no-op.
+
+    Raises:
+        AlignError: another live process holds the folder, naming it.
+    """
+    import fcntl
+    import socket
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    folder = os.path.abspath(folder)
+    if folder in _HELD:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise AlignError(
+            f"{key}={folder} is in use by another align run ({holder}): wait for it to finish, or choose "
+            "another folder (two runs in one folder would mix their checkpoints, metrics and model)"
+        ) from None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}\n".encode(), 0)
+    _HELD[folder] = fd
+
+
+def unlock_run_folder(folder: str) -> None:
+    """Releases a folder taken by `lock_run_folder` (a sweep's job, when it ends)."""
+    fd = _HELD.pop(os.path.abspath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the file drops the flock

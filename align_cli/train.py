@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config as schema
 from .errors import AlignError, TrainingInterrupted, nearest, one_line
-from .preflight import prepare
+from .preflight import _HELD, LOCK_NAME, lock_run_folder, prepare, unlock_run_folder
 
 log = logging.getLogger("align")
 
@@ -115,12 +115,14 @@ def print_summary(
     print("\n".join(lines), flush=True)
 
 
-def check_run_folder(output_dir: str, resume) -> str | None:
+def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftSettings | None = None) -> str | None:
     """Refuses to write over a finished run, or over an unfinished one without `resume`.
 
     Args:
         output_dir: this run's folder.
         resume: the `resume` setting (false, true or a path).
+        peft_cfg: this run's adapter settings: a checkpoint must hold what it trains (a LoRA
+            adapter with `peft=lora`, the full model without).
 
     Returns:
         The checkpoint to resume from, or None.
@@ -129,7 +131,7 @@ def check_run_folder(output_dir: str, resume) -> str | None:
         AlignError: `output_dir` holds a finished run (summary.json), checkpoints of an
             unfinished run while `resume` is off, or `resume` names nothing to resume from.
     """
-    from .guard import find_checkpoint, last_checkpoint
+    from .guard import find_checkpoint, scan_checkpoints
 
     if os.path.exists(os.path.join(output_dir, "summary.json")):
         raise AlignError(
@@ -137,13 +139,76 @@ def check_run_folder(output_dir: str, resume) -> str | None:
             f"start from it with model.name_or_path={output_dir})"
         )
     resume_from = find_checkpoint(resume, output_dir)
-    found = last_checkpoint(output_dir)
+    complete, incomplete = scan_checkpoints(output_dir)
+    found = complete or (incomplete[0][0] if incomplete else None)  # either says a run began here
     if found and resume_from is None:
         raise AlignError(
             f"{output_dir} holds checkpoints of an unfinished run (last: {os.path.basename(found)}): "
             "continue it with resume=true, or choose another output_dir"
         )
+    if resume_from is not None and peft_cfg is not None:
+        from .guard import checkpoint_kind
+
+        kind, wanted = checkpoint_kind(resume_from), "lora" if peft_cfg.method != "none" else "full"
+        if kind != wanted:
+            held = "a LoRA adapter" if kind == "lora" else "full model weights"
+            raise AlignError(
+                f"resume: {resume_from} holds {held}, but this run trains "
+                f"{'a LoRA adapter (peft=lora)' if wanted == 'lora' else 'the full model (peft=none)'}: resume a "
+                "checkpoint of this run with its own settings, or start from it with model.name_or_path=<folder>"
+            )
     return resume_from
+
+
+# Room for logs, the tokenizer, an adapter and its optimizer state, whatever the model.
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def check_free_space(output_dir: str, model_path: str, full: bool) -> None:
+    """Refuses to start on a disk that cannot hold one checkpoint of this run.
+
+    A full fine-tune's checkpoint holds at least the weights (plus optimizer state), so their
+    size on disk is the least it needs; a LoRA checkpoint is small.
+
+    Raises:
+        AlignError: naming the folder, the free space and the space needed.
+    """
+    import shutil
+
+    probe = os.path.abspath(output_dir)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    weights = 0
+    if full and os.path.isdir(model_path):
+        weights = sum(
+            os.path.getsize(os.path.join(model_path, f))
+            for f in os.listdir(model_path)
+            if f.endswith((".safetensors", ".bin"))
+        )
+    need = MIN_FREE_BYTES + weights
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise AlignError(
+            f"{output_dir}: only {free / 2**20:.0f} MiB free on its disk, and one checkpoint of this run needs "
+            f"at least {need / 2**20:.0f} MiB: free some space, or choose output_dir on another disk"
+        )
+
+
+def _disk_error(err: OSError, output_dir: str) -> AlignError | None:
+    """A full disk or an unwritable file while training or saving, as one line (None: another error)."""
+    import errno
+
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    from .guard import last_checkpoint
+
+    where = err.filename or output_dir
+    previous = last_checkpoint(output_dir)
+    kept = f"the last complete checkpoint is {previous}" if previous else "no checkpoint was completed"
+    return AlignError(
+        f"cannot write {where}: {err.strerror or err}; {kept} (free some space or fix the permissions, "
+        f"then continue with: {_resume_command(output_dir)})"
+    )
 
 
 def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings) -> None:
@@ -260,7 +325,7 @@ def check_method_args(module, ctx) -> None:
     # Quietly: the trainer builds this config again and shows its deprecation warnings then.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctx.trl_config(module.config_class())
+        ctx.config = ctx.trl_config(module.config_class())
 
 
 def checked_config(cfg: DictConfig):
@@ -297,10 +362,24 @@ def checked_config(cfg: DictConfig):
     check_method_args(module, ctx)
     if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
         module.check_settings(method)
+    from . import modeling
+
+    # From the model's config and file headers only: no weights are read.
+    modeling.check_target_modules(ctx.model_cfg, ctx.peft_cfg)
+    modeling.check_weight_files(modeling.resolve_model_path(ctx.model_cfg))
     return module, ctx, data_cfg
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
+    """Runs one training job described by a composed config (see `_train`), holding its run
+    folder (`preflight.lock_run_folder`) until it ends."""
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        unlock_run_folder(resolve_output_dir(cfg))
+
+
+def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """Runs one training job described by a composed config.
 
     Args:
@@ -315,10 +394,18 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from . import modeling
     from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
-    from .data import data_path, load_datasets
-    from .guard import GracefulStop, LossGuard, NonFiniteLoss, checkpoint_step, trim_metrics
-    from .methods import prompt_room
-    from .rewards import row_check
+    from .data import data_path, read_splits
+    from .guard import (
+        GracefulStop,
+        LossGuard,
+        NonFiniteLoss,
+        StickyInterrupt,
+        checkpoint_step,
+        install_atomic_trainer_state,
+        trim_metrics,
+    )
+    from .methods import method_problems, prompt_room
+    from .rewards import RewardFailed, row_check
 
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
@@ -330,57 +417,85 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     prepare_terminal(bool(cfg.get("quiet")), bool(cfg.get("verbose")))
     # Filled in as the run goes: the tokenizer and data come after the cheap checks.
     ctx.output_dir = output_dir = resolve_output_dir(cfg)
-    resume_from = check_run_folder(output_dir, cfg.get("resume"))
+    lock_run_folder(output_dir)  # held already when preflight named the folder; a sweep's job here
+    resume_from = check_run_folder(output_dir, cfg.get("resume"), ctx.peft_cfg)
     preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
+    check_free_space(output_dir, modeling.resolve_model_path(model_cfg), ctx.peft_cfg.method == "none")
 
-    # The tokenizer is cheap and decides whether prompts become chat messages; the data is
-    # read and checked completely before any model weights are loaded.
-    tokenizer = modeling.load_tokenizer(model_cfg)
-    train_ds, eval_ds = load_datasets(
-        data_cfg,
-        method["format"],
-        conversational=tokenizer.chat_template is not None,
-        seed=int(cfg.seed),
-        sample=method.get("sample"),
-        tokenizer=tokenizer,
-        room=prompt_room(module, args, model_cfg),
-        row_check=row_check(reward),  # values a reward cannot use, named by file:line
-    )
-    log.info("data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0)
+    # Until training starts, Ctrl-C stops the run even where a library swallows it (datasets).
+    with StickyInterrupt():
+        # The tokenizer is cheap and decides whether prompts become chat messages; the data is
+        # read and checked completely before any model weights are loaded.
+        tokenizer = modeling.load_tokenizer(model_cfg)
+        splits = read_splits(
+            data_cfg,
+            method["format"],
+            conversational=tokenizer.chat_template is not None,
+            seed=int(cfg.seed),
+            sample=method.get("sample"),
+            tokenizer=tokenizer,
+            room=prompt_room(module, args, model_cfg),
+            row_check=row_check(reward),  # values a reward cannot use, named by file:line
+        )
+        # The method's own checks (settings, rewards, the columns they read): as validate runs them.
+        problems = method_problems(module, ctx, splits.train.rows)
+        if problems:
+            more = (
+                f" (and {len(problems) - 1} more: `align data validate` lists them)"
+                if len(problems) > 1
+                else ""
+            )
+            raise AlignError(problems[0] + more)
+        train_ds, eval_ds = splits.datasets()
+        log.info(
+            "data: %d train rows, %d eval rows", len(train_ds), len(eval_ds) if eval_ds is not None else 0
+        )
 
-    from transformers import set_seed
+        from transformers import set_seed
 
-    set_seed(int(cfg.seed))
-    os.makedirs(output_dir, exist_ok=True)
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer per run folder (torchrun ranks share it)
-        if resume_from is not None:
-            trim_metrics(metrics_path, checkpoint_step(resume_from))
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)  # left by a run that died before its first checkpoint
-    stop, loss_guard = GracefulStop(), LossGuard()
-    ctx.tokenizer, ctx.train_dataset, ctx.eval_dataset = tokenizer, train_ds, eval_ds
-    ctx.callbacks = [MetricsFileCallback(metrics_path), stop, loss_guard, *(callbacks or [])]
-    trainer = module.build(ctx)
-    handler = getattr(trainer, "callback_handler", None)
-    for callback in ctx.callbacks if handler is not None else []:
-        if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
-            trainer.add_callback(callback)
-    loss_guard.attach(trainer)
-    from .terminal import install as show_progress  # one bar and compact eval lines (quiet/verbose)
+        set_seed(int(cfg.seed))
+        os.makedirs(output_dir, exist_ok=True)
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer per run folder (torchrun ranks share it)
+            if resume_from is not None:
+                trim_metrics(metrics_path, checkpoint_step(resume_from))
+            elif os.path.exists(metrics_path):
+                os.remove(metrics_path)  # left by a run that died before its first checkpoint
+        stop, loss_guard = GracefulStop(), LossGuard()
+        ctx.tokenizer, ctx.train_dataset, ctx.eval_dataset = tokenizer, train_ds, eval_ds
+        ctx.callbacks = [MetricsFileCallback(metrics_path), stop, loss_guard, *(callbacks or [])]
+        trainer = module.build(ctx)
+        handler = getattr(trainer, "callback_handler", None)
+        for callback in ctx.callbacks if handler is not None else []:
+            if callback not in handler.callbacks:  # a builder that did not pass ctx.callbacks on
+                trainer.add_callback(callback)
+        loss_guard.attach(trainer)
+        from .terminal import install as show_progress  # one bar and compact eval lines (quiet/verbose)
 
-    show_progress(
-        trainer, getattr(module, "SUMMARY_KEYS", []), bool(cfg.get("quiet")), bool(cfg.get("verbose"))
-    )
+        show_progress(
+            trainer, getattr(module, "SUMMARY_KEYS", []), bool(cfg.get("quiet")), bool(cfg.get("verbose"))
+        )
 
+    install_atomic_trainer_state()
     stop.install()
     try:
         try:
-            # No keyword when starting fresh: a custom trainer's train() may not take it.
-            trainer.train(resume_from_checkpoint=resume_from) if resume_from else trainer.train()
+            if resume_from and finished_checkpoint(resume_from, trainer):
+                # The run stopped after its last step (killed while saving or evaluating):
+                # trainers would take one step more; finish from the checkpoint instead.
+                restore_checkpoint(trainer, resume_from)
+            elif resume_from:
+                trainer.train(resume_from_checkpoint=resume_from)
+            else:  # no keyword when starting fresh: a custom trainer's train() may not take it
+                trainer.train()
         except NonFiniteLoss as err:
             _close_progress_bars(trainer)
             raise AlignError(_diverged(trainer, err.step, err.what, args, output_dir)) from None
+        except RewardFailed as err:
+            # Raised while scoring, before the step's update: the weights are the last step's.
+            _close_progress_bars(trainer)
+            stopped = f" (a {signal.Signals(stop.signum).name} came during the call)" if stop.signum else ""
+            raise AlignError(f"{err}{stopped}{_save_state(trainer, output_dir)}") from None
         if loss_guard.bad is not None:
             step, key, value = loss_guard.bad
             raise AlignError(_diverged(trainer, step, f"{key} became {value}", args, output_dir, saved=False))
@@ -430,10 +545,34 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 "(final evaluation skipped)",
                 stop.signum,
             )
+    except OSError as err:  # a full disk or an unwritable file, while training or saving
+        mapped = _disk_error(err, output_dir)
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         stop.uninstall()
         _close_progress_bars(trainer)
     return RunResult(output_dir=output_dir, metrics=metrics, trainer=trainer)
+
+
+def finished_checkpoint(checkpoint: str, trainer) -> bool:
+    """Whether `checkpoint` is at the run's last step: `method.args.max_steps` when set, else the
+    step count the run planned when it started (trainer_state.json's max_steps)."""
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    wanted = getattr(trainer.args, "max_steps", -1)
+    last = wanted if wanted and wanted > 0 else int(state.get("max_steps") or 0)
+    return last > 0 and int(state["global_step"]) >= last
+
+
+def restore_checkpoint(trainer, checkpoint: str) -> None:
+    """Loads a checkpoint's weights and training state without training (see `finished_checkpoint`)."""
+    from transformers import TrainerState
+
+    log.info("%s is the run's last step: nothing left to train, finishing the run from it", checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
 def evaluated_at_end(trainer) -> dict[str, float]:
@@ -487,6 +626,20 @@ def _interrupted(stop, output_dir: str) -> str:
     )
 
 
+def _save_state(trainer, output_dir: str) -> str:
+    """Saves the state after the last completed step (the one the failed step started from) as a
+    checkpoint when its weights are finite; says where, or names the last checkpoint there is."""
+    from .guard import last_checkpoint, params_finite
+
+    good = trainer.state.global_step
+    if good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
+        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
+        trainer._save_checkpoint(trainer.model, trial=None)
+        return f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
+    previous = last_checkpoint(output_dir)
+    return f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"
+
+
 def _diverged(trainer, step: int, what: str, args: dict, output_dir: str, saved: bool = True) -> str:
     """Saves the state the failed step started from (if its weights are finite); says what happened.
 
@@ -499,13 +652,10 @@ def _diverged(trainer, step: int, what: str, args: dict, output_dir: str, saved:
         saved: False when the bad step was already applied (seen in the logs, after the fact):
             only an earlier checkpoint is named then.
     """
-    from .guard import last_checkpoint, params_finite
+    from .guard import last_checkpoint
 
-    good = trainer.state.global_step
-    if saved and good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
-        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
-        trainer._save_checkpoint(trainer.model, trial=None)
-        where = f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
+    if saved:
+        where = _save_state(trainer, output_dir)
     else:
         previous = last_checkpoint(output_dir)
         where = f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"
@@ -652,7 +802,7 @@ def _remove_if_untouched(run_dir: str) -> bool:
     """Deletes a run folder that holds only what Hydra put there (a run that stopped before it
     began); True if it did."""
     try:
-        if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "train.log"}:
+        if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "train.log", LOCK_NAME}:
             import shutil
 
             shutil.rmtree(run_dir)
@@ -683,4 +833,8 @@ def main(argv: list[str]) -> None:
             raise
         fail(err)
     sys.argv = ["align train", *argv]
-    _hydra_entry()
+    try:
+        _hydra_entry()
+    finally:
+        for folder in list(_HELD):  # taken by prepare for a run that never reached train()
+            unlock_run_folder(folder)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -48,10 +47,11 @@ class Report:
     model: str
     max_length: int
     splits: list[SplitReport] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # the method's settings and what they need
 
     @property
     def ok(self) -> bool:
-        return all(s.problem_count == 0 for s in self.splits)
+        return not self.settings and all(s.problem_count == 0 for s in self.splits)
 
     def render(self) -> str:
         lines = [
@@ -75,6 +75,9 @@ class Report:
                 lines += [f"    {p}" for p in s.problems]
                 if s.problem_count > len(s.problems):
                     lines.append(f"    ... and {s.problem_count - len(s.problems)} more")
+        if self.settings:
+            lines.append(f"settings: problems ({len(self.settings)}):")
+            lines += [f"    {p}" for p in self.settings]
         return "\n".join(lines)
 
 
@@ -111,66 +114,30 @@ def _notes(rows: list[dict], standard: str, lengths, max_length: int) -> list[st
     return notes
 
 
-def check_split(
-    data_cfg,
+def split_report(
+    loaded,
+    problems,
     method: dict,
     tokenizer,
     max_length: int,
-    room=None,
+    source: str,
     evaluation: bool = False,
-    train=None,
-    seed: int = 42,
-    row_check=None,
-) -> tuple[SplitReport, Any]:
-    """Reads, converts and measures one split, collecting every problem instead of stopping.
+    held: list[int] | None = None,
+    eval_ratio: float = 0.0,
+) -> SplitReport:
+    """What `read_splits` found in one split, measured for the report (no check is made here:
+    every check lives in `read_splits` and the method's `check`, which `align train` runs too).
 
     Args:
-        room: the most tokens a prompt may have (`PromptRoom`; None: no limit).
-        evaluation: check the evaluation split (`data.eval_path` / `data.eval_split`).
-        train: the training split's rows as loaded, to check that evaluation reads none of its files.
-        seed: the run's seed, which picks the prompts held out by `data.eval_ratio`.
-        row_check: the extra per-row check `align train` runs too (the rewards' one).
-
-    Returns:
-        The report, and the rows as loaded (None when nothing was readable).
+        loaded: the split as read (`Loaded`), or None when nothing was readable.
+        problems: the split's `Problems`.
+        source: what the split reads, for the report when nothing was readable.
+        held: the training rows `data.eval_ratio` holds out (None: evaluation reads its own rows).
     """
-    from .data import (
-        check_disjoint,
-        data_path,
-        has_eval_source,
-        held_out,
-        long_prompts_problem,
-        read_and_convert,
-    )
     from .data.lengths import measure, percentiles
-    from .data.problems import Problems
 
     standard = method["format"]
-    report = SplitReport(split="eval" if evaluation else "train")
-    problems = Problems()
-    try:
-        report.source = str(
-            data_cfg.eval_path
-            if evaluation and data_cfg.eval_path
-            else data_path(data_cfg, method.get("sample"))
-        )
-        loaded = read_and_convert(
-            data_cfg,
-            standard,
-            conversational=tokenizer.chat_template is not None,
-            sample=method.get("sample"),
-            evaluation=evaluation,
-            problems=problems,
-            row_check=row_check,
-        )
-    except AlignError as err:  # nothing readable: the file, its type, its columns or its split
-        problems.add(str(err))
-        loaded = None
-    if loaded is not None and train is not None:
-        try:
-            check_disjoint(train, loaded, data_cfg)
-        except AlignError as err:
-            problems.add(str(err))
+    report = SplitReport(split="eval" if evaluation else "train", source=source)
     if loaded is not None:
         report.source = loaded.source
         report.rows_read, report.rows_valid = loaded.rows_read, len(loaded.rows)
@@ -182,27 +149,15 @@ def check_split(
             lengths = measure(loaded.rows, standard, tokenizer)
             report.lengths = {"prompt": percentiles(lengths.prompt)}
             report.lengths.update({name: percentiles(v) for name, v in lengths.answers.items()})
-            message = long_prompts_problem(loaded, lengths.prompt, room) if room else None
             report.notes = _notes(loaded.rows, standard, lengths, max_length)
-            if message and data_cfg.too_long != "refuse":  # train drops or cuts them, and says so
-                report.notes.append(
-                    f"data.too_long={data_cfg.too_long} applies: {message.split(': raise')[0]}"
-                )
-            elif message:
-                problems.add(message)
-            report.notes += [f"warning: {w}" for w in loaded.warnings]
-            if not evaluation and not has_eval_source(data_cfg):
-                try:
-                    held = held_out(loaded.rows, data_cfg.eval_ratio, seed, loaded.origins)
-                except AlignError as err:
-                    problems.add(str(err))
-                else:
-                    report.notes.append(_held_out_note(loaded.rows, held, data_cfg.eval_ratio))
+            report.notes += [f"warning: {w}" for w in loaded.warnings]  # e.g. what data.too_long did
+            if held is not None:
+                report.notes.append(_held_out_note(loaded.rows, held, eval_ratio))
         elif not problems:
             problems.add(f"{loaded.source}: the dataset is empty")
     # Reading and converting find problems in two passes: list them in file order.
     report.problems, report.problem_count = sorted(problems.items, key=_position), problems.total
-    return report, loaded
+    return report
 
 
 def _held_out_note(rows: list[dict], held: list[int], ratio: float) -> str:
@@ -225,42 +180,66 @@ def _position(problem: str) -> tuple[str, int]:
 
 
 def validate(cfg: DictConfig) -> Report:
-    """Checks the configured dataset for the configured method.
+    """Checks the configured dataset for the configured method: every check `align train` makes
+    before loading weights (the same functions), collecting each problem instead of stopping.
 
     Raises:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
-    from .data import has_eval_source
-    from .methods import prompt_room
+    from .data import data_path, has_eval_source, read_splits
+    from .data.problems import Problems
+    from .methods import method_problems, prompt_room
     from .rewards import row_check
     from .train import checked_config
 
     # The same checks as `align train`: what validate calls ready, train accepts.
     module, ctx, data_cfg = checked_config(cfg)
     method, model_cfg = ctx.method, ctx.model_cfg
-    room = prompt_room(module, ctx.args, model_cfg)
-    check = row_check(ctx.reward)
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
-    seed = ctx.seed
-    train_report, train = check_split(
-        data_cfg, method, tokenizer, model_cfg.max_length, room, seed=seed, row_check=check
+    found = (Problems(), Problems())
+    splits = read_splits(
+        data_cfg,
+        method["format"],
+        conversational=tokenizer.chat_template is not None,
+        seed=ctx.seed,
+        sample=method.get("sample"),
+        tokenizer=tokenizer,
+        room=prompt_room(module, ctx.args, model_cfg),
+        row_check=row_check(ctx.reward),
+        problems=found,
     )
-    report.splits.append(train_report)
-    if has_eval_source(data_cfg):
-        eval_report, _ = check_split(
-            data_cfg,
+    report.settings = method_problems(module, ctx, splits.train.rows if splits.train is not None else None)
+    try:
+        source = data_path(data_cfg, method.get("sample"))
+    except AlignError:
+        source = "(no data.path)"
+    held = None if has_eval_source(data_cfg) else splits.held
+    report.splits.append(
+        split_report(
+            splits.train,
+            found[0],
             method,
             tokenizer,
             model_cfg.max_length,
-            room,
-            evaluation=True,
-            train=train,
-            seed=seed,
-            row_check=check,
+            source,
+            held=held,
+            eval_ratio=data_cfg.eval_ratio,
         )
-        report.splits.append(eval_report)
+    )
+    if has_eval_source(data_cfg):
+        report.splits.append(
+            split_report(
+                splits.evaluation,
+                found[1],
+                method,
+                tokenizer,
+                model_cfg.max_length,
+                data_cfg.eval_path or source,
+                evaluation=True,
+            )
+        )
     return report
 
 
@@ -278,10 +257,11 @@ def main(argv: list[str]) -> None:
             raise
         fail(err)
     print(report.render(), flush=True)
-    count = sum(s.problem_count for s in report.splits)
+    count = sum(s.problem_count for s in report.splits) + len(report.settings)
     if count:
-        sources = ", ".join(dict.fromkeys(s.source for s in report.splits if s.problem_count))
-        fail(f"{count} problem{'s' if count > 1 else ''} in {sources} (listed above)")
+        sources = list(dict.fromkeys(s.source for s in report.splits if s.problem_count))
+        sources += ["the settings"] if report.settings else []
+        fail(f"{count} problem{'s' if count > 1 else ''} in {' and '.join(sources)} (listed above)")
     rows = sum(s.rows_valid for s in report.splits)
     formats = ", ".join(dict.fromkeys(s.input_format for s in report.splits if s.input_format))
     print(f"align: ok: {rows} rows of {report.standard} data ({formats}), ready for method={report.method}")

@@ -45,6 +45,10 @@ FILES: dict[str, str | bytes] = {
     + '\n{"prompt": "p", "chosen": "", "rejected": "b"}\n',
     "badquote.csv": 'prompt,chosen,rejected\np1,a,b\np2,"a,b\np3,a,b\np4,a,b\n',
     "question.csv": "question,good,bad\nq1,yes,no\n",
+    # A maths file: one answer written as a number, the others as text (issue 10, section 4).
+    "mixed.jsonl": '{"prompt": "1+1", "answer": 56}\n{"prompt": "2+2", "answer": "four"}\n'
+    '{"prompt": "3+3", "answer": "6"}\n{"prompt": "4+4", "answer": "8"}\n',
+    "noanswer.jsonl": '{"prompt": "q1"}\n{"prompt": "q2"}\n{"prompt": "q3"}\n',
     "wrapped.json": json.dumps(
         {
             "data": [
@@ -326,6 +330,78 @@ CASES = [
     (
         ["data", "validate", "method=rm", "method.mode=foo"],
         "method=rm has no valid data format: method.mode=foo is not pairwise, pointwise or listwise",
+        1,
+    ),
+    # Values checked before anything loads (issue 10, section 5).
+    (["train", "method=dpo", "peft=lora", "peft.r=0"], "peft.r=0 must be at least 1", 1),
+    (
+        ["train", "method=dpo", "peft=lora", "peft.target_modules=[nosuch]"],
+        "peft.target_modules: nosuch names no module of tiny; its projection layers: down_proj, gate_proj",
+        1,
+    ),
+    (
+        ["train", "method=grpo", "method.args.max_completion_length=0"],
+        "method.args.max_completion_length=0 must be at least 1",
+        1,
+    ),
+    (["train", "method=grpo", "method.args.temperature=0"], "method.args.temperature=0 must be positive", 1),
+    (["train", "method=dpo", "method.args.beta=-1"], "method.args.beta=-1 must be positive", 1),
+    (["data", "validate", "method=kto", "method.args.beta=0"], "method.args.beta=0 must be positive", 1),
+    (
+        ["train", "method=dpo", "model.name_or_path=${{nosuch.key}}"],
+        "model.name_or_path=${{nosuch.key}} cannot be resolved: Interpolation key 'nosuch.key' not found",
+        1,
+    ),
+    (
+        ["data", "validate", "method=dpo", "data.system=${{oc.env:ALIGN_TEST_UNSET_VARIABLE}}"],
+        "data.system=${{oc.env:ALIGN_TEST_UNSET_VARIABLE}} cannot be resolved: ",
+        1,
+    ),
+    # /sys cannot be written, not even by root.
+    (
+        ["train", "method=sft", "output_dir=/sys/align-test-run"],
+        "output_dir=/sys/align-test-run cannot be written",
+        1,
+    ),
+    (
+        ["train", "method=sft", "hydra.run.dir=/sys/align-test-run"],
+        "hydra.run.dir=/sys/align-test-run cannot be written",
+        1,
+    ),
+    (
+        ["train", "method=ppo", "method.args.response_length=8"],
+        "method.args.response_length is not a PPOConfig option (did you mean: max_new_tokens?",
+        1,
+    ),
+    (
+        ["data", "validate", "method=grpo", "+reward.timeout=-1"],
+        "reward.timeout=-1 must be a number of seconds",
+        1,
+    ),
+    # What only a method's build() used to find: validate finds it too (issue 10, section 4).
+    (
+        ["data", "validate", "method=grpo", "reward=match", "data.path={tmp}/noanswer.jsonl"],
+        "reward.match reads the column 'answer', which the training data does not have",
+        1,
+    ),
+    (
+        ["data", "validate", "method=grpo", "data.path={tmp}/mixed.jsonl"],
+        "mixed.jsonl:1: column 'answer' is a number here (56) but text in 3 other rows (first: ",
+        1,
+    ),
+    (
+        ["train", "method=ppo", "data.path={tmp}/mixed.jsonl", "output_dir={tmp}/run"],
+        "mixed.jsonl:1: column 'answer' is a number here (56) but text in 3 other rows",
+        1,
+    ),
+    (
+        ["data", "validate", "method=rm", "method.normalize=zscore"],
+        "method.normalize=zscore rescales pointwise scores; method.mode=pairwise has none",
+        1,
+    ),
+    (
+        ["data", "validate", "method=ppo", "method.critic_init=reward"],
+        "method.critic_init=reward needs a reward model among the rewards",
         1,
     ),
 ]

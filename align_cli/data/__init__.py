@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..config import SAMPLES_DIR, DataConfig
-from ..errors import AlignError, nearest
+from ..errors import AlignError, nearest, one_line
 from .formats import (
     ConvertOptions,
     InputFormat,
@@ -191,6 +191,12 @@ def convert(
                 else:
                     rows.append(one)
                     origins.append(origin)
+    mixed = mixed_type_rows(rows, origins)
+    if mixed:
+        for i in sorted(mixed):
+            found.add(f"{origins[i]}: {mixed[i]}")
+        rows = [r for i, r in enumerate(rows) if i not in mixed]
+        origins = [o for i, o in enumerate(origins) if i not in mixed]
     if problems is None:
         found.raise_if_any(raw.source)
     if len(set(origins)) < len(origins):
@@ -217,6 +223,63 @@ def _has_weights(rows: list[dict]) -> bool:
         if isinstance(value, list)
         for m in value
     )
+
+
+def _kind(value: object) -> str | None:
+    """The type of a value as a column stores it (None: a missing value, which fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"  # ints and floats share a column (as floats)
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def mixed_type_rows(rows: list[dict], origins: list[str]) -> dict[int, str]:
+    """The converted rows whose value in some column has another type than in the column's other
+    rows, with what is wrong (row index -> message).
+
+    A dataset stores each column with one type (Arrow), so `"answer": 56` in one row and text in
+    the others cannot be trained on (common in maths data, for a column passed to rewards).
+    The type most rows have is taken as the column's (the first row's on a tie).
+    """
+    from collections import Counter
+
+    kinds: dict[str, Counter] = {}
+    first: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        for column, value in row.items():
+            kind = _kind(value)
+            if kind is not None:
+                kinds.setdefault(column, Counter())[kind] += 1
+                first.setdefault((column, kind), i)
+    out: dict[int, str] = {}
+    for column, counts in kinds.items():
+        if len(counts) < 2:
+            continue
+        major = max(counts, key=lambda k: (counts[k], -first[(column, k)]))
+        for i, row in enumerate(rows):
+            kind = _kind(row.get(column))
+            if kind is not None and kind != major and i not in out:
+                shown = repr(row[column])
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                if major == "text" and kind in ("a number", "true/false"):
+                    hint = f'write it as text too ("{row[column]}")'
+                else:
+                    hint = f"give '{column}' one type in every row"
+                out[i] = (
+                    f"column '{column}' is {kind} here ({shown}) but {major} in {counts[major]} other row"
+                    f"{'s' if counts[major] != 1 else ''} (first: {origins[first[(column, major)]]}); a column "
+                    f"holds one type: {hint}"
+                )
+    return out
 
 
 def has_eval_source(data_cfg: DataConfig) -> bool:
@@ -571,17 +634,142 @@ def _to_dataset(rows: list[dict]) -> Dataset:
     # Dataset.from_list takes its columns from the first row only: an optional column (e.g.
     # `margin`) that the first row lacks would vanish. Give every row every column (None if absent).
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    full = [{key: row.get(key) for key in columns} for row in rows]
-    # Arrow gives every message the union of all messages' keys (`tool_calls: None` on a user
-    # turn) and every tool call's arguments the union of all arguments (`{"city": "Oslo",
-    # "unit": None}`): a chat template would render those. Messages with more than role and
-    # content are stored as JSON instead, so each comes back as it was written.
-    rich = [c for c in columns if any(_rich_messages(row.get(c)) for row in rows)]
-    if not rich:
-        return Dataset.from_list(full)
-    plain = Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in full]).features
-    features = Features({c: List(Json()) if c in rich else plain[c] for c in columns})
-    return Dataset.from_list(full, features=features)
+    try:
+        full = [{key: row.get(key) for key in columns} for row in rows]
+        # Arrow gives every message the union of all messages' keys (`tool_calls: None` on a user
+        # turn) and every tool call's arguments the union of all arguments (`{"city": "Oslo",
+        # "unit": None}`): a chat template would render those. Messages with more than role and
+        # content are stored as JSON instead, so each comes back as it was written.
+        rich = [c for c in columns if any(_rich_messages(row.get(c)) for row in rows)]
+        if not rich:
+            return Dataset.from_list(full)
+        plain = Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in full]).features
+        features = Features({c: List(Json()) if c in rich else plain[c] for c in columns})
+        return Dataset.from_list(full, features=features)
+
+    except Exception as err:
+        import pyarrow
+
+        if not isinstance(
+            err, (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, pyarrow.ArrowNotImplementedError)
+        ):
+            raise
+        # `mixed_type_rows` catches mixed columns by row; this is what it cannot see (values
+        # nested inside lists or objects of different types).
+        raise AlignError(
+            f"the rows cannot be stored as one dataset: {one_line(str(err))}; give each column (and each "
+            "field inside it) one type in every row"
+        ) from None
+
+
+@dataclass
+class Splits:
+    """The rows a run trains and evaluates on, as read and checked by `read_splits`.
+
+    `train` is None only when nothing of it was readable (then its problems say why);
+    `evaluation` holds rows read from `data.eval_path` / `data.eval_split`, and `held` the
+    indices of the training rows that `data.eval_ratio` holds out instead.
+    """
+
+    train: Loaded | None
+    evaluation: Loaded | None = None
+    held: list[int] = field(default_factory=list)
+
+    def loaded(self) -> tuple[Loaded, Loaded | None]:
+        """The train and evaluation rows with their origins (held-out rows leave the training split)."""
+        assert self.train is not None
+        train = self.train
+        if self.evaluation is not None or not self.held:
+            return train, self.evaluation
+        held = set(self.held)
+        evaluation = dataclasses.replace(
+            train,
+            rows=[train.rows[i] for i in sorted(held)],
+            origins=[train.origins[i] for i in sorted(held)],
+        )
+        train = dataclasses.replace(
+            train,
+            rows=[r for i, r in enumerate(train.rows) if i not in held],
+            origins=[o for i, o in enumerate(train.origins) if i not in held],
+        )
+        return train, evaluation
+
+    def datasets(self) -> tuple[Dataset, Dataset | None]:
+        """The train and evaluation datasets."""
+        train, evaluation = self.loaded()
+        return _to_dataset(train.rows), _to_dataset(evaluation.rows) if evaluation is not None else None
+
+
+def read_splits(
+    data_cfg: DataConfig,
+    standard: str,
+    conversational: bool,
+    seed: int = 42,
+    sample: str | None = None,
+    tokenizer=None,
+    room: PromptRoom | None = None,
+    row_check: RowCheck | None = None,
+    problems: tuple[Problems, Problems] | None = None,
+) -> Splits:
+    """Reads and checks both splits: every data check `align train` makes, in one place.
+
+    `align train` (through `load_datasets`) stops at the first check that fails; `align data
+    validate` passes `problems` and gets every problem of each split instead.
+
+    Args:
+        problems: (train, eval) collectors: note every problem and go on. None: raise.
+        Other arguments: as for `load_datasets`.
+
+    Raises:
+        AlignError: only without `problems`: see `load_datasets`.
+    """
+    train_found, eval_found = problems if problems is not None else (None, None)
+
+    def attempt(found: Problems | None, check: Callable, *args, **kwargs):
+        if found is None:
+            return check(*args, **kwargs)
+        try:
+            return check(*args, **kwargs)
+        except AlignError as err:  # nothing readable, or a check of the whole split
+            found.add(str(err))
+            return None
+
+    def fits(loaded: Loaded | None, found: Problems | None) -> None:
+        if loaded is not None and loaded.rows:
+            attempt(found, _fit, loaded, standard, tokenizer, room, data_cfg)
+
+    train = attempt(
+        train_found,
+        read_and_convert,
+        data_cfg,
+        standard,
+        conversational,
+        sample,
+        problems=train_found,
+        row_check=row_check,
+    )
+    fits(train, train_found)
+    splits = Splits(train)
+    if has_eval_source(data_cfg):
+        splits.evaluation = attempt(
+            eval_found,
+            read_and_convert,
+            data_cfg,
+            standard,
+            conversational,
+            sample,
+            evaluation=True,
+            problems=eval_found,
+            row_check=row_check,
+        )
+        if splits.evaluation is not None and train is not None:
+            attempt(eval_found, check_disjoint, train, splits.evaluation, data_cfg)
+        fits(splits.evaluation, eval_found)
+    elif train is not None and train.rows:
+        splits.held = (
+            attempt(train_found, held_out, train.rows, data_cfg.eval_ratio, seed, train.origins) or []
+        )
+    return splits
 
 
 def _rich_messages(value) -> bool:
@@ -603,7 +791,8 @@ def load_datasets(
 ) -> tuple[Dataset, Dataset | None]:
     """Loads the train split and the evaluation split in the method's standard format.
 
-    Every row is read and checked first; a bad dataset raises before anything else happens.
+    Every row is read and checked first (`read_splits`); a bad dataset raises before anything
+    else happens.
 
     Args:
         data_cfg: the `data` config.
@@ -620,10 +809,9 @@ def load_datasets(
         AlignError: unreadable or empty data, columns that fit no input format of `standard`,
             prompts too long; DataError (a subclass) for bad rows: the first and the count.
     """
-    train, evaluation = load_splits(
+    return read_splits(
         data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check
-    )
-    return _to_dataset(train.rows), _to_dataset(evaluation.rows) if evaluation is not None else None
+    ).datasets()
 
 
 def _fit(loaded: Loaded, standard: str, tokenizer, room: PromptRoom | None, data_cfg: DataConfig) -> None:
@@ -650,24 +838,4 @@ def load_splits(
 ) -> tuple[Loaded, Loaded | None]:
     """The train and evaluation rows as `load_datasets` gives them to the trainer, with their
     origins (`align data preview` prints them); the arguments are `load_datasets`'."""
-    train = read_and_convert(data_cfg, standard, conversational, sample, row_check=row_check)
-    _fit(train, standard, tokenizer, room, data_cfg)
-    if has_eval_source(data_cfg):
-        evaluation = read_and_convert(
-            data_cfg, standard, conversational, sample, evaluation=True, row_check=row_check
-        )
-        check_disjoint(train, evaluation, data_cfg)
-        _fit(evaluation, standard, tokenizer, room, data_cfg)
-        return train, evaluation
-    held = set(held_out(train.rows, data_cfg.eval_ratio, seed, train.origins))
-    if not held:
-        return train, None
-    evaluation = dataclasses.replace(
-        train, rows=[train.rows[i] for i in sorted(held)], origins=[train.origins[i] for i in sorted(held)]
-    )
-    train = dataclasses.replace(
-        train,
-        rows=[r for i, r in enumerate(train.rows) if i not in held],
-        origins=[o for i, o in enumerate(train.origins) if i not in held],
-    )
-    return train, evaluation
+    return read_splits(data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check).loaded()

@@ -1,5 +1,8 @@
 """The method registry: `method=<name>` -> the module whose `build(ctx)` returns a trainer.
 
+A module may also define `check(ctx, rows) -> list[str]`: every check of its settings and data
+that needs no model weights (`method_problems` runs it for train and validate alike).
+
 An explicit table of import strings, so `align --help` imports nothing heavy and a reader
 sees every method in one place. `tests/test_config.py` checks it matches conf/method/*.yaml.
 """
@@ -37,3 +40,12 @@ def prompt_room(module: ModuleType, args: dict, model_cfg) -> PromptRoom | None:
     if own is not None:
         return own(args, model_cfg)
     return PromptRoom.for_answer(model_cfg.max_length)
+
+
+def method_problems(module: ModuleType, ctx, rows: list[dict] | None) -> list[str]:
+    """Everything a method's own `check(ctx, rows)` finds wrong with its settings and (given the
+    converted training rows; None when none were readable) with the data it needs, without
+    loading weights. `align train` stops on these before loading a model; `align data validate`
+    lists them, so it says "ready" only when train would start."""
+    check = getattr(module, "check", None)
+    return list(check(ctx, rows)) if check is not None else []

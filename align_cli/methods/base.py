@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import shutil
@@ -142,6 +143,7 @@ class MethodContext:
     output_dir: str = "outputs/run"
     callbacks: list = field(default_factory=list)
     seed: int = 42
+    config: Any = None  # the method's config built from method.args once up front, for `check`
 
     def trl_config(self, cls: type, **defaults: Any):
         """Builds a TRL/transformers config dataclass: our run defaults < `defaults` < method.args.
@@ -151,10 +153,17 @@ class MethodContext:
                 value the config class rejects.
         """
         valid = {f.name for f in dataclasses.fields(cls) if f.init}
+        # A config may name its renamings of TRL's keys (module-level TRL_NAMES: TRL's -> ours).
+        renamed = getattr(importlib.import_module(cls.__module__), "TRL_NAMES", {})
         for key in self.args:
             if key not in valid:
+                hint = (
+                    f" (did you mean: {renamed[key]}? TRL's {key} is called so here)"
+                    if key in renamed
+                    else ""
+                )
                 raise AlignError(
-                    f"method.args.{key} is not a {cls.__name__} option{nearest(key, valid)}; "
+                    f"method.args.{key} is not a {cls.__name__} option{hint or nearest(key, valid)}; "
                     f"see the {cls.__name__} documentation for the valid keys"
                 )
         values: dict[str, Any] = {k: v for k, v in RUN_DEFAULTS.items() if k in valid}

@@ -54,5 +54,16 @@ def trainer_class():
     return RowMeanDPOTrainer
 
 
+def check(ctx, rows: list[dict] | None) -> list[str]:
+    """Settings TRL accepts but that train nonsense; `align data validate` runs this too."""
+    beta = getattr(ctx.config, "beta", None)
+    if beta is not None and beta <= 0:
+        # beta scales the implicit reward: negative learns the preferences backwards, 0 not at all.
+        return [
+            f"method.args.beta={beta} must be positive (the strength of the pull toward the reference model; e.g. 0.1)"
+        ]
+    return []
+
+
 def build(ctx):
     return ctx.trl_trainer(trainer_class(), config_class())

@@ -38,7 +38,6 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..callbacks import collapse_settings, collapse_watch
 from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
-from ..errors import AlignError
 from ..rewards import message_text, rewards_for
 from ..rewards.advantage import rank_advantages
 
@@ -134,24 +133,49 @@ class WatchedReward:
         return self.func(prompts=prompts, completions=completions, **kwargs)
 
 
-def build(ctx):
+def check(ctx, rows: list[dict] | None) -> list[str]:
+    """Every check of the settings, the rewards and (given the training rows) the columns the
+    rewards read that needs no weights; `align data validate` runs it too."""
+    from ..rewards import reward_problems
+
+    problems = []
     advantage = ctx.method.get("advantage", "zscore")
     if advantage not in ADVANTAGES:
-        raise AlignError(
+        problems.append(
             f"method.advantage={advantage!r} is not valid: use zscore (TRL's) or rank (the seed's)"
         )
     if "reward_weights" in ctx.args:
-        raise AlignError(
+        problems.append(
             "method.args.reward_weights: set each reward's weight in the reward config instead "
             "(e.g. reward.length.weight=0.5)"
         )
     if advantage == "rank":
-        for key in ZSCORE_ONLY_ARGS:
-            if key in ctx.args:
-                raise AlignError(
-                    f"method.args.{key} only shapes the zscore advantage; method.advantage=rank ranks the "
-                    "weighted reward sum within each group, so remove it or use method.advantage=zscore"
-                )
+        problems += [
+            f"method.args.{key} only shapes the zscore advantage; method.advantage=rank ranks the "
+            "weighted reward sum within each group, so remove it or use method.advantage=zscore"
+            for key in ZSCORE_ONLY_ARGS
+            if key in ctx.args
+        ]
+    config = ctx.config
+    # TRL takes both and fails later: an empty completion tensor, or logits divided by zero.
+    length = getattr(config, "max_completion_length", None)
+    if length is not None and length < 1:
+        problems.append(
+            f"method.args.max_completion_length={length} must be at least 1 (the most tokens sampled per completion)"
+        )
+    temperature = getattr(config, "temperature", 1.0)
+    if temperature is not None and temperature <= 0:
+        problems.append(
+            f"method.args.temperature={temperature} must be positive: GRPO samples K different completions "
+            "per prompt (e.g. 0.7 to 1.0)"
+        )
+    columns = sorted({k for r in rows for k in r}) if rows is not None else None
+    return problems + reward_problems("grpo", ctx.reward, columns)
+
+
+def build(ctx):
+    # `check` (run by train.py before any model loads) has vetted the settings and rewards.
+    advantage = ctx.method.get("advantage", "zscore")
     funcs, weights = rewards_for("grpo", ctx.reward, ctx.train_dataset.column_names)
     trainer_cls = RankAdvantageGRPOTrainer if advantage == "rank" else GRPOTrainer
     policy = ctx.load_model()

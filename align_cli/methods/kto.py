@@ -5,6 +5,10 @@
 Data (`kto`): the seed's `instruction`/`input`/`output`/`kto_tag` (true = desirable), or
 TRL's `prompt`/`completion`/`label`. One answer and a binary label per row; no pairs needed.
 The reference model is a frozen copy, or the base with adapters disabled under LoRA.
+
+TRL's KTOTrainer reads the training rows in file order (its KL estimate pairs each row with
+its neighbours in a fixed-order batch), so `seed` alone would change nothing: the rows are
+shuffled once with `seed` before training, and that order is kept for every epoch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,21 @@ def config_class():
     return KTOConfig
 
 
+def check(ctx, rows: list[dict] | None) -> list[str]:
+    """Settings TRL accepts but that train nonsense; `align data validate` runs this too."""
+    beta = getattr(ctx.config, "beta", None)
+    if beta is not None and beta <= 0:
+        # beta scales the implicit reward: negative learns the preferences backwards, 0 not at all.
+        return [
+            f"method.args.beta={beta} must be positive (the strength of the pull toward the reference model; e.g. 0.1)"
+        ]
+    return []
+
+
 def build(ctx):
     from trl import KTOTrainer
 
+    if getattr(ctx.config, "train_sampling_strategy", "sequential") == "sequential" and ctx.train_dataset:
+        # The trainer's order is fixed (see the module docstring); the seed picks it.
+        ctx.train_dataset = ctx.train_dataset.shuffle(seed=ctx.seed).flatten_indices()
     return ctx.trl_trainer(KTOTrainer, config_class())

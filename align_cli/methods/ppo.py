@@ -85,31 +85,72 @@ def config_class():
     return PPOConfig
 
 
-def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
-    """The reward model the critic starts from, or None for the policy (see `method.critic_init`)."""
-    models = {f.__name__: f for f in funcs if isinstance(f, ModelReward)}
+def critic_problem(choice: str, models: list[str]) -> str | None:
+    """What is wrong with `method.critic_init` given the reward-model entries' names, or None."""
     names = ", ".join(models)
     if choice == "policy":
         return None
     if choice in CRITIC_INITS:
-        if not models:
-            if choice == "reward":
-                raise AlignError(
-                    "method.critic_init=reward needs a reward model among the rewards (reward=model "
-                    "reward.model.path=<rm run folder>); or start the critic from the policy: method.critic_init=policy"
-                )
-            return None
-        if len(models) > 1:
-            raise AlignError(
-                f"method.critic_init={choice}: the reward holds {len(models)} reward models ({names}); name the one "
-                f"the critic starts from (e.g. method.critic_init={next(iter(models))}) or use method.critic_init=policy"
+        if not models and choice == "reward":
+            return (
+                "method.critic_init=reward needs a reward model among the rewards (reward=model "
+                "reward.model.path=<rm run folder>); or start the critic from the policy: method.critic_init=policy"
             )
-        source = next(iter(models.values()))
-    elif choice in models:
-        source = models[choice]
-    else:
-        extra = f", or a reward-model entry ({names})" if models else ""
-        raise AlignError(f"method.critic_init={choice!r} is not valid: use auto, reward or policy{extra}")
+        if len(models) > 1:
+            return (
+                f"method.critic_init={choice}: the reward holds {len(models)} reward models ({names}); name the one "
+                f"the critic starts from (e.g. method.critic_init={models[0]}) or use method.critic_init=policy"
+            )
+        return None
+    if choice in models:
+        return None
+    extra = f", or a reward-model entry ({names})" if models else ""
+    return f"method.critic_init={choice!r} is not valid: use auto, reward or policy{extra}"
+
+
+def check(ctx, rows: list[dict] | None) -> list[str]:
+    """Every check of the critic's source, the rewards and (given the training rows) the columns
+    they read that needs no weights; `align data validate` runs it too."""
+    from ..rewards import reward_model_names, reward_problems
+
+    columns = sorted({k for r in rows for k in r}) if rows is not None else None
+    problems = reward_problems("ppo", ctx.reward, columns)
+    choice, models = str(ctx.method.get("critic_init", "auto")), reward_model_names(ctx.reward)
+    critic = critic_problem(choice, models)
+    if critic:
+        return [*problems, critic]
+    if problems or choice in ("auto", "policy") or not models:
+        return problems  # `auto` falls back to the policy when the tokenizers differ
+    # An explicit reward-model critic must read the policy's tokens: compare the tokenizers.
+    from ..config import ModelConfig
+    from ..modeling import load_tokenizer
+    from ..rewards import reward_model_path
+
+    name = choice if choice in models else models[0]
+    path = reward_model_path(ctx.reward, name)
+    if path:
+        policy = load_tokenizer(ctx.model_cfg).get_vocab()
+        if load_tokenizer(ModelConfig(name_or_path=path)).get_vocab() != policy:
+            problems.append(_other_tokenizer(choice, path))
+    return problems
+
+
+def _other_tokenizer(choice: str, path: str) -> str:
+    return (
+        f"method.critic_init={choice}: the reward model '{path}' uses another tokenizer than the policy, "
+        "so as a critic it could not read the policy's tokens; use method.critic_init=policy"
+    )
+
+
+def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
+    """The reward model the critic starts from, or None for the policy (see `method.critic_init`)."""
+    models = {f.__name__: f for f in funcs if isinstance(f, ModelReward)}
+    problem = critic_problem(choice, list(models))
+    if problem:
+        raise AlignError(problem)
+    if choice == "policy" or (choice in CRITIC_INITS and not models):
+        return None
+    source = models[choice] if choice in models else next(iter(models.values()))
     if source.tokenizer.get_vocab() != tokenizer.get_vocab():
         if choice == "auto":
             log.info(
@@ -117,10 +158,7 @@ def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
                 source.path,
             )
             return None
-        raise AlignError(
-            f"method.critic_init={choice}: the reward model '{source.path}' uses another tokenizer than the policy, "
-            "so as a critic it could not read the policy's tokens; use method.critic_init=policy"
-        )
+        raise AlignError(_other_tokenizer(choice, str(source.path)))
     return source
 
 

@@ -83,6 +83,41 @@ def check_mode(method: dict) -> str:
     return mode
 
 
+def check(ctx, rows: list[dict] | None) -> list[str]:
+    """What is wrong with the mode's settings, and (given the training rows) with the data they
+    need: every check of this method that needs no weights (`align data validate` runs it too)."""
+    from .rm_losses import NORMALIZATIONS, fit_normalizer
+
+    try:
+        mode = check_mode(ctx.method)
+    except AlignError as err:
+        return [str(err)]
+    problems = []
+    normalize = str(ctx.method.get("normalize", "none"))
+    if normalize not in NORMALIZATIONS:
+        problems.append(
+            f"method.normalize={normalize!r} is not valid: use one of {', '.join(NORMALIZATIONS)}"
+            f"{nearest(normalize, NORMALIZATIONS)}"
+        )
+    elif mode != "pointwise" and normalize != "none":
+        problems.append(
+            f"method.normalize={normalize} rescales pointwise scores; method.mode={mode} has none "
+            "(use method.mode=pointwise or drop method.normalize)"
+        )
+    elif mode == "pointwise" and rows:
+        try:
+            fit_normalizer([r["score"] for r in rows], normalize)
+        except AlignError as err:
+            problems.append(str(err))
+    center = ctx.args.get("center_rewards_coefficient")
+    if mode == "pointwise" and center is not None:
+        problems.append(
+            "method.args.center_rewards_coefficient pulls rewards toward 0, against the scores the "
+            "pointwise loss fits; use method.normalize=zscore to center the targets instead"
+        )
+    return problems
+
+
 def _fill_missing_margins(dataset):
     """A preference file may give a margin on some rows only; the others mean margin 0."""
     if dataset is None or "margin" not in dataset.column_names:
@@ -134,21 +169,10 @@ def _normalized_scores(ctx, train, evaluation):
 def build(ctx):
     from .rm_trainer import ListwiseRewardTrainer, PairwiseRewardTrainer, PointwiseRewardTrainer
 
+    # `check` (run by train.py before any model loads) has vetted the settings and the data.
     mode = check_mode(ctx.method)
     args = ctx.trl_config(config_class())
     train, evaluation = ctx.train_dataset, ctx.eval_dataset
-    # Everything that can be wrong with the settings or data fails before the model loads.
-    normalize = str(ctx.method.get("normalize", "none"))
-    if mode != "pointwise" and normalize != "none":
-        raise AlignError(
-            f"method.normalize={normalize} rescales pointwise scores; method.mode={mode} has none "
-            "(use method.mode=pointwise or drop method.normalize)"
-        )
-    if mode == "pointwise" and args.center_rewards_coefficient is not None:
-        raise AlignError(
-            "method.args.center_rewards_coefficient pulls rewards toward 0, against the scores the "
-            "pointwise loss fits; use method.normalize=zscore to center the targets instead"
-        )
     if mode == "pairwise":
         trainer_cls = PairwiseRewardTrainer
         train, evaluation = _fill_missing_margins(train), _fill_missing_margins(evaluation)

@@ -24,6 +24,17 @@ from transformers import TrainingArguments
 
 from .core import KL_ESTIMATORS
 
+# TRL's PPOConfig names for what is called otherwise here: an unknown key says which one it is.
+TRL_NAMES = {
+    "response_length": "max_new_tokens",
+    "local_rollout_forward_batch_size": "rollout_forward_batch_size",
+    "kl_estimator_type": "kl_estimator",
+    "init_kl_coef": "kl_coef",
+    "target": "kl_target",
+    "horizon": "kl_horizon",
+    "ppo_epochs": "num_ppo_epochs",
+}
+
 
 def _help(text: str) -> dict:
     return {"help": text}

@@ -526,6 +526,12 @@ class PPOTrainer(Trainer):
                         self._token_reward_models[i], sequences, attention_mask, last
                     )
                 per_func[:, i] = values.float().cpu()
+                if not torch.isfinite(per_func[:, i]).any():  # as Reward.__call__ does for the others
+                    from ..rewards import RewardFailed
+
+                    raise RewardFailed(
+                        f"reward.{self.reward_names[i]} scored no completion of a batch with a finite value"
+                    )
             else:
                 out = func(
                     prompts=prompts,
@@ -938,8 +944,12 @@ class PPOTrainer(Trainer):
             folder = os.path.join(
                 self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            with open(os.path.join(folder, PPO_STATE_NAME), "w", encoding="utf-8") as f:
-                json.dump({"kl_controller": self.kl_ctl.state_dict()}, f)
+            from ..guard import write_json_atomic
+
+            # A checkpoint is complete only with it (guard.checkpoint_problem): never half written.
+            write_json_atomic(
+                os.path.join(folder, PPO_STATE_NAME), {"kl_controller": self.kl_ctl.state_dict()}
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         wrapper = self.accelerator.unwrap_model(model or self.model)

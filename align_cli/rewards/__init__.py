@@ -16,6 +16,11 @@ sets a type's main option, so these are the same:
     align train method=ppo reward=model reward.model=outputs/rm/run
 
 An entry set to null is dropped (`reward.keyword=null` removes it from a mix).
+
+`reward.timeout` (not an entry) is how many seconds one call of a reward (one batch) may
+take, 300 by default (null: no limit): a reward that hangs, calls sys.exit, or returns no
+finite value for a whole batch stops the run with a message naming it, after saving the
+last step's state; a few NaN/inf values are dropped and counted (`rewards/<name>/non_finite`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,21 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AlignError, nearest
-from .base import Reward, message_text
+from .base import DEFAULT_TIMEOUT, Reward, RewardFailed, message_text
 
-__all__ = ["TYPES", "Reward", "build_reward_functions", "check_columns", "message_text", "row_check"]
+__all__ = [
+    "TYPES",
+    "Reward",
+    "build_reward_functions",
+    "check_columns",
+    "message_text",
+    "RewardFailed",
+    "reward_model_names",
+    "reward_model_path",
+    "reward_problems",
+    "reward_timeout",
+    "row_check",
+]
 
 # type name -> "module:class"; imported on use so that rule rewards never import torch.
 TYPES: dict[str, str] = {
@@ -56,6 +73,34 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def _entries(reward_cfg: Any) -> dict:
+    """The reward entries of a `reward` config: every key but `timeout` (a setting of them all)."""
+    return (
+        {k: v for k, v in reward_cfg.items() if k != "timeout"}
+        if isinstance(reward_cfg, dict)
+        else reward_cfg
+    )
+
+
+def reward_timeout(reward_cfg: Any) -> float | None:
+    """`reward.timeout`: the seconds one reward call may take (default `DEFAULT_TIMEOUT`; null or
+    0: no limit).
+
+    Raises:
+        AlignError: a value that is not a non-negative number.
+    """
+    value = (
+        _plain(reward_cfg).get("timeout", DEFAULT_TIMEOUT) if isinstance(_plain(reward_cfg), dict) else None
+    )
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise AlignError(
+            f"reward.timeout={value!r} must be a number of seconds (e.g. 300), or null for no limit"
+        )
+    return float(value) or None
+
+
 def _resolve(name: str, entry: Any) -> tuple[type[Reward], dict]:
     """The reward class of a config entry and its options (a bare value set as the main one)."""
     if not isinstance(entry, dict):
@@ -73,8 +118,8 @@ def _resolve(name: str, entry: Any) -> tuple[type[Reward], dict]:
     return cls, entry
 
 
-def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
-    """Builds one reward function and its weight from a config entry."""
+def _options(name: str, entry: Any) -> tuple[type[Reward], dict, float]:
+    """The reward class of a config entry, its options and its weight, checked."""
     cls, entry = _resolve(name, entry)
     for key, value in entry.items():
         if value == "???":  # a mandatory value the chosen conf/reward file leaves to the user
@@ -82,7 +127,87 @@ def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
     weight = entry.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise AlignError(f"reward.{name}.weight={weight!r} must be a number")
-    return cls(name, **entry), float(weight)
+    return cls, entry, float(weight)
+
+
+def build_reward(name: str, entry: Any) -> tuple[Reward, float]:
+    """Builds one reward function and its weight from a config entry."""
+    cls, options, weight = _options(name, entry)
+    return cls(name, **options), weight
+
+
+def reward_problems(method: str, reward_cfg: dict | None, columns: list[str] | None) -> list[str]:
+    """Everything wrong with a run's rewards that shows without loading a model's weights.
+
+    Rule rewards and user functions are built (cheap: an import); a reward model's entry is
+    checked through its options, path and config (`model.check_entry`). With `columns` (the
+    training data's), every column a reward reads must be one of them. `align train` and
+    `align data validate` both call this, so validate says "ready" only when train would start.
+
+    Returns:
+        One message per problem (empty when the rewards are fine).
+    """
+    if not reward_cfg:
+        return [
+            f"method={method} needs a reward: add reward=length (or keyword, match, format, function, mix), or "
+            "reward=model reward.model.path=<rm run folder>; see conf/reward/"
+        ]
+    reward_cfg = _plain(reward_cfg)
+    if not isinstance(reward_cfg, dict):
+        return [f"reward must be a mapping of name -> reward entry, got {reward_cfg!r}"]
+    problems: list[str] = []
+    try:
+        reward_timeout(reward_cfg)
+    except AlignError as err:
+        problems.append(str(err))
+    funcs: list[Reward] = []
+    configured = 0
+    for name, entry in _entries(reward_cfg).items():
+        if entry is None:
+            continue
+        configured += 1
+        try:
+            cls, options, _ = _options(str(name), entry)
+            if cls.type == "model":
+                from .model import check_entry
+
+                check_entry(str(name), options)
+            else:
+                funcs.append(cls(str(name), **options))
+        except AlignError as err:
+            problems.append(str(err))
+    if not configured:
+        try:
+            build_reward_functions(reward_cfg)
+        except AlignError as err:
+            problems.append(str(err))
+    if columns is not None:
+        problems += column_problems(funcs, columns, "the training data")
+    return problems
+
+
+def reward_model_names(reward_cfg: dict | None) -> list[str]:
+    """The names of the reward-model entries of a `reward` config (no model is loaded)."""
+    reward_cfg = _plain(reward_cfg) or {}
+    names = []
+    for name, entry in _entries(reward_cfg).items() if isinstance(reward_cfg, dict) else ():
+        if entry is not None:
+            try:
+                if _resolve(str(name), entry)[0].type == "model":
+                    names.append(str(name))
+            except AlignError:
+                pass  # reward_problems names it
+    return names
+
+
+def reward_model_path(reward_cfg: dict | None, name: str) -> str | None:
+    """The `path` of the reward-model entry `name` (no model is loaded), or None."""
+    entry = _entries(_plain(reward_cfg) or {}).get(name)
+    try:
+        _, options = _resolve(name, entry)
+    except AlignError:
+        return None
+    return str(options["path"]) if options.get("path") not in (None, "???") else None
 
 
 def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], list[float]]:
@@ -106,10 +231,12 @@ def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], lis
         raise AlignError(f"reward must be a mapping of name -> reward entry, got {reward_cfg!r}")
     funcs: list[Callable] = []
     weights: list[float] = []
-    for name, entry in reward_cfg.items():
+    timeout = reward_timeout(reward_cfg)
+    for name, entry in _entries(reward_cfg).items():
         if entry is None:
             continue
         func, weight = build_reward(str(name), entry)
+        func.timeout = timeout
         funcs.append(func)
         weights.append(weight)
     if not funcs:
@@ -132,15 +259,24 @@ def check_columns(funcs: list[Callable], columns: list[str], source: str = "the 
     Raises:
         AlignError: naming the reward, the column and the columns there are.
     """
+    problems = column_problems(funcs, columns, source)
+    if problems:
+        raise AlignError(problems[0])
+
+
+def column_problems(funcs: list[Callable], columns: list[str], source: str = "the data") -> list[str]:
+    """One message per dataset column a reward reads that the data does not have (see `check_columns`)."""
+    problems = []
     for func in funcs:
         for column in getattr(func, "columns", ()):
             if column not in columns:
                 name = getattr(func, "__name__", "?")
                 extra = sorted(c for c in columns if c != "prompt")
-                raise AlignError(
+                problems.append(
                     f"reward.{name} reads the column '{column}', which {source} does not have; other columns: "
                     f"{', '.join(extra) or '(none)'} (set reward.{name}.column, or add the column to the data)"
                 )
+    return problems
 
 
 def row_check(reward_cfg: dict | None) -> Callable[[dict], str | None] | None:
@@ -165,7 +301,7 @@ def row_check(reward_cfg: dict | None) -> Callable[[dict], str | None] | None:
     if not isinstance(reward_cfg, dict):
         return None  # build_reward_functions says what is wrong with it
     checkers = []
-    for name, entry in reward_cfg.items():
+    for name, entry in _entries(reward_cfg).items():
         if entry is None:
             continue
         cls, _ = _resolve(str(name), entry)

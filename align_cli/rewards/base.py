@@ -13,12 +13,29 @@ signature TRL's `GRPOTrainer` calls reward functions with, and the one our PPO l
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 from ..errors import AlignError, nearest
 
 # Keyword arguments TRL adds beside the dataset columns; not data, so never listed as columns.
 TRL_EXTRA_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+
+
+# `reward.timeout`: the seconds one reward call (one batch) may take. Generous for a reward
+# model on a CPU or a user function that calls a service, short enough that a hung one does
+# not hold a run (and a stop request) forever.
+DEFAULT_TIMEOUT = 300.0
+
+
+class RewardFailed(AlignError):
+    """A reward could not score a batch (hung, exited, nothing finite). The model has not been
+    updated with that batch, so the run saves the state of its last step before it stops."""
+
+
+def _reraise(err: BaseException):
+    raise err
 
 
 def _content(message: dict) -> str:
@@ -108,7 +125,77 @@ class Reward:
         """
         return None
 
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds one call may take (`reward.timeout`; None: no limit)
+    dropped: int = 0  # non-finite values dropped so far
+
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        """Scores a batch (TRL's signature) through `compute`, guarded: a call that runs past
+        `timeout` or calls sys.exit stops the run naming this reward; non-finite values are
+        dropped (None) and counted in the metric `rewards/<name>/non_finite` (the total so far,
+        logged from the first one on), and a batch with
+        no finite value at all stops the run (every update would rest on nothing)."""
+        values = list(self._call_guarded(lambda: self.compute(prompts, completions, **kwargs)))
+        bad = [
+            i
+            for i, v in enumerate(values)
+            if v is not None and isinstance(v, (int, float)) and not math.isfinite(float(v))
+        ]
+        if bad:
+            shown = sorted({repr(float(values[i])) for i in bad})
+            if len(bad) == sum(v is not None for v in values):
+                raise RewardFailed(
+                    f"reward.{self.name} returned {' or '.join(shown)} for all {len(bad)} completions of a batch: "
+                    "it gives no usable reward; fix the reward (return None to skip a completion)"
+                )
+            for i in bad:
+                values[i] = None  # left out of the group statistics, as an abstention
+            self.dropped += len(bad)
+        log_metric = kwargs.get("log_metric")
+        if self.dropped and callable(log_metric):  # logged from the first drop on: the total so far
+            log_metric(f"rewards/{self.name}/non_finite", float(self.dropped))
+        return values
+
+    def _call_guarded(self, call):
+        """Runs `call()` in a daemon thread and waits at most `timeout` seconds for it.
+
+        The main thread keeps handling signals while it waits, so a stop request (SIGINT or
+        SIGTERM) is honoured once the call returns or times out; a hung call is abandoned
+        (a daemon thread does not keep the process alive).
+        """
+        if not self.timeout:
+            return self._exits(call)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as err:  # handed to the caller, SystemExit included
+                box["error"] = err
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"reward-{self.name}", daemon=True).start()
+        if not done.wait(float(self.timeout)):
+            raise RewardFailed(
+                f"reward.{self.name} did not return within reward.timeout={self.timeout:g} s: it hangs, or needs "
+                "longer (raise reward.timeout, or reward.timeout=null for no limit)"
+            )
+        if "error" in box:
+            return self._exits(lambda: _reraise(box["error"]))
+        return box["value"]
+
+    def _exits(self, call):
+        try:
+            return call()
+        except SystemExit as err:
+            raise RewardFailed(
+                f"reward.{self.name} called sys.exit({err.code!r}) while scoring: a reward must return its "
+                "scores (or raise an exception) instead"
+            ) from None
+
+    def compute(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        """Scores a batch: `score` for each completion, with its row's columns."""
         columns = {k: v for k, v in kwargs.items() if k not in TRL_EXTRA_KWARGS}
         rewards = []
         for i, completion in enumerate(completions):

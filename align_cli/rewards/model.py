@@ -228,6 +228,31 @@ def tokenize_response(tokenizer, prompt, response) -> list[int]:
     return list(tokenizer(text=text)["input_ids"])
 
 
+def check_entry(name: str, options: dict[str, Any]) -> None:
+    """Checks a reward-model entry as `ModelReward` would, without loading its weights: its
+    options, its path and the checkpoint's config (a one-output classifier).
+
+    Raises:
+        AlignError: an unknown or missing option, a path that cannot hold a model, or a
+            checkpoint that is no reward model.
+    """
+    from ..config import ModelConfig
+    from ..modeling import check_weight_files, resolve_model_path
+
+    probe = Reward.__new__(ModelReward)
+    Reward.__init__(probe, name, **options)  # the option checks only
+    key = f"reward.{name}.path"
+    check_path(str(probe.path), key)
+    try:
+        path = resolve_model_path(ModelConfig(name_or_path=str(probe.path)))
+        check_checkpoint(path, key, str(probe.path))
+        check_weight_files(path)
+    except AlignError as err:
+        if str(err).startswith(key):
+            raise
+        raise AlignError(f"{key}: {err}") from None
+
+
 class ModelReward(Reward):
     """Scores (prompt, completion) pairs with a reward model's single logit.
 
@@ -291,7 +316,7 @@ class ModelReward(Reward):
             out.append(ids[-self.max_length :])
         return out
 
-    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    def compute(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         import torch
 
         rows = self.input_ids(prompts, completions)

@@ -122,14 +122,14 @@ class MatchReward(Reward):
                 raise self.option_error("extract", "needs one (group) around the part to compare")
         self.columns = (str(self.column),)
 
-    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    def compute(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         if self.column not in kwargs:
             raise AlignError(
                 f"reward.{self.name} compares with the dataset column '{self.column}', which the data does not "
                 f"have; columns: {', '.join(data_columns(kwargs)) or '(none)'} "
                 f"(set reward.{self.name}.column, or add the column to the prompt file)"
             )
-        return super().__call__(prompts, completions, **kwargs)
+        return super().compute(prompts, completions, **kwargs)
 
     def _answer_number(self, answer: Any) -> float | None:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):

@@ -171,7 +171,7 @@ class FunctionReward(Reward):
 
         return stand_in
 
-    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    def compute(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         kwargs = {"prompts": prompts, "completions": completions, **self._stand_ins, **kwargs, **self.kwargs}
         if not self.takes_any:
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepted}
