@@ -358,9 +358,13 @@ def _check_stage(stage: Stage, cfg, root: str) -> None:
         report = validate(cfg)
     except AlignError as err:
         raise AlignError(f"stage {stage.name}: {err} (its keys take the prefix {stage.name}.)") from None
-    if not report.ok:
-        problems = [p for s in report.splits for p in s.problems]
-        count = sum(s.problem_count for s in report.splits)
+    # A reward model (or critic) an earlier stage will train does not exist yet: the checks that
+    # read its folder run when that stage is done (the stage is planned again then).
+    pending = [os.path.join(root, s) for s in stage.inputs.values() if not _finished(os.path.join(root, s))]
+    settings = [p for p in report.settings if not any(folder in p for folder in pending)]
+    if settings or not all(s.problem_count == 0 for s in report.splits):
+        problems = [*settings, *[p for s in report.splits for p in s.problems]]
+        count = sum(s.problem_count for s in report.splits) + len(settings)
         more = f" (and {count - 1} more: `align data validate` lists them)" if count > 1 else ""
         raise AlignError(f"stage {stage.name}: {problems[0] if problems else 'invalid data'}{more}")
     _CHECKED.add(key)
