@@ -43,17 +43,24 @@ PPO = [
     "method=ppo",
     "reward=model",
     "method.args.score_norm=init",
-    "method.args.kl_coef=0.1",
-    "method.args.learning_rate=3e-4",
+    "method.args.kl_coef=0.2",
+    "method.args.missing_eos_penalty=4",
+    "method.args.learning_rate=1e-3",
+    "method.args.per_device_train_batch_size=16",
+    "method.args.num_mini_batches=4",
+    "method.args.num_ppo_epochs=2",
+    "method.args.num_train_epochs=16",
 ]
+GRPO_BATCH = 16  # completions per step (4 prompts x 4 generations)
 GRPO = [
     "method=grpo",
     "reward=model",
-    "method.args.learning_rate=3e-4",
-    "method.args.beta=0.04",
-    "method.args.num_train_epochs=4",
+    "method.args.learning_rate=5e-4",
+    "method.args.beta=0.1",
+    f"method.args.per_device_train_batch_size={GRPO_BATCH}",
+    "method.args.num_train_epochs=2",
 ]
-DPO = ["method=dpo", "method.args.learning_rate=1e-3", "method.args.num_train_epochs=3"]
+DPO = ["method=dpo", "method.args.learning_rate=5e-4", "method.args.loss_type=[sigmoid,sft]"]
 RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
 
 
@@ -109,8 +116,7 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
             "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts], work, seed
         )
         kl = last_logged(final, "kl")
-        rows = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x]
-        episodes = sum(1 for _ in rows if "reward" in _) and None
+        episodes = (metrics.get("global_step") or 0) * GRPO_BATCH
     else:
         final, metrics, seconds = stage(
             "dpo",
