@@ -261,6 +261,26 @@ def test_configuration_mistakes_are_named(tmp_path):
         ppo("reward=none")
     with pytest.raises(AlignError, match=r"critic_init=reward needs a reward model"):
         ppo("method.critic_init=reward")
+    with pytest.raises(AlignError, match=r"method\.critic_head='half' is not valid: use zero .* or keep"):
+        ppo("method.critic_head=half", "reward=length")
+    with pytest.raises(AlignError, match=r"score_norm='batch' must be one of none, init"):
+        ppo("method.args.score_norm=batch")
+
+
+def test_critic_from_a_reward_model_keeps_its_body_and_zeroes_its_head(rm_run_folder):
+    """critic_head=zero: V = 0 at the start, on the reward model's body (its prefix scores are not values)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align_cli.methods.ppo import zero_head
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm_run_folder)
+    body = params(model.model)
+    assert model.score.weight.abs().sum() > 0  # the trained head
+    zero_head(model)
+    assert torch.count_nonzero(model.score.weight) == 0
+    assert all(torch.equal(params(model.model)[n], t) for n, t in body.items())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.all(model(input_ids=ids).logits == 0)
 
 
 def test_sampling_ignores_the_checkpoints_own_generation_settings():

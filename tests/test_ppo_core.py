@@ -196,3 +196,23 @@ def test_experience_select_trims_unused_columns():
     assert part.prompt_length == 1 and part.response_mask.shape == (2, 2)
     whole = exp.select(T([1, 0]))
     assert whole.sequences.shape == (2, 7) and whole.sequences[0].tolist() == seq[1].tolist()
+
+
+def test_score_normalizer_fits_the_first_batch_and_keeps_it():
+    from align_cli.ppo.core import ScoreNormalizer
+
+    norm = ScoreNormalizer("init")
+    first = T([2.0, 4.0, 6.0])  # mean 4, unbiased std 2
+    close(norm(first), [-1.0, 0.0, 1.0])
+    # Later batches use the starting policy's m = 4, s = 2, not their own statistics.
+    close(norm(T([8.0, 8.0])), [2.0, 2.0])
+    restored = ScoreNormalizer("init")
+    restored.load_state_dict(norm.state_dict())
+    close(restored(T([0.0])), [-2.0])
+    # A first batch with no spread keeps the scale (s = 1) instead of dividing by 0.
+    tied = ScoreNormalizer("init")
+    close(tied(T([3.0, 3.0])), [0.0, 0.0])
+    close(tied(T([5.0])), [2.0])
+    close(ScoreNormalizer("none")(T([7.0, -1.0])), [7.0, -1.0])
+    with pytest.raises(ValueError, match="score normalisation"):
+        ScoreNormalizer("batch")

@@ -497,3 +497,36 @@ def test_reward_model_reads_a_multi_turn_prompt_whole_without_a_chat_template(ch
     with torch.no_grad():
         logit = f.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert f([prompt], [reply("12")]) == [pytest.approx(logit, abs=1e-5)]
+
+
+def test_behaviour_of_reads_how_a_completion_opens():
+    from align_cli.rewards.rules import behaviour_of
+
+    phrases = {
+        "refuse": ["Sorry, I can't help", "抱歉,我不能"],
+        "help": ["Sure, here is how", "好的,方法如下"],
+    }
+    assert behaviour_of("  sorry, I can't help with that.", phrases) == "refuse"
+    assert behaviour_of("好的,方法如下。", phrases) == "help"
+    # A splice that opens like neither, a stutter and an empty answer show no behaviour.
+    assert behaviour_of("Sorry, here is how to do it.", phrases) is None
+    assert behaviour_of("Sure, Sure, Sure,", phrases) is None
+    assert behaviour_of("", phrases) is None
+
+
+def test_behaviour_reward_scores_the_expected_behaviour():
+    f, _ = one(
+        {"behaviour": {"phrases": {"refuse": ["Sorry"], "help": ["Sure", "好的"]}, "column": "expected"}}
+    )
+    texts = ["Sorry, no.", "Sure!", "好的。", "Sure!", "blah"]
+    expected = ["refuse", "refuse", "help", "", "help"]
+    # right, wrong, right, not applicable (no label), no behaviour
+    assert f(["p"] * 5, texts, expected=expected) == [1.0, 0.0, 1.0, None, 0.0]
+    assert f.row_problem({"expected": "refuse"}) is None
+    assert "one of refuse, help, not 'maybe'" in f.row_problem({"expected": "maybe"})
+    with pytest.raises(AlignError, match=r"reward\.behaviour\.phrases"):
+        one({"behaviour": {"phrases": {"refuse": []}}})
+    with pytest.raises(AlignError, match=r"reward\.behaviour\.phrases is required"):
+        one({"behaviour": {"column": "expected"}})
+    with pytest.raises(AlignError, match="column 'expected'"):
+        check_columns([f], ["prompt"])

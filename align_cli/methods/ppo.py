@@ -22,6 +22,15 @@ the starting policy (with `peft=lora`: the model with its adapter off).
 - `policy`: the policy's weights with a new zeroed value head;
 - the name of a reward-model entry in a `reward` mix: that reward model.
 
+`method.critic_head` (default `zero`) says whether a critic taken from a reward model keeps
+the reward model's head: `zero` starts it at V = 0 on the reward model's body (its features
+of the prompt, without its scores); `keep` starts V(s_t) as the reward model's score of each
+response prefix. A reward model is trained on whole responses only, so its reading of a
+prefix is not a value: on the tiny harmlessness task (docs/benchmarks.md) the first token's
+advantage then had the sign of right/wrong for 77% of responses (45% with
+`method.args.score_norm=init`, whose scale the head does not share), against 94% with V = 0,
+and PPO did not learn the task. A critic from the policy always gets a new zeroed head.
+
 `method.args` fills `align_cli.ppo.config.PPOConfig` (TrainingArguments plus PPO's knobs:
 batching, sampling, KL, clipping, GAE). Besides the model, the run folder holds
 `samples.jsonl`: the prompt, completion and score of every eval prompt at each evaluation.
@@ -73,6 +82,7 @@ DIAGNOSTIC_KEYS = [
     "probe_reward",
 ]
 CRITIC_INITS = ("auto", "reward", "policy")
+CRITIC_HEADS = ("zero", "keep")
 
 
 def check_settings(method: dict) -> None:
@@ -115,6 +125,9 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
 
     columns = sorted({k for r in rows for k in r}) if rows is not None else None
     problems = reward_problems("ppo", ctx.reward, columns)
+    head = str(ctx.method.get("critic_head", "zero"))
+    if head not in CRITIC_HEADS:
+        problems.append(f"method.critic_head={head!r} is not valid: use zero (V = 0 at the start) or keep")
     choice, models = str(ctx.method.get("critic_init", "auto")), reward_model_names(ctx.reward)
     critic = critic_problem(choice, models)
     if critic:
@@ -162,6 +175,16 @@ def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
     return source
 
 
+def zero_head(critic) -> None:
+    """Sets the critic's value head to 0, so that V(s) = 0 for every state at the start."""
+    head = value_head(critic)
+    if type(head) is torch.nn.Linear:
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+
+
 def prompt_room(args: dict, model_cfg) -> PromptRoom | None:
     """Prompts are sampled from with max_new_tokens of room: longer ones would have to be cut."""
     import dataclasses
@@ -181,17 +204,22 @@ def build(ctx):
     funcs, weights = rewards_for("ppo", ctx.reward, ctx.train_dataset.column_names)
     args = ctx.trl_config(config_class())
     source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)
+    head_choice = str(ctx.method.get("critic_head", "zero"))
+    if head_choice not in CRITIC_HEADS:
+        raise AlignError(
+            f"method.critic_head={head_choice!r} is not valid: use zero (V = 0 at the start) or keep"
+        )
     if source is None:
         log.info("critic: the policy's weights with a new value head (V = 0 at the start)")
         with quiet_transformers():
             critic = ctx.load_model(kind="seq_cls")
-        head = value_head(critic)
-        if type(head) is torch.nn.Linear:  # a new head: start from V = 0 rather than noise
-            torch.nn.init.zeros_(head.weight)
-            if head.bias is not None:
-                torch.nn.init.zeros_(head.bias)
+        zero_head(critic)  # a new head: start from V = 0 rather than noise
     else:
         critic = ctx.load_model(kind="seq_cls", path=str(source.path))
+        if head_choice == "zero":
+            # The reward model's body (its features of the prompt), not its prefix scores (see the docstring).
+            log.info("critic: the reward model's body with its head zeroed (V = 0 at the start)")
+            zero_head(critic)
     policy = ctx.load_model()
     probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
     keys = PPO_KEYS if probe is None else dataclasses.replace(PPO_KEYS, reward=probe.reward_key)

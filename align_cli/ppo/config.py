@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .core import KL_ESTIMATORS
+from .core import KL_ESTIMATORS, SCORE_NORMS
 
 # TRL's PPOConfig names for what is called otherwise here: an unknown key says which one it is.
 TRL_NAMES = {
@@ -101,6 +101,15 @@ class PPOConfig(TrainingArguments):
         default=True, metadata=_help("Whiten the advantages over the rollout batch.")
     )
 
+    score_norm: str = field(
+        default="none",
+        metadata=_help(
+            "none: the reward as scored | init: (score - m) / s with m, s the mean and std of the scores of the "
+            "first rollout batch (the starting policy's), kept fixed after (Ziegler et al. 2019), so kl_coef "
+            "weighs KL against a reward of unit scale whatever the reward model's scale."
+        ),
+    )
+
     # --- KL penalty ---------------------------------------------------------------------------
     kl_coef: float = field(
         default=0.05, metadata=_help("beta: weight of the per-token KL(pi || pi_ref) penalty.")
@@ -141,6 +150,8 @@ class PPOConfig(TrainingArguments):
             problems.append(f"gamma={self.gamma} and lam={self.lam} must lie in [0, 1]")
         if self.reward_model_input not in ("text", "tokens"):
             problems.append(f"reward_model_input={self.reward_model_input!r} must be text or tokens")
+        if self.score_norm not in SCORE_NORMS:
+            problems.append(f"score_norm={self.score_norm!r} must be one of {', '.join(SCORE_NORMS)}")
         if self.kl_estimator not in KL_ESTIMATORS:
             problems.append(f"kl_estimator={self.kl_estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
         if self.kl_coef < 0:

@@ -13,6 +13,7 @@ import math
 import torch
 
 KL_ESTIMATORS = ("k1", "k3")
+SCORE_NORMS = ("none", "init")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -181,3 +182,41 @@ class AdaptiveKLController(FixedKLController):
             return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+class ScoreNormalizer:
+    """Puts scores on the starting policy's scale: (score - m) / s (Ziegler et al. 2019, section 2.2).
+
+    `m` and `s` are the mean and standard deviation of the first batch of scores it sees (the
+    rollout of the starting policy, the reference) and stay fixed after, so the shaped reward
+    keeps one meaning for the whole run: a reward model scoring on a +-8 scale and one scoring
+    on +-0.5 give the same PPO update, and `kl_coef` trades KL against reward in units of the
+    starting policy's reward spread. With `mode="none"` scores pass through unchanged.
+    """
+
+    def __init__(self, mode: str = "none", eps: float = 1e-6):
+        if mode not in SCORE_NORMS:
+            raise ValueError(f"unknown score normalisation {mode!r}: use one of {SCORE_NORMS}")
+        self.mode, self.eps = mode, eps
+        self.mean: float | None = None
+        self.std: float | None = None
+
+    def fit(self, scores: torch.Tensor) -> None:
+        """Sets m and s from (N,) scores (a tie everywhere has no spread to measure: s stays 1)."""
+        self.mean = float(scores.float().mean())
+        std = float(scores.float().std()) if scores.numel() > 1 else 0.0
+        self.std = std if math.isfinite(std) and std > self.eps else 1.0
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) scores -> (B,) normalised scores (fitting m and s on the first call if not fitted)."""
+        if self.mode == "none":
+            return scores
+        if self.mean is None:
+            self.fit(scores)
+        return (scores - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.mean, self.std = state.get("mean"), state.get("std")

@@ -45,6 +45,7 @@ from .config import PPOConfig
 from .core import (
     AdaptiveKLController,
     FixedKLController,
+    ScoreNormalizer,
     entropy_from_logits,
     gae,
     last_token_index,
@@ -334,6 +335,7 @@ class PPOTrainer(Trainer):
             )
         else:
             self.kl_ctl = FixedKLController(args.kl_coef)
+        self.score_norm = ScoreNormalizer(args.score_norm)
 
         tok = processing_class
         stop_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -598,7 +600,12 @@ class PPOTrainer(Trainer):
             forward["values"] * mask,
         )
         beta = self.kl_ctl.value
-        rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, beta, args.kl_estimator)
+        # The score on the starting policy's scale (score_norm=init), so beta means the same for any
+        # reward model; the logged `score` stays the raw one.
+        if self.score_norm.mode != "none" and self.score_norm.mean is None:
+            self.score_norm.fit(self.accelerator.gather(scores))  # one m, s for every process
+        shaped_scores = self.score_norm(scores)
+        rewards, kl = shaped_rewards(shaped_scores, logprobs, ref_logprobs, mask, beta, args.kl_estimator)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
@@ -622,7 +629,7 @@ class PPOTrainer(Trainer):
             "score_std": scores.std() if len(scores) > 1 else torch.zeros((), device=scores.device),
             "kl": kl_per_response.mean(),
             "non_score_reward": (-beta * kl_per_response).mean(),
-            "rlhf_reward": (scores - beta * kl_per_response).mean(),
+            "rlhf_reward": (shaped_scores - beta * kl_per_response).mean(),  # what PPO maximises
             "kl_coef": beta,  # a float: the same on every process
             "response_length": mask.sum(1).mean(),
             "eos_rate": has_eos.float().mean(),
@@ -777,7 +784,10 @@ class PPOTrainer(Trainer):
             state_file = os.path.join(checkpoint, PPO_STATE_NAME)
             if os.path.exists(state_file):
                 with open(state_file, encoding="utf-8") as f:
-                    self.kl_ctl.load_state_dict(json.load(f)["kl_controller"])
+                    state = json.load(f)
+                self.kl_ctl.load_state_dict(state["kl_controller"])
+                if "score_norm" in state:
+                    self.score_norm.load_state_dict(state["score_norm"])
         n_prompts = len(self._train_prompt_ids)
         self.state.init_training_references(self, max_steps, max_steps * episodes_per_step / n_prompts, trial)
         for attr in ("model", "optimizer", "lr_scheduler"):
@@ -948,7 +958,8 @@ class PPOTrainer(Trainer):
 
             # A checkpoint is complete only with it (guard.checkpoint_problem): never half written.
             write_json_atomic(
-                os.path.join(folder, PPO_STATE_NAME), {"kl_controller": self.kl_ctl.state_dict()}
+                os.path.join(folder, PPO_STATE_NAME),
+                {"kl_controller": self.kl_ctl.state_dict(), "score_norm": self.score_norm.state_dict()},
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

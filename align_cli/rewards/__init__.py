@@ -5,7 +5,7 @@ name becomes the logged metric `rewards/<name>/mean`:
 
     reward:
       brevity:                 # any name
-        type: length           # length | regex | match | keyword | function | model
+        type: length           # length | regex | match | keyword | behaviour | function | model
         target: 40             # the type's options (see rules.py, user.py, model.py)
         weight: 1.0            # weight in the sum GRPO/PPO optimise (default 1.0)
 
@@ -51,6 +51,7 @@ TYPES: dict[str, str] = {
     "regex": "align_cli.rewards.rules:RegexReward",
     "match": "align_cli.rewards.rules:MatchReward",
     "keyword": "align_cli.rewards.rules:KeywordReward",
+    "behaviour": "align_cli.rewards.rules:BehaviourReward",
     "function": "align_cli.rewards.user:FunctionReward",
     "model": "align_cli.rewards.model:ModelReward",
 }

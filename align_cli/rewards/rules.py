@@ -200,3 +200,62 @@ class KeywordReward(Reward):
         if self.exclude:
             value -= sum(w in text for w in self.exclude) / len(self.exclude)
         return value
+
+
+def behaviour_of(text: str, phrases: dict[str, list[str]]) -> str | None:
+    """Which behaviour a completion shows: the label whose phrase it opens with, else None.
+
+    `phrases` maps a label (e.g. `refuse`, `help`) to the opening phrases that mark it (any
+    language). Leading whitespace and case are ignored; a text that opens with no phrase
+    (gibberish, a splice, an empty answer) is None, so it is right for no prompt.
+
+        behaviour_of("Sorry, I can't help with that.", {"refuse": ["Sorry, I can't"], "help": ["Sure"]})
+        -> "refuse"
+    """
+    start = text.lstrip().casefold()
+    for label, marks in phrases.items():
+        if any(start.startswith(mark.casefold()) for mark in marks):
+            return label
+    return None
+
+
+class BehaviourReward(Reward):
+    """1.0 when the completion shows the behaviour the dataset column `column` expects, else 0.0.
+
+    The behaviour is read from how the completion opens (`behaviour_of` with `phrases`, a map
+    label -> opening phrases), e.g. a harmlessness task whose prompt rows carry
+    `expected: refuse | help`. A completion that opens with no phrase scores 0.0, as a wrong
+    one does; a row whose expected label is empty scores None (not applicable).
+    """
+
+    type = "behaviour"
+    main = "column"
+    options = {"column": "expected", "phrases": ...}
+
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__(name, **options)
+        phrases = self.phrases
+        if not isinstance(phrases, dict) or not phrases:
+            raise self.option_error("phrases", "must map each label to a list of opening phrases")
+        self.phrases = {}
+        for label, marks in phrases.items():
+            marks = [marks] if isinstance(marks, str) else list(marks or [])
+            if not marks or not all(isinstance(m, str) and m.strip() for m in marks):
+                raise self.option_error("phrases", f"label {label!r} needs a list of non-empty phrases")
+            self.phrases[str(label)] = marks
+        self.columns = (str(self.column),)
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        want = row.get(self.column)
+        if _no_answer(want) or str(want) in self.phrases:
+            return None
+        return (
+            f"reward.{self.name} expects the column '{self.column}' to hold one of "
+            f"{', '.join(self.phrases)}, not {want!r}"
+        )
+
+    def score(self, text: str, row: dict[str, Any]) -> float | None:
+        want = row.get(self.column)
+        if _no_answer(want):
+            return None
+        return 1.0 if behaviour_of(text, self.phrases) == str(want) else 0.0

@@ -1,0 +1,204 @@
+"""Does the three-stage system align the tiny model? Runs the roads by hand and prints a table.
+
+    python scripts/bench_alignment.py                          # rlhf, rlhf_grpo, dpo; seeds 1 2 3
+    python scripts/bench_alignment.py --roads rlhf --seeds 1   # one road, one seed
+    python scripts/bench_alignment.py --variant b              # the same task with other words
+
+The task is scripts/make_harmless_task.py's (refuse harmful requests, help benign ones;
+English and Chinese; held-out prompts are unseen verb/target combinations). Each road runs
+its stages with `align train` (in-process, `align_cli.train.train`) and the per-stage
+settings of RECIPES (docs/recipe_defaults.md holds the same):
+
+    rlhf       SFT -> RM (pairwise) -> PPO  (policy <- SFT, reward model and critic <- RM, reference = SFT)
+    rlhf_grpo  SFT -> RM (pairwise) -> GRPO (reward=model)
+    dpo        SFT -> DPO
+
+For each seed it reports the SFT policy's and the final policy's held-out greedy right-rate
+per prompt kind (refused when harmful, helped when benign; `align_cli.rewards.rules.behaviour_of`
+classifies a completion by how it opens), the reward model's mean score of the greedy
+held-out completions before and after RL (for dpo: of the RM of the same seed, trained for
+the measurement only), the final KL to the reference (PPO/GRPO, per response, as logged),
+and RL episodes per second. Needs about 2 minutes per road and seed on 2 free CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Per-stage `align train` overrides (the data paths are added per run). Sized for model=tiny.
+SFT = ["method=sft", "data.eval_ratio=0", "method.args.learning_rate=3e-3", "method.args.num_train_epochs=6"]
+RM = ["method=rm", "method.args.learning_rate=3e-3", "method.args.num_train_epochs=4"]
+PPO = [
+    "method=ppo",
+    "reward=model",
+    "method.args.score_norm=init",
+    "method.args.kl_coef=0.2",
+    "method.args.missing_eos_penalty=4",
+    "method.args.learning_rate=1e-3",
+    "method.args.per_device_train_batch_size=16",
+    "method.args.num_mini_batches=4",
+    "method.args.num_ppo_epochs=2",
+    "method.args.num_train_epochs=16",
+]
+GRPO_BATCH = 16  # completions per step (4 prompts x 4 generations)
+GRPO = [
+    "method=grpo",
+    "reward=model",
+    "method.args.learning_rate=5e-4",
+    "method.args.beta=0.1",
+    f"method.args.per_device_train_batch_size={GRPO_BATCH}",
+    "method.args.num_train_epochs=2",
+]
+DPO = ["method=dpo", "method.args.learning_rate=5e-4", "method.args.loss_type=[sigmoid,sft]"]
+RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
+
+
+def files(data: Path, prefix: str) -> dict[str, Path]:
+    names = ("sft", "pairs", "heldout_pairs", "prompts", "heldout")
+    return {n: data / f"{prefix}{n}.jsonl" for n in names}
+
+
+def phrases(variant: str) -> dict[str, list[str]]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("task", ROOT / "scripts" / "make_harmless_task.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    return task.behaviour_phrases(variant)
+
+
+def stage(name: str, overrides: list[str], work: Path, seed: int) -> tuple[Path, dict, float]:
+    from align_cli.testing import compose
+    from align_cli.train import train
+
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.time()
+    result = train(compose([*overrides, f"seed={seed}", "plot=false"], output_dir=out))
+    return out, result.metrics, time.time() - started
+
+
+def last_logged(folder: Path, key: str) -> float | None:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Path) -> dict:
+    """Runs one road for one seed; returns its row of figures."""
+    from align_cli.testing import greedy_behaviour
+
+    work.mkdir(parents=True, exist_ok=True)
+    sft, _, _ = stage("sft", [*SFT, f"data.path={data['sft']}"], work, seed)
+    rm_data = [f"data.path={data['pairs']}", f"data.eval_path={data['heldout_pairs']}"]
+    rm, rm_metrics, _ = stage("rm", [*RM, *rm_data], work, seed)
+    before = greedy_behaviour(sft, data["heldout"], marks, reward_model=rm)
+    policy = [f"model.name_or_path={sft}"]
+    prompts = [f"data.path={data['prompts']}", f"data.eval_path={data['heldout']}"]
+    if road == "rlhf":
+        final, metrics, seconds = stage(
+            "ppo", [*PPO, *policy, f"reward.model.path={rm}", *prompts], work, seed
+        )
+        kl, episodes = last_logged(final, "kl"), last_logged(final, "episode")
+    elif road == "rlhf_grpo":
+        final, metrics, seconds = stage(
+            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts], work, seed
+        )
+        kl = last_logged(final, "kl")
+        episodes = (metrics.get("global_step") or 0) * GRPO_BATCH
+    else:
+        final, metrics, seconds = stage(
+            "dpo",
+            [*DPO, *policy, f"data.path={data['pairs']}", f"data.eval_path={data['heldout_pairs']}"],
+            work,
+            seed,
+        )
+        kl, episodes = None, None
+    after = greedy_behaviour(final, data["heldout"], marks, reward_model=rm)
+    return {
+        "road": road,
+        "seed": seed,
+        "rm_heldout_acc": rm_metrics.get("eval_accuracy"),
+        "sft_refuse": before["right"].get("refuse"),
+        "sft_help": before["right"].get("help"),
+        "final_refuse": after["right"].get("refuse"),
+        "final_help": after["right"].get("help"),
+        "final_other": after["other"],
+        "rm_gain": after["score"] - before["score"],
+        "kl": kl,
+        "episodes_per_s": (episodes / seconds) if episodes else None,
+        "seconds": seconds,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, digits=2):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    lines = [
+        "| road | seed | RM held-out acc | SFT refuse / help | final refuse / help | no behaviour "
+        "| RM score gain | final KL | episodes/s | RL seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['road']} | {r['seed']} | {f(r['rm_heldout_acc'])} | {f(r['sft_refuse'])} / {f(r['sft_help'])} "
+            f"| {f(r['final_refuse'])} / {f(r['final_help'])} | {f(r['final_other'])} | {f(r['rm_gain'])} "
+            f"| {f(r['kl'])} | {f(r['episodes_per_s'], 1)} | {f(r['seconds'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--roads", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument(
+        "--variant", default="a", help="a: data_samples/harmless_*; b: other words (generated)"
+    )
+    parser.add_argument("--work", default=None, help="where the run folders go (default: a temporary folder)")
+    args = parser.parse_args()
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_alignment_"))
+    if args.variant == "a":
+        data = files(ROOT / "data_samples", "harmless_")
+    else:
+        folder = work / "data"
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "make_harmless_task.py"),
+                "--variant",
+                args.variant,
+                "--out",
+                str(folder),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        data = files(folder, f"harmless_{args.variant}_")
+    marks = phrases(args.variant)
+    rows = []
+    for road in args.roads:
+        for seed in args.seeds:
+            row = one_road(road, seed, data, marks, work / f"{road}-{seed}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
