@@ -370,6 +370,34 @@ def checked_config(cfg: DictConfig):
     return module, ctx, data_cfg
 
 
+def read_run_data(module, ctx, data_cfg, tokenizer, problems=None):
+    """Both splits of a checked config, read and checked as the run will get them: the method's
+    standard format, the tokenizer's chat template, the method's prompt room, the rewards' row
+    checks. `align train`, `align data validate` and `align data preview` all read through it.
+
+    Args:
+        problems: (train, eval) collectors (validate); None: stop at the first problem.
+
+    Returns:
+        `data.Splits`.
+    """
+    from .data import read_splits
+    from .methods import prompt_room
+    from .rewards import row_check
+
+    return read_splits(
+        data_cfg,
+        ctx.method["format"],
+        conversational=tokenizer.chat_template is not None,
+        seed=ctx.seed,
+        sample=ctx.method.get("sample"),
+        tokenizer=tokenizer,
+        room=prompt_room(module, ctx.args, ctx.model_cfg),
+        row_check=row_check(ctx.reward),  # values a reward cannot use, named by file:line
+        problems=problems,
+    )
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """Runs one training job described by a composed config (see `_train`), holding its run
     folder (`preflight.lock_run_folder`) until it ends."""
@@ -394,7 +422,7 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from . import modeling
     from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
-    from .data import data_path, read_splits
+    from .data import data_path
     from .guard import (
         GracefulStop,
         LossGuard,
@@ -404,12 +432,12 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         install_atomic_trainer_state,
         trim_metrics,
     )
-    from .methods import method_problems, prompt_room
-    from .rewards import RewardFailed, row_check
+    from .methods import method_problems
+    from .rewards import RewardFailed
 
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
-    method, args, model_cfg, reward = ctx.method, ctx.args, ctx.model_cfg, ctx.reward
+    method, args, model_cfg = ctx.method, ctx.args, ctx.model_cfg
     from .terminal import check_trackers
     from .terminal import prepare as prepare_terminal
 
@@ -427,16 +455,7 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         # The tokenizer is cheap and decides whether prompts become chat messages; the data is
         # read and checked completely before any model weights are loaded.
         tokenizer = modeling.load_tokenizer(model_cfg)
-        splits = read_splits(
-            data_cfg,
-            method["format"],
-            conversational=tokenizer.chat_template is not None,
-            seed=int(cfg.seed),
-            sample=method.get("sample"),
-            tokenizer=tokenizer,
-            room=prompt_room(module, args, model_cfg),
-            row_check=row_check(reward),  # values a reward cannot use, named by file:line
-        )
+        splits = read_run_data(module, ctx, data_cfg, tokenizer)
         # The method's own checks (settings, rewards, the columns they read): as validate runs them.
         problems = method_problems(module, ctx, splits.train.rows)
         if problems:

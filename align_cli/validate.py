@@ -187,11 +187,10 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
-    from .data import data_path, has_eval_source, read_splits
+    from .data import data_path, has_eval_source
     from .data.problems import Problems
-    from .methods import method_problems, prompt_room
-    from .rewards import row_check
-    from .train import checked_config
+    from .methods import method_problems
+    from .train import checked_config, read_run_data
 
     # The same checks as `align train`: what validate calls ready, train accepts.
     module, ctx, data_cfg = checked_config(cfg)
@@ -199,17 +198,7 @@ def validate(cfg: DictConfig) -> Report:
     tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
     found = (Problems(), Problems())
-    splits = read_splits(
-        data_cfg,
-        method["format"],
-        conversational=tokenizer.chat_template is not None,
-        seed=ctx.seed,
-        sample=method.get("sample"),
-        tokenizer=tokenizer,
-        room=prompt_room(module, ctx.args, model_cfg),
-        row_check=row_check(ctx.reward),
-        problems=found,
-    )
+    splits = read_run_data(module, ctx, data_cfg, tokenizer, problems=found)
     report.settings = method_problems(module, ctx, splits.train.rows if splits.train is not None else None)
     try:
         source = data_path(data_cfg, method.get("sample"))

@@ -123,24 +123,13 @@ def rendered_fields(row: dict, tokenizer, method_args: dict | None = None, metho
 def preview(cfg, rows: int, rendered: bool) -> list[dict]:
     """The first `rows` training rows as the trainer gets them, each with its `source`."""
     from .. import modeling
-    from ..methods import prompt_room
-    from ..rewards import row_check
-    from ..train import checked_config
-    from . import _to_dataset, load_splits
+    from ..train import checked_config, read_run_data
+    from . import _to_dataset
 
     module, ctx, data_cfg = checked_config(cfg)
     method, model_cfg = ctx.method, ctx.model_cfg
     tokenizer = modeling.load_tokenizer(model_cfg)
-    train, _ = load_splits(
-        data_cfg,
-        method["format"],
-        conversational=tokenizer.chat_template is not None,
-        seed=ctx.seed,
-        sample=method.get("sample"),
-        tokenizer=tokenizer,
-        room=prompt_room(module, ctx.args, model_cfg),
-        row_check=row_check(ctx.reward),
-    )
+    train, _ = read_run_data(module, ctx, data_cfg, tokenizer).loaded()
     # Through the same Dataset the trainer gets: Arrow gives every row every column.
     dataset = _to_dataset(train.rows[:rows]) if train.rows else []
     out = []
