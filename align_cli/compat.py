@@ -102,3 +102,35 @@ def check_4bit_training(device: str, quant_type: str, compute_dtype) -> str | No
     if before.grad.abs().sum() == 0:
         return "the gradient through the 4-bit layer is zero after an evaluation pass"
     return None
+
+
+def fsdp_on_cpu() -> None:
+    """Lets accelerate run FSDP2 on a CPU launch (torchrun + gloo); idempotent.
+
+    accelerate 1.15 (`AcceleratorState.__init__`, checked against 1.15.0) turns an
+    `fsdp_plugin` into `DistributedType.FSDP` only for accelerator devices (MULTI_GPU,
+    MULTI_XPU, ...). A CPU launch is MULTI_CPU, so the plugin transformers builds from
+    `fsdp_config` is dropped without a word and training stays plain DDP. torch's FSDP2
+    (`fully_shard`) itself runs on CPU tensors over gloo (checked with torch 2.13: training,
+    the full-state-dict gather on save, resume). This makes the state FSDP in exactly that
+    case. The type is written into PartialState's shared state too: every later
+    `AcceleratorState()` copies PartialState's `distributed_type` back over its own (that is
+    how it would revert to MULTI_CPU, and `get_state_dict` would then hand `save_pretrained`
+    unsharded DTensors that only rank 0 tries to gather: a gloo deadlock).
+    """
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    if getattr(state.AcceleratorState.__init__, "_align_fsdp_on_cpu", False):
+        return
+    original = state.AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__._align_fsdp_on_cpu = True
+    state.AcceleratorState.__init__ = __init__

@@ -139,6 +139,23 @@ class SweepConfig:
             )
 
 
+DIST_NAMES = ("ddp", "fsdp", "zero2", "zero3")
+
+
+@dataclass
+class DistConfig:
+    """How the processes of a `torchrun` launch share the work (`dist=ddp|fsdp|zero2|zero3`, see dist.py)."""
+
+    name: str = "ddp"
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (FSDP's own / DeepSpeed's)
+    cpu_offload: bool = False  # fsdp: keep parameters and gradients on the CPU between uses
+    config: str | None = None  # zero2/zero3: the DeepSpeed JSON file (null: the one shipped in conf/deepspeed/)
+
+    def __post_init__(self):
+        if self.name not in DIST_NAMES:
+            raise AlignError(f"dist={self.name!r} is not valid: use {', '.join(DIST_NAMES)}")
+
+
 @dataclass
 class AlignConfig:
     """The root of every composed config."""
@@ -152,6 +169,7 @@ class AlignConfig:
     seed: int = 42
     output_dir: str | None = None  # null: Hydra's run directory
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     resume: Any = False  # false, true (the run folder's last checkpoint) or a checkpoint path
     debug: bool = False  # show full tracebacks
     plot: bool = True

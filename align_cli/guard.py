@@ -298,7 +298,12 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     except AlignError as err:
         return str(err)
     # DeepSpeed and FSDP keep the optimizer in their own layouts (global_step*/, optimizer_0/).
-    engine_state = any(folder.glob("global_step*")) or any(folder.glob("optimizer_*"))
+    # FSDP with a full state dict: pytorch_model_fsdp*.bin and optimizer.bin (accelerate's names).
+    engine_state = (
+        any(folder.glob("global_step*"))
+        or any(folder.glob("optimizer_*"))
+        or (any(folder.glob("pytorch_model_fsdp*")) and (folder / "optimizer.bin").is_file())
+    )
     if not engine_state:
         for name in ("optimizer.pt", "scheduler.pt"):
             if not (folder / name).is_file():

@@ -358,7 +358,13 @@ def checked_config(cfg: DictConfig):
         train_dataset=None,
         reward=OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None,
         seed=int(cfg.get("seed", 42)),
+        dist=typed(cfg, "dist", schema.DistConfig),
     )
+    from .dist import config_problem
+
+    problem = config_problem(ctx.dist, method["name"], args, ctx.quant_cfg.bits)
+    if problem:
+        raise AlignError(problem)
     check_method_args(module, ctx)
     if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
         module.check_settings(method)
@@ -437,6 +443,12 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
 
     started = time.time()
     module, ctx, data_cfg = checked_config(cfg)
+    from . import dist
+
+    problem = dist.launch_problem(ctx.dist)
+    if problem:
+        raise AlignError(problem)
+    dist.prepare(ctx.dist)
     method, args, model_cfg = ctx.method, ctx.args, ctx.model_cfg
     from .terminal import check_trackers
     from .terminal import prepare as prepare_terminal

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import modeling
-from ..config import ModelConfig, PeftSettings, QuantConfig
+from ..config import DistConfig, ModelConfig, PeftSettings, QuantConfig
 from ..errors import AlignError, nearest
 
 log = logging.getLogger("align")
@@ -144,6 +144,7 @@ class MethodContext:
     callbacks: list = field(default_factory=list)
     seed: int = 42
     config: Any = None  # the method's config built from method.args once up front, for `check`
+    dist: DistConfig = field(default_factory=DistConfig)  # dist=: DDP, FSDP or DeepSpeed (align_cli/dist.py)
 
     def trl_config(self, cls: type, **defaults: Any):
         """Builds a TRL/transformers config dataclass: our run defaults < `defaults` < method.args.
@@ -174,6 +175,7 @@ class MethodContext:
         if self.eval_dataset is not None and "eval_strategy" in valid:
             values.update(eval_strategy="steps", eval_steps=0.25)
         values.update(defaults)
+        values.update(self._dist_args(valid))
         values.update(self.args)
         if "gradient_checkpointing" in self.args and "activation_checkpointing" not in self.args:
             values.pop("activation_checkpointing", None)  # the user's old name decides
@@ -185,6 +187,15 @@ class MethodContext:
             raise AlignError(f"method.args: {cls.__name__} rejected the settings: {first}") from None
         check_arg_ranges(config)
         return config
+
+    def _dist_args(self, valid: set[str]) -> dict[str, Any]:
+        """dist='s TrainingArguments settings (align_cli/dist.py), for the keys `valid` has."""
+        from .. import dist
+
+        out = dist.training_args(self.dist, self.model_cfg)
+        if "activation_checkpointing" in out and "activation_checkpointing" not in valid:
+            out["gradient_checkpointing"] = out.pop("activation_checkpointing")
+        return {k: v for k, v in out.items() if k in valid}
 
     def load_model(self, kind: str = "causal_lm", path: str | None = None, quantize: bool = True):
         """Loads the configured model (or `path`) with the run's quantization.

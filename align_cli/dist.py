@@ -1,0 +1,187 @@
+"""How the processes of one `torchrun` launch share a run: `dist=ddp|fsdp|zero2|zero3`.
+
+    torchrun --nproc_per_node 8 -m align_cli.cli train method=dpo dist=fsdp
+    torchrun --nproc_per_node 8 -m align_cli.cli train method=sft dist=zero3    # pip install 'align-cli[deepspeed]'
+
+- `ddp` (default): every rank holds the whole model; gradients are all-reduced.
+- `fsdp`: FSDP2 through transformers' own `fsdp`/`fsdp_config` (accelerate's FSDP plugin with
+  `fsdp_version: 2`): full shard (parameters resharded after each forward), one FSDP unit per
+  decoder layer, the layer class read from the model itself (its `_no_split_modules`),
+  optional FSDP activation checkpointing and CPU offload. Saves gather the FULL state dict on
+  rank 0 (`FULL_STATE_DICT`): the run folder and every checkpoint hold a plain
+  `model.safetensors` that `align export`, `from_pretrained` and later stages read, and the
+  checkpoint's `pytorch_model_fsdp.bin` + `optimizer.bin` are what resuming reads. A sharded
+  state dict (one file per rank) would need a conversion step before any of those could read
+  it; at the model sizes this tool targets the gathered save is the simpler choice.
+- `zero2` / `zero3`: DeepSpeed ZeRO through transformers' `deepspeed=` with the JSON files in
+  `conf/deepspeed/` ("auto" values filled from method.args by transformers); ZeRO-3 saves
+  gather 16-bit weights (`stage3_gather_16bit_weights_on_model_save`).
+
+The trainer settings go into every TrainingArguments-based method config (SFT, RM, DPO, KTO,
+GRPO). Our PPO loop is DDP only and says so. The FSDP/DeepSpeed keys of method.args
+(`fsdp`, `fsdp_config`, `deepspeed`) are refused: `dist=` is the one way to set them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import CONF_DIR, DistConfig, ModelConfig
+from .errors import AlignError
+
+# The TrainingArguments keys dist= owns; set in method.args they would bypass its checks.
+OWNED_ARGS = ("fsdp", "fsdp_config", "deepspeed")
+DEEPSPEED_HINT = "pip install 'align-cli[deepspeed]'"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a torchrun (or SLURM via submitit) launch."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _on_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def config_problem(dist: DistConfig, method_name: str, args: dict[str, Any], quant_bits: int | None) -> str | None:
+    """What makes this dist choice impossible whatever the launch, or None (train and validate)."""
+    owned = [k for k in OWNED_ARGS if k in args]
+    if owned:
+        return (
+            f"method.args.{owned[0]} is set by dist=: use dist=fsdp or dist=zero2|zero3 "
+            f"(dist.activation_checkpointing, dist.cpu_offload, dist.config) instead of method.args.{owned[0]}"
+        )
+    if dist.name == "ddp":
+        return None
+    if method_name == "ppo":
+        return (
+            f"dist={dist.name} does not apply to method=ppo: align's PPO loop trains policy and critic as "
+            "one DDP module (dist=ddp); for sharded RL training use method=grpo with dist=fsdp, zero2 or zero3"
+        )
+    if quant_bits:
+        return f"quant={quant_bits}bit with dist={dist.name} is not supported: use dist=ddp for QLoRA runs"
+    if dist.name.startswith("zero") and not deepspeed_installed():
+        return f"dist={dist.name} needs DeepSpeed, which is not installed: {DEEPSPEED_HINT}"
+    if dist.name == "fsdp" and dist.config:
+        return "dist.config names a DeepSpeed JSON file: it applies to dist=zero2|zero3, not dist=fsdp"
+    if dist.name.startswith("zero") and dist.cpu_offload:
+        return f"dist.cpu_offload is FSDP's: with dist={dist.name}, set offload_optimizer in your dist.config JSON"
+    if dist.name.startswith("zero"):
+        deepspeed_config(dist)  # a missing or unreadable file fails now
+    return None
+
+
+def launch_problem(dist: DistConfig) -> str | None:
+    """What makes this dist choice impossible in this process's launch, or None (train only)."""
+    if dist.name == "ddp":
+        return None
+    command = f"torchrun --nproc_per_node N -m align_cli.cli train ... dist={dist.name}"
+    if not launched():
+        return f"dist={dist.name} needs a distributed launch: {command} (N=1 on one GPU)"
+    if _on_accelerator():
+        return None
+    if dist.name.startswith("zero"):
+        # accelerate 1.15 (AcceleratorState): DeepSpeed is chosen only `if ... and not cpu`.
+        return f"dist={dist.name} needs GPUs: accelerate does not run DeepSpeed on a CPU; use dist=ddp or dist=fsdp here"
+    if world_size() < 2:
+        return f"dist=fsdp on a CPU needs 2 or more processes (one CPU process has nothing to shard over): {command}"
+    return None
+
+
+def deepspeed_config(dist: DistConfig) -> str:
+    """The DeepSpeed JSON file of dist=zero2|zero3: dist.config, or the one shipped in conf/deepspeed/.
+
+    Raises:
+        AlignError: the file is missing, is not JSON, or its ZeRO stage is not the option's.
+    """
+    path = Path(os.path.expanduser(dist.config)) if dist.config else CONF_DIR / "deepspeed" / f"{dist.name}.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError:
+        raise AlignError(f"dist.config={path}: no such file (a DeepSpeed JSON config)") from None
+    except ValueError as err:
+        raise AlignError(f"dist.config={path}: not valid JSON ({err})") from None
+    stage = (config.get("zero_optimization") or {}).get("stage") if isinstance(config, dict) else None
+    want = int(dist.name[-1])
+    if stage != want:
+        raise AlignError(f"dist.config={path}: zero_optimization.stage is {stage!r}, dist={dist.name} wants {want}")
+    return str(path)
+
+
+def decoder_layer_classes(model_cfg: ModelConfig) -> list[str]:
+    """The class names FSDP wraps one unit each: the model's `_no_split_modules` (its decoder layer).
+
+    Read from the model built on the meta device from its config (no weights are read).
+
+    Raises:
+        AlignError: the model's config cannot be read, or the model names no such class.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling import _adapter_base, quiet_transformers, resolve_model_path
+
+    path = resolve_model_path(model_cfg)
+    base = _adapter_base(path) or path
+    try:
+        config = AutoConfig.from_pretrained(
+            base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+        with torch.device("meta"), quiet_transformers():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AlignError(f"dist=fsdp: cannot read the model config of {base} to find its decoder layer ({first})") from None
+    names = sorted(set(getattr(model, "_no_split_modules", None) or []))
+    if not names:
+        raise AlignError(
+            f"dist=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules is empty), "
+            "so FSDP cannot wrap it layer by layer; use dist=ddp or dist=zero3"
+        )
+    return names
+
+
+def training_args(dist: DistConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The TrainingArguments settings of a dist choice (empty for ddp)."""
+    if dist.name == "ddp":
+        return {}
+    if dist.name == "fsdp":
+        return {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                "reshard_after_forward": True,  # full shard (FSDP1's FULL_SHARD)
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": decoder_layer_classes(model_cfg),
+                "state_dict_type": "FULL_STATE_DICT",
+                "activation_checkpointing": dist.activation_checkpointing,
+                "cpu_offload": dist.cpu_offload,
+            },
+            # FSDP's own checkpointing replaces transformers' (which both at once refuse).
+            "activation_checkpointing": False,
+        }
+    return {"deepspeed": deepspeed_config(dist), "activation_checkpointing": dist.activation_checkpointing}
+
+
+def prepare(dist: DistConfig) -> None:
+    """What this process needs before a trainer is built: FSDP on a CPU launch (see compat)."""
+    if dist.name == "fsdp" and not _on_accelerator() and world_size() > 1:
+        from .compat import fsdp_on_cpu
+
+        fsdp_on_cpu()
