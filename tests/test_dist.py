@@ -1,0 +1,194 @@
+"""dist=ddp|fsdp|zero2|zero3: the composed trainer settings, the refusals, and FSDP2 on two CPU
+processes (torchrun + gloo) for SFT and DPO: sharded training, a saved model that plain
+transformers loads, resuming from an FSDP checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from align_cli.dist import DEEPSPEED_HINT, deepspeed_installed
+from align_cli.errors import AlignError
+from align_cli.testing import compose
+from align_cli.train import checked_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each rank trains with the overrides given as JSON and reports whether FSDP was on, how many
+# parameter elements it holds itself (its shard) and a checksum of the gathered full weights.
+PROBE = """
+import json, os, sys
+from align_cli.testing import compose
+from align_cli.train import train
+
+r = train(compose(json.loads(sys.argv[2]), sys.argv[1]))
+t = r.trainer
+full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in t.model.named_parameters()}
+local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in t.model.parameters())
+info = {"rank": int(os.environ["RANK"]), "fsdp": t.is_fsdp_enabled, "local": local,
+        "total": sum(v.numel() for v in full.values()), "checksum": float(sum(v.double().sum() for v in full.values()))}
+print("RANKINFO", json.dumps(info))
+"""
+
+
+def fsdp_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe)]
+    out = subprocess.run(
+        [*command, str(tmp_path / "run"), json.dumps(["dist=fsdp", *overrides])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    infos = [json.loads(line.split("RANKINFO ", 1)[1]) for line in out.stdout.splitlines() if "RANKINFO" in line]
+    assert sorted(i["rank"] for i in infos) == [0, 1]
+    return infos
+
+
+def saved_matches_and_moved(run: Path, infos: list[dict]) -> None:
+    """Both ranks were sharded FSDP with the same full weights; the saved model is those weights
+    (plain transformers loads it) and differs from the tiny starting model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align_cli.modeling import build_tiny_model
+
+    assert all(i["fsdp"] for i in infos)
+    assert all(i["local"] < i["total"] for i in infos)  # each rank holds a shard, not the model
+    assert infos[0]["checksum"] == pytest.approx(infos[1]["checksum"], rel=1e-9)
+    saved = AutoModelForCausalLM.from_pretrained(run)
+    start = AutoModelForCausalLM.from_pretrained(build_tiny_model())
+    total = float(sum(p.double().sum() for p in saved.parameters()))
+    assert total == pytest.approx(infos[0]["checksum"], rel=1e-6)
+    moved = [n for (n, a), b in zip(saved.named_parameters(), start.parameters()) if not torch.equal(a, b)]
+    assert len(moved) > len(list(saved.parameters())) // 2
+
+
+def test_fsdp_sft_on_two_cpu_processes_shards_trains_and_saves_a_loadable_model(tmp_path):
+    # The default config, evaluation on: evaluation runs under FSDP too.
+    infos = fsdp_on_two_ranks(tmp_path, ["method=sft", "method.args.max_steps=3"])
+    saved_matches_and_moved(tmp_path / "run", infos)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "eval_loss" in summary["metrics"]
+
+
+def test_fsdp_dpo_on_two_cpu_processes_and_resume_from_its_checkpoint(tmp_path):
+    from align_cli.guard import checkpoint_problem
+
+    args = ["method=dpo", "data.eval_ratio=0", "method.args.save_steps=2", "dist.activation_checkpointing=true"]
+    fsdp_on_two_ranks(tmp_path, [*args, "method.args.max_steps=2"])
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file()
+    assert checkpoint_problem(checkpoint) is None
+    # As if killed after its checkpoint: the finished model and summary gone, then resumed to step 4.
+    for name in ("summary.json", "model.safetensors", "config.json"):
+        (run / name).unlink()
+    infos = fsdp_on_two_ranks(tmp_path, [*args, "method.args.max_steps=4", "resume=true"])
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s is not None][:4] == [1, 2, 3, 4]
+    saved_matches_and_moved(run, infos)
+
+
+@pytest.mark.parametrize("activation", [False, True])
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "grpo"])
+def test_fsdp_trainer_settings_compose_without_a_launch(method, activation):
+    _, ctx, _ = checked_config(compose([f"method={method}", "dist=fsdp", f"dist.activation_checkpointing={activation}"]))
+    args = ctx.config
+    assert args.fsdp is True
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]  # read from the model
+    plugin = args.fsdp_plugin_args  # what transformers hands accelerate's FullyShardedDataParallelPlugin
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["transformer_cls_names_to_wrap"] == "Qwen2DecoderLayer"
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["activation_checkpointing"] is activation
+    assert not getattr(args, "activation_checkpointing", False)  # FSDP's own checkpointing, not both
+
+
+def test_ddp_adds_no_trainer_settings():
+    _, ctx, _ = checked_config(compose(["method=dpo"]))
+    assert ctx.dist.name == "ddp"
+    assert not ctx.config.fsdp and ctx.config.fsdp_plugin_args is None and ctx.config.deepspeed is None
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_settings_name_the_shipped_deepspeed_config(stage):
+    from align_cli.config import DistConfig, ModelConfig
+    from align_cli.dist import training_args
+
+    out = training_args(DistConfig(name=f"zero{stage}", activation_checkpointing=True), ModelConfig())
+    assert out["activation_checkpointing"] is True
+    config = json.loads(Path(out["deepspeed"]).read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_micro_batch_size_per_gpu"] == "auto"  # transformers fills it from method.args
+    if stage == 3:
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_deepspeed_config_file_is_checked(tmp_path):
+    from align_cli.config import DistConfig
+    from align_cli.dist import deepspeed_config
+
+    with pytest.raises(AlignError, match="no such file"):
+        deepspeed_config(DistConfig(name="zero2", config=str(tmp_path / "none.json")))
+    wrong = tmp_path / "z.json"
+    wrong.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(AlignError, match="stage is 2, dist=zero3 wants 3"):
+        deepspeed_config(DistConfig(name="zero3", config=str(wrong)))
+
+
+@pytest.mark.skipif(deepspeed_installed(), reason="DeepSpeed is installed here")
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_zero_without_deepspeed_names_the_extra(name):
+    with pytest.raises(AlignError) as err:
+        checked_config(compose(["method=sft", f"dist={name}"]))
+    assert str(err.value) == f"dist={name} needs DeepSpeed, which is not installed: {DEEPSPEED_HINT}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=ppo", "dist=fsdp"], "dist=fsdp does not apply to method=ppo"),
+        (["method=dpo", "dist=fsdp", "peft=lora", "quant=4bit"], "quant=4bit with dist=fsdp is not supported"),
+        (["method=sft", "+method.args.fsdp=full_shard"], "method.args.fsdp is set by dist="),
+        (["method=sft", "+method.args.deepspeed=ds.json"], "method.args.deepspeed is set by dist="),
+        (["method=sft", "dist=fsdp", "dist.config=x.json"], "applies to dist=zero2|zero3, not dist=fsdp"),
+        (["method=sft", "dist=fsdpp"], "Could not find 'dist/fsdpp'"),
+    ],
+)
+def test_dist_refusals(overrides, message):
+    with pytest.raises(Exception) as err:
+        checked_config(compose(overrides))
+    assert message in str(err.value)
+
+
+def test_fsdp_on_one_cpu_process_is_refused_not_silently_ddp(tmp_path):
+    with pytest.raises(AlignError, match=r"dist=fsdp needs a distributed launch: torchrun --nproc_per_node N"):
+        train(compose(["method=sft", "dist=fsdp"], tmp_path / "run"))
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_dist_refusal_through_the_align_entry_is_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "align_cli", "train", "method=ppo", "dist=zero3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "dist=zero3 does not apply to method=ppo" in lines[0], out.stderr
