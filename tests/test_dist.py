@@ -192,3 +192,50 @@ def test_dist_refusal_through_the_align_entry_is_one_line(tmp_path):
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "dist=zero3 does not apply to method=ppo" in lines[0], out.stderr
+
+
+def gpu_check(*options: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), *options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return out
+
+
+def test_gpu_check_dry_run_lists_every_option_and_each_command_composes():
+    out = gpu_check("--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    pairs = []
+    for line in lines:
+        words = line.split()
+        overrides = words[words.index("train") + 1 :]
+        values = dict(w.split("=", 1) for w in overrides if "=" in w)
+        pairs.append((values["method"], values["dist"]))
+        # The same overrides on the tiny model, composed and checked as `align train` does.
+        kept = [w for w in overrides if "=" in w and not w.startswith(("model.name_or_path=", "output_dir="))]
+        refusal = None
+        if values["method"] == "ppo" and values["dist"] != "ddp":
+            refusal = "does not apply to method=ppo"
+        elif values["dist"].startswith("zero") and not deepspeed_installed():
+            refusal = "needs DeepSpeed"
+        if refusal:
+            with pytest.raises(AlignError, match=refusal):
+                checked_config(compose(kept))
+        else:
+            _, ctx, _ = checked_config(compose(kept))
+            assert ctx.dist.name == values["dist"]
+    assert pairs == [(m, d) for m in ("sft", "dpo", "ppo") for d in ("ddp", "fsdp", "zero2", "zero3")]
+
+
+def test_gpu_check_writes_its_table(tmp_path):
+    table = tmp_path / "check.md"
+    out = gpu_check("--cpu", "--nproc", "1", "--only", "ppo:zero2", "--out", str(table), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = table.read_text()
+    assert "- device: CPU" in text and "- date: " in text
+    assert "| ppo | zero2 | refused (expected) |" in text
