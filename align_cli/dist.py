@@ -58,7 +58,9 @@ def _on_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def config_problem(dist: DistConfig, method_name: str, args: dict[str, Any], quant_bits: int | None) -> str | None:
+def config_problem(
+    dist: DistConfig, method_name: str, args: dict[str, Any], quant_bits: int | None
+) -> str | None:
     """What makes this dist choice impossible whatever the launch, or None (train and validate)."""
     owned = [k for k in OWNED_ARGS if k in args]
     if owned:
@@ -109,7 +111,9 @@ def deepspeed_config(dist: DistConfig) -> str:
     Raises:
         AlignError: the file is missing, is not JSON, or its ZeRO stage is not the option's.
     """
-    path = Path(os.path.expanduser(dist.config)) if dist.config else CONF_DIR / "deepspeed" / f"{dist.name}.json"
+    path = (
+        Path(os.path.expanduser(dist.config)) if dist.config else CONF_DIR / "deepspeed" / f"{dist.name}.json"
+    )
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -120,7 +124,9 @@ def deepspeed_config(dist: DistConfig) -> str:
     stage = (config.get("zero_optimization") or {}).get("stage") if isinstance(config, dict) else None
     want = int(dist.name[-1])
     if stage != want:
-        raise AlignError(f"dist.config={path}: zero_optimization.stage is {stage!r}, dist={dist.name} wants {want}")
+        raise AlignError(
+            f"dist.config={path}: zero_optimization.stage is {stage!r}, dist={dist.name} wants {want}"
+        )
     return str(path)
 
 
@@ -147,7 +153,9 @@ def decoder_layer_classes(model_cfg: ModelConfig) -> list[str]:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AlignError(f"dist=fsdp: cannot read the model config of {base} to find its decoder layer ({first})") from None
+        raise AlignError(
+            f"dist=fsdp: cannot read the model config of {base} to find its decoder layer ({first})"
+        ) from None
     names = sorted(set(getattr(model, "_no_split_modules", None) or []))
     if not names:
         raise AlignError(

@@ -49,7 +49,9 @@ def fsdp_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    infos = [json.loads(line.split("RANKINFO ", 1)[1]) for line in out.stdout.splitlines() if "RANKINFO" in line]
+    infos = [
+        json.loads(line.split("RANKINFO ", 1)[1]) for line in out.stdout.splitlines() if "RANKINFO" in line
+    ]
     assert sorted(i["rank"] for i in infos) == [0, 1]
     return infos
 
@@ -69,7 +71,11 @@ def saved_matches_and_moved(run: Path, infos: list[dict]) -> None:
     start = AutoModelForCausalLM.from_pretrained(build_tiny_model())
     total = float(sum(p.double().sum() for p in saved.parameters()))
     assert total == pytest.approx(infos[0]["checksum"], rel=1e-6)
-    moved = [n for (n, a), b in zip(saved.named_parameters(), start.parameters()) if not torch.equal(a, b)]
+    moved = [
+        n
+        for (n, a), b in zip(saved.named_parameters(), start.parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
     assert len(moved) > len(list(saved.parameters())) // 2
 
 
@@ -84,7 +90,12 @@ def test_fsdp_sft_on_two_cpu_processes_shards_trains_and_saves_a_loadable_model(
 def test_fsdp_dpo_on_two_cpu_processes_and_resume_from_its_checkpoint(tmp_path):
     from align_cli.guard import checkpoint_problem
 
-    args = ["method=dpo", "data.eval_ratio=0", "method.args.save_steps=2", "dist.activation_checkpointing=true"]
+    args = [
+        "method=dpo",
+        "data.eval_ratio=0",
+        "method.args.save_steps=2",
+        "dist.activation_checkpointing=true",
+    ]
     fsdp_on_two_ranks(tmp_path, [*args, "method.args.max_steps=2"])
     run = tmp_path / "run"
     checkpoint = run / "checkpoint-2"
@@ -102,7 +113,9 @@ def test_fsdp_dpo_on_two_cpu_processes_and_resume_from_its_checkpoint(tmp_path):
 @pytest.mark.parametrize("activation", [False, True])
 @pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "grpo"])
 def test_fsdp_trainer_settings_compose_without_a_launch(method, activation):
-    _, ctx, _ = checked_config(compose([f"method={method}", "dist=fsdp", f"dist.activation_checkpointing={activation}"]))
+    _, ctx, _ = checked_config(
+        compose([f"method={method}", "dist=fsdp", f"dist.activation_checkpointing={activation}"])
+    )
     args = ctx.config
     assert args.fsdp is True
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]  # read from the model
@@ -159,7 +172,10 @@ def test_zero_without_deepspeed_names_the_extra(name):
     "overrides, message",
     [
         (["method=ppo", "dist=fsdp"], "dist=fsdp does not apply to method=ppo"),
-        (["method=dpo", "dist=fsdp", "peft=lora", "quant=4bit"], "quant=4bit with dist=fsdp is not supported"),
+        (
+            ["method=dpo", "dist=fsdp", "peft=lora", "quant=4bit"],
+            "quant=4bit with dist=fsdp is not supported",
+        ),
         (["method=sft", "+method.args.fsdp=full_shard"], "method.args.fsdp is set by dist="),
         (["method=sft", "+method.args.deepspeed=ds.json"], "method.args.deepspeed is set by dist="),
         (["method=sft", "dist=fsdp", "dist.config=x.json"], "applies to dist=zero2|zero3, not dist=fsdp"),
@@ -173,7 +189,9 @@ def test_dist_refusals(overrides, message):
 
 
 def test_fsdp_on_one_cpu_process_is_refused_not_silently_ddp(tmp_path):
-    with pytest.raises(AlignError, match=r"dist=fsdp needs a distributed launch: torchrun --nproc_per_node N"):
+    with pytest.raises(
+        AlignError, match=r"dist=fsdp needs a distributed launch: torchrun --nproc_per_node N"
+    ):
         train(compose(["method=sft", "dist=fsdp"], tmp_path / "run"))
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
