@@ -147,13 +147,9 @@ class DistConfig:
     """How the processes of a `torchrun` launch share the work (`dist=ddp|fsdp|zero2|zero3`, see dist.py)."""
 
     name: str = "ddp"
-    activation_checkpointing: bool = (
-        False  # recompute activations in the backward pass (FSDP's own / DeepSpeed's)
-    )
+    activation_checkpointing: bool = False  # recompute activations in backward (FSDP's own or DeepSpeed's)
     cpu_offload: bool = False  # fsdp: keep parameters and gradients on the CPU between uses
-    config: str | None = (
-        None  # zero2/zero3: the DeepSpeed JSON file (null: the one shipped in conf/deepspeed/)
-    )
+    config: str | None = None  # zero2/zero3: a DeepSpeed JSON file (null: conf/deepspeed/<name>.json)
 
     def __post_init__(self):
         if self.name not in DIST_NAMES:
