@@ -13,7 +13,7 @@ from align_cli.errors import AlignError
 from align_cli.methods import REGISTRY, load_method
 from align_cli.testing import compose, share_site_packages
 
-GROUPS = ["method", "model", "data", "peft", "quant", "reward"]
+GROUPS = ["method", "model", "data", "peft", "quant", "reward", "dist"]
 
 
 def options(group: str) -> list[str]:
