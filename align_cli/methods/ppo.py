@@ -55,7 +55,8 @@ from ..diagnostics import PPO_KEYS, Probe
 from ..errors import AlignError
 from ..modeling import quiet_transformers
 from ..ppo.config import PPOConfig
-from ..ppo.trainer import PPOTrainer, value_head
+from ..ppo.models import value_head
+from ..ppo.trainer import PPOTrainer
 from ..rewards import rewards_for
 from ..rewards.model import ModelReward
 
