@@ -85,6 +85,15 @@ def test_fsdp_sft_on_two_cpu_processes_shards_trains_and_saves_a_loadable_model(
     saved_matches_and_moved(tmp_path / "run", infos)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "eval_loss" in summary["metrics"]
+    # `align export` takes the FSDP run folder like any other: the same weights come out.
+    from transformers import AutoModelForCausalLM
+
+    from align_cli.export import main as export_main
+
+    export_main([str(tmp_path / "run"), str(tmp_path / "exported")])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    total = float(sum(p.double().sum() for p in exported.parameters()))
+    assert total == pytest.approx(infos[0]["checksum"], rel=1e-6)
 
 
 def test_fsdp_dpo_on_two_cpu_processes_and_resume_from_its_checkpoint(tmp_path):
