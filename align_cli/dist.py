@@ -79,6 +79,13 @@ def config_problem(
         return f"quant={quant_bits}bit with dist={dist.name} is not supported: use dist=ddp for QLoRA runs"
     if dist.name.startswith("zero") and not deepspeed_installed():
         return f"dist={dist.name} needs DeepSpeed, which is not installed: {DEEPSPEED_HINT}"
+    checkpointing = [k for k in ("activation_checkpointing", "gradient_checkpointing") if args.get(k)]
+    if dist.name == "fsdp" and checkpointing:
+        # transformers refuses both at once, deep in Trainer.__init__; FSDP's own is the one to use.
+        return (
+            f"method.args.{checkpointing[0]}=true with dist=fsdp: use dist.activation_checkpointing=true "
+            "(FSDP's own activation checkpointing) instead"
+        )
     if dist.name == "fsdp" and dist.config:
         return "dist.config names a DeepSpeed JSON file: it applies to dist=zero2|zero3, not dist=fsdp"
     if dist.name.startswith("zero") and dist.cpu_offload:
@@ -97,6 +104,8 @@ def launch_problem(dist: DistConfig) -> str | None:
         return f"dist={dist.name} needs a distributed launch: {command} (N=1 on one GPU)"
     if _on_accelerator():
         return None
+    if dist.cpu_offload:
+        return "dist.cpu_offload moves parameters off the GPU between uses: there is no GPU here; drop it"
     if dist.name.startswith("zero"):
         # accelerate 1.15 (AcceleratorState): DeepSpeed is chosen only `if ... and not cpu`.
         return f"dist={dist.name} needs GPUs: accelerate does not run DeepSpeed on a CPU; use dist=ddp or dist=fsdp here"

@@ -189,6 +189,10 @@ def test_zero_without_deepspeed_names_the_extra(name):
         (["method=sft", "+method.args.deepspeed=ds.json"], "method.args.deepspeed is set by dist="),
         (["method=sft", "dist=fsdp", "dist.config=x.json"], "applies to dist=zero2|zero3, not dist=fsdp"),
         (["method=sft", "dist=fsdpp"], "Could not find 'dist/fsdpp'"),
+        (
+            ["method=sft", "dist=fsdp", "+method.args.activation_checkpointing=true"],
+            "use dist.activation_checkpointing=true",
+        ),
     ],
 )
 def test_dist_refusals(overrides, message):
@@ -266,3 +270,27 @@ def test_gpu_check_writes_its_table(tmp_path):
     text = table.read_text()
     assert "- device: CPU" in text and "- date: " in text
     assert "| ppo | zero2 | refused (expected) |" in text
+
+
+@pytest.mark.parametrize(
+    "world, settings, message",
+    [
+        ("2", {"name": "fsdp"}, None),
+        ("1", {"name": "fsdp"}, "dist=fsdp on a CPU needs 2 or more processes"),
+        ("2", {"name": "fsdp", "cpu_offload": True}, "dist.cpu_offload moves parameters off the GPU"),
+        ("2", {"name": "zero3"}, "dist=zero3 needs GPUs: accelerate does not run DeepSpeed on a CPU"),
+        ("2", {"name": "ddp"}, None),
+    ],
+)
+def test_launch_checks_on_a_cpu(monkeypatch, world, settings, message):
+    import torch
+
+    from align_cli.config import DistConfig
+    from align_cli.dist import launch_problem
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only launch checks")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    problem = launch_problem(DistConfig(**settings))
+    assert problem == message if message is None else message in problem
