@@ -147,7 +147,8 @@ class DistConfig:
     """How the processes of a `torchrun` launch share the work (`dist=ddp|fsdp|zero2|zero3`, see dist.py)."""
 
     name: str = "ddp"
-    activation_checkpointing: bool = False  # recompute activations in backward (FSDP's own or DeepSpeed's)
+    # Recompute activations in the backward pass (FSDP's own for fsdp); null: on with a GPU, as for ddp.
+    activation_checkpointing: bool | None = None
     cpu_offload: bool = False  # fsdp: keep parameters and gradients on the CPU between uses
     config: str | None = None  # zero2/zero3: a DeepSpeed JSON file (null: conf/deepspeed/<name>.json)
 

@@ -178,6 +178,9 @@ def training_args(dist: DistConfig, model_cfg: ModelConfig) -> dict[str, Any]:
     """The TrainingArguments settings of a dist choice (empty for ddp)."""
     if dist.name == "ddp":
         return {}
+    checkpointing = dist.activation_checkpointing
+    if checkpointing is None:  # as the methods' own default (methods/base.py): where it helps, on a GPU
+        checkpointing = _on_accelerator()
     if dist.name == "fsdp":
         return {
             "fsdp": True,
@@ -187,13 +190,13 @@ def training_args(dist: DistConfig, model_cfg: ModelConfig) -> dict[str, Any]:
                 "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                 "transformer_layer_cls_to_wrap": decoder_layer_classes(model_cfg),
                 "state_dict_type": "FULL_STATE_DICT",
-                "activation_checkpointing": dist.activation_checkpointing,
+                "activation_checkpointing": checkpointing,
                 "cpu_offload": dist.cpu_offload,
             },
             # FSDP's own checkpointing replaces transformers' (which both at once refuse).
             "activation_checkpointing": False,
         }
-    return {"deepspeed": deepspeed_config(dist), "activation_checkpointing": dist.activation_checkpointing}
+    return {"deepspeed": deepspeed_config(dist), "activation_checkpointing": checkpointing}
 
 
 def prepare(dist: DistConfig) -> None:

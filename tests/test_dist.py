@@ -294,3 +294,12 @@ def test_launch_checks_on_a_cpu(monkeypatch, world, settings, message):
     monkeypatch.setenv("RANK", "0")
     problem = launch_problem(DistConfig(**settings))
     assert problem == message if message is None else message in problem
+
+
+def test_fsdp_activation_checkpointing_defaults_as_ddp_does():
+    """null: on with a GPU (as the methods' default under ddp), off on a CPU."""
+    import torch
+
+    _, ctx, _ = checked_config(compose(["method=sft", "dist=fsdp"]))
+    assert ctx.dist.activation_checkpointing is None
+    assert ctx.config.fsdp_plugin_args["activation_checkpointing"] is torch.cuda.is_available()
