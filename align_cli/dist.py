@@ -17,8 +17,14 @@
   `conf/deepspeed/` ("auto" values filled from method.args by transformers); ZeRO-3 saves
   gather 16-bit weights (`stage3_gather_16bit_weights_on_model_save`).
 
+On a CPU, `fsdp` runs over gloo with 2 or more processes (accelerate 1.15 would drop the
+plugin there: see compat.fsdp_on_cpu); `zero2`/`zero3` need GPUs. Keys checked against
+transformers 5.24 (`TrainingArguments._process_fsdp_args`) and accelerate 1.15.
+
 The trainer settings go into every TrainingArguments-based method config (SFT, RM, DPO, KTO,
-GRPO). Our PPO loop is DDP only and says so. The FSDP/DeepSpeed keys of method.args
+GRPO). Our PPO loop is DDP only and says so: it trains policy and critic as one DDP module and
+samples from the unwrapped policy, which a sharded policy (FSDP, ZeRO-3) cannot do without
+gathering its weights for every rollout. The FSDP/DeepSpeed keys of method.args
 (`fsdp`, `fsdp_config`, `deepspeed`) are refused: `dist=` is the one way to set them.
 """
 
