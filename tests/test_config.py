@@ -122,10 +122,12 @@ def test_non_editable_install_finds_conf_and_samples(tmp_path):
     assert "name: dpo" in out
     code = (
         "import align_cli.config as c; print(c.CONF_DIR); print(c.SAMPLES_DIR); "
-        "print(sorted(p.name for p in c.SAMPLES_DIR.iterdir()))"
+        "print(sorted(p.name for p in c.SAMPLES_DIR.iterdir())); "
+        "print(sorted(p.name for p in (c.CONF_DIR / 'dist').iterdir()) + sorted(p.name for p in (c.CONF_DIR / 'deepspeed').iterdir()))"
     )
-    conf_dir, samples_dir, files = subprocess.run(
+    conf_dir, samples_dir, files, dist_files = subprocess.run(
         [str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert "site-packages" in conf_dir and "site-packages" in samples_dir
     assert "dpo.jsonl" in files
+    assert "fsdp.yaml" in dist_files and "zero3.json" in dist_files  # dist= and its DeepSpeed configs ship
