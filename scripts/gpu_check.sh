@@ -65,7 +65,7 @@ command_for() {  # method dist run_dir -> the align command line (one string)
     ppo) extra="method.args.per_device_train_batch_size=4 method.args.num_mini_batches=1 method.args.max_new_tokens=8" ;;
     *) extra="method.args.per_device_train_batch_size=4" ;;
   esac
-  echo "$PYTHON -m torch.distributed.run --nproc_per_node $NPROC -m align_cli.cli train method=$method dist=$dist" \
+  echo "$PYTHON -m torch.distributed.run --standalone --nproc_per_node $NPROC -m align_cli.cli train method=$method dist=$dist" \
        "model.name_or_path=$MODEL method.args.max_steps=$STEPS data.eval_ratio=0 plot=false -q $extra output_dir=$run"
 }
 

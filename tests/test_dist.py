@@ -40,7 +40,7 @@ def fsdp_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe)]
     out = subprocess.run(
         [*command, str(tmp_path / "run"), json.dumps(["dist=fsdp", *overrides])],
         env=env,
