@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,26 +33,37 @@ full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n,
 local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in t.model.parameters())
 info = {"rank": int(os.environ["RANK"]), "fsdp": t.is_fsdp_enabled, "local": local,
         "total": sum(v.numel() for v in full.values()), "checksum": float(sum(v.double().sum() for v in full.values()))}
-print("RANKINFO", json.dumps(info))
+# A file per rank: two ranks printing to one pipe can interleave their lines.
+with open(os.path.join(sys.argv[3], f"rank{info['rank']}.json"), "w") as f:
+    json.dump(info, f)
 """
 
 
 def fsdp_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
+    reports = tmp_path / "reports"
+    shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(probe),
+    ]
     out = subprocess.run(
-        [*command, str(tmp_path / "run"), json.dumps(["dist=fsdp", *overrides])],
+        [*command, str(tmp_path / "run"), json.dumps(["dist=fsdp", *overrides]), str(reports)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    infos = [
-        json.loads(line.split("RANKINFO ", 1)[1]) for line in out.stdout.splitlines() if "RANKINFO" in line
-    ]
+    infos = [json.loads(path.read_text()) for path in sorted(reports.glob("rank*.json"))]
     assert sorted(i["rank"] for i in infos) == [0, 1]
     return infos
 
