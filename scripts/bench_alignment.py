@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 # Per-stage `align train` overrides (the data paths are added per run). Sized for model=tiny.
 SFT = ["method=sft", "data.eval_ratio=0", "method.args.learning_rate=3e-3", "method.args.num_train_epochs=6"]
-RM = ["method=rm", "method.args.learning_rate=3e-3", "method.args.num_train_epochs=4"]
+RM = ["method=rm", "method.args.learning_rate=1e-3", "method.args.num_train_epochs=8"]
 PPO = [
     "method=ppo",
     "reward=model",
@@ -60,7 +60,12 @@ GRPO = [
     f"method.args.per_device_train_batch_size={GRPO_BATCH}",
     "method.args.num_train_epochs=2",
 ]
-DPO = ["method=dpo", "method.args.learning_rate=5e-4", "method.args.loss_type=[sigmoid,sft]"]
+DPO = [
+    "method=dpo",
+    "method.args.learning_rate=5e-4",
+    "method.args.num_train_epochs=8",
+    "method.args.loss_type=[sigmoid,sft]",
+]
 RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
 
 

@@ -265,6 +265,10 @@ def test_configuration_mistakes_are_named(tmp_path):
         ppo("method.critic_head=half", "reward=length")
     with pytest.raises(AlignError, match=r"score_norm='batch' must be one of none, init"):
         ppo("method.args.score_norm=batch")
+    with pytest.raises(AlignError, match=r"group_score=zscore compares the responses to one prompt"):
+        ppo("method.args.group_score=zscore")
+    with pytest.raises(AlignError, match=r"samples_per_prompt=3 must divide the rollout batch"):
+        ppo("method.args.samples_per_prompt=3", "method.args.group_score=center")
 
 
 def test_critic_from_a_reward_model_keeps_its_body_and_zeroes_its_head(rm_run_folder):
@@ -383,3 +387,38 @@ def test_reward_functions_log_metrics_and_columns_under_ppo(tmp_path, monkeypatc
     assert any("eval_judge/batch" in r for r in records(out))
     table = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert table and all(row["judge_note"].startswith("n=") for row in table)
+
+
+def test_samples_per_prompt_groups_each_prompt_in_one_rollout(tmp_path, monkeypatch):
+    """samples_per_prompt=4: each rollout batch of 8 responses holds 2 prompts, 4 responses each, in
+    groups of consecutive rows (what group_score reads); an epoch is a pass over the prompts."""
+    (tmp_path / "ppo_group_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            SEEN = []
+            def spy(prompts, completions, completion_ids, **kwargs):
+                SEEN.append([str(p) for p in prompts])
+                return [len(ids) / 10 for ids in completion_ids]
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        overrides = [
+            "reward=function",
+            "reward.function.path=ppo_group_rewards:spy",
+            *SHORT,
+            "method.args.samples_per_prompt=4",
+            "method.args.group_score=zscore",
+        ]
+        result, _, steps = run(tmp_path, overrides, monkeypatch)
+        seen = sys.modules["ppo_group_rewards"].SEEN
+    finally:
+        sys.modules.pop("ppo_group_rewards", None)
+    train_batches = [batch for batch in seen if len(batch) == 8][: len(steps)]
+    assert len(train_batches) == len(steps) == 2
+    for batch in train_batches:
+        groups = [batch[i : i + 4] for i in range(0, 8, 4)]
+        assert all(len(set(g)) == 1 for g in groups)  # one prompt per group
+        assert groups[0][0] != groups[1][0]  # two different prompts
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)

@@ -12,6 +12,7 @@ from align_cli.ppo.core import (
     FixedKLController,
     entropy_from_logits,
     gae,
+    group_relative,
     kl_per_token,
     masked_mean,
     masked_var,
@@ -216,3 +217,18 @@ def test_score_normalizer_fits_the_first_batch_and_keeps_it():
     close(ScoreNormalizer("none")(T([7.0, -1.0])), [7.0, -1.0])
     with pytest.raises(ValueError, match="score normalisation"):
         ScoreNormalizer("batch")
+
+
+def test_group_relative_scores_hand_computed():
+    """Rows come in groups of k responses to one prompt: center subtracts each group's mean, zscore
+    also divides by its std; a group whose responses all score alike gives zeros, none is the identity."""
+    scores = torch.tensor([1.0, 3.0, 10.0, 10.0, -2.0, 4.0])
+    assert torch.equal(group_relative(scores, 2, "none"), scores)
+    assert torch.equal(group_relative(scores, 1, "zscore"), scores)
+    assert group_relative(scores, 2, "center").tolist() == [-1.0, 1.0, 0.0, 0.0, -3.0, 3.0]
+    z = group_relative(scores, 2, "zscore")
+    # group std (unbiased) of {1, 3} is sqrt(2), of {-2, 4} 3 sqrt(2); the tied group's is 0 (+ eps)
+    r = 1 / math.sqrt(2.0)
+    assert torch.allclose(z, torch.tensor([-r, r, 0.0, 0.0, -r, r]), atol=1e-3)
+    # a prompt whose margin is 3x larger gets the same standardized advantages (what zscore is for)
+    assert torch.allclose(z[:2], z[4:], atol=1e-4)

@@ -8,12 +8,13 @@ Batch sizes, per process:
 
     micro-batch    = per_device_train_batch_size             one forward/backward
     mini-batch     = micro-batch * gradient_accumulation_steps   one optimiser step
-    rollout batch  = mini-batch * num_mini_batches              prompts sampled per PPO step
+    rollout batch  = mini-batch * num_mini_batches              responses sampled per PPO step
+    prompts per rollout = rollout batch / samples_per_prompt     each sampled samples_per_prompt times
 
 One training step (`global_step`) = one rollout batch sampled and scored, then
 `num_ppo_epochs` passes over it in mini-batches (so num_ppo_epochs * num_mini_batches
 optimiser steps). `max_steps` counts these PPO steps; without it, `total_episodes` (or
-`num_train_epochs` times the number of prompts) sets how many prompts are sampled.
+`num_train_epochs` passes over the prompts) sets how many responses (episodes) are sampled.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .core import KL_ESTIMATORS, SCORE_NORMS
+from .core import GROUP_SCORES, KL_ESTIMATORS, SCORE_NORMS
 
 # TRL's PPOConfig names for what is called otherwise here: an unknown key says which one it is.
 TRL_NAMES = {
@@ -87,7 +88,27 @@ class PPOConfig(TrainingArguments):
         ),
     )
     total_episodes: int | None = field(
-        default=None, metadata=_help("Prompts to sample in all; null: num_train_epochs x dataset size.")
+        default=None,
+        metadata=_help(
+            "Responses to sample in all; null: num_train_epochs x dataset size x samples_per_prompt."
+        ),
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata=_help(
+            "Responses sampled per prompt in one rollout batch (which holds rollout batch / this many "
+            "prompts); with group_score, the other responses to a prompt are its baseline."
+        ),
+    )
+    group_score: str = field(
+        default="none",
+        metadata=_help(
+            "none | center | zscore: each response's score relative to the other responses to its prompt, "
+            "before the KL penalty and GAE. center subtracts the prompt's mean score (a per-prompt baseline, "
+            "as REINFORCE with baseline / RLOO); zscore also divides by the prompt's score std (as GRPO), so a "
+            "reward model's larger margins on some kinds of prompt do not push every prompt their way. "
+            "Needs samples_per_prompt >= 2."
+        ),
     )
 
     # --- PPO update ---------------------------------------------------------------------------
@@ -159,6 +180,21 @@ class PPOConfig(TrainingArguments):
             problems.append(f"gamma={self.gamma} and lam={self.lam} must lie in [0, 1]")
         if self.reward_model_input not in ("text", "tokens"):
             problems.append(f"reward_model_input={self.reward_model_input!r} must be text or tokens")
+        if self.samples_per_prompt < 1:
+            problems.append(f"samples_per_prompt={self.samples_per_prompt} must be at least 1")
+        elif self.rollout_batch_size % self.samples_per_prompt:
+            problems.append(
+                f"samples_per_prompt={self.samples_per_prompt} must divide the rollout batch "
+                f"(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = "
+                f"{self.rollout_batch_size})"
+            )
+        if self.group_score not in GROUP_SCORES:
+            problems.append(f"group_score={self.group_score!r} must be one of {', '.join(GROUP_SCORES)}")
+        elif self.group_score != "none" and self.samples_per_prompt < 2:
+            problems.append(
+                f"group_score={self.group_score} compares the responses to one prompt: "
+                "set samples_per_prompt to 2 or more"
+            )
         if self.score_norm not in SCORE_NORMS:
             problems.append(f"score_norm={self.score_norm!r} must be one of {', '.join(SCORE_NORMS)}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -183,5 +219,10 @@ class PPOConfig(TrainingArguments):
 
     @property
     def rollout_batch_size(self) -> int:
-        """Prompts sampled per PPO step on one process."""
+        """Responses sampled per PPO step on one process."""
         return self.mini_batch_size * self.num_mini_batches
+
+    @property
+    def rollout_prompts(self) -> int:
+        """Distinct prompts per PPO step on one process."""
+        return self.rollout_batch_size // max(1, self.samples_per_prompt)

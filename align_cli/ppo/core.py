@@ -13,6 +13,7 @@ import math
 import torch
 
 KL_ESTIMATORS = ("k1", "k3")
+GROUP_SCORES = ("none", "center", "zscore")
 SCORE_NORMS = ("none", "init")
 
 
@@ -220,3 +221,21 @@ class ScoreNormalizer:
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
         self.mean, self.std = state.get("mean"), state.get("std")
+
+
+def group_relative(scores: torch.Tensor, group: int, mode: str, eps: float = 1e-4) -> torch.Tensor:
+    """Each score relative to the others of its prompt's group (`mode`: none | center | zscore).
+
+    `scores` holds the responses of a rollout in groups of `group` consecutive rows, one group per
+    prompt. center: minus the group mean (a per-prompt baseline: what a prompt's kind or language adds
+    to every response's score cancels); zscore: also divided by the group's std (+ eps), as GRPO
+    standardises, so every prompt's better responses gain alike, whatever the reward model's margin
+    on that prompt. A group whose responses all score the same gives 0s.
+    """
+    if mode == "none" or group < 2:
+        return scores
+    grouped = scores.view(-1, group)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if mode == "zscore":
+        centred = centred / (grouped.std(1, keepdim=True) + eps)
+    return centred.reshape(scores.shape)

@@ -28,6 +28,7 @@ from .core import (
     ScoreNormalizer,
     entropy_from_logits,
     gae,
+    group_relative,
     last_token_index,
     masked_mean,
     masked_whiten,
@@ -394,7 +395,7 @@ class ExperienceMaker:
         # reward model; the logged `score` stays the raw one.
         if self.score_norm.mode != "none" and self.score_norm.mean is None:
             self.score_norm.fit(self.accelerator.gather(scores))  # one m, s for every process
-        shaped_scores = self.score_norm(scores)
+        shaped_scores = group_relative(self.score_norm(scores), args.samples_per_prompt, args.group_score)
         rewards, kl = shaped_rewards(shaped_scores, logprobs, ref_logprobs, mask, beta, args.kl_estimator)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)

@@ -180,10 +180,11 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
     def _batch_rows(self, step: int) -> list[int]:
         """Dataset rows of this process's rollout batch at `step`: a fresh shuffle per pass over the data.
 
-        A pure function of the step, so a resumed run samples exactly the prompts it would have.
+        Each prompt's row comes `samples_per_prompt` times in a row (a group). A pure function of the
+        step, so a resumed run samples exactly the prompts it would have.
         """
         n = len(self._train_prompt_ids)
-        size = self.args.rollout_batch_size
+        size = self.args.rollout_prompts
         start = (step * self.accelerator.num_processes + self.accelerator.process_index) * size
         rows = []
         for pos in range(start, start + size):
@@ -193,7 +194,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
                 self._permutations = {epoch: torch.randperm(n, generator=gen).tolist(), **self._permutations}
                 for old in [e for e in self._permutations if e < epoch - 1]:
                     del self._permutations[old]
-            rows.append(self._permutations[epoch][i])
+            rows.extend([self._permutations[epoch][i]] * self.args.samples_per_prompt)
         return rows
 
     # --- the loop ---------------------------------------------------------------------------
@@ -202,7 +203,9 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
         args = self.args
         if args.max_steps and args.max_steps > 0:
             return int(args.max_steps)
-        episodes = args.total_episodes or math.ceil(args.num_train_epochs * len(self._train_prompt_ids))
+        episodes = args.total_episodes or math.ceil(
+            args.num_train_epochs * len(self._train_prompt_ids) * args.samples_per_prompt
+        )
         return max(1, math.ceil(episodes / (args.rollout_batch_size * self.accelerator.num_processes)))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
@@ -237,7 +240,8 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
         if checkpoint:
             self._resume_state(checkpoint)
         n_prompts = len(self._train_prompt_ids)
-        self.state.init_training_references(self, max_steps, max_steps * episodes_per_step / n_prompts, trial)
+        prompts_per_step = args.rollout_prompts * world
+        self.state.init_training_references(self, max_steps, max_steps * prompts_per_step / n_prompts, trial)
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
 
@@ -256,7 +260,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
             metrics.update(self.experience_maker.user_metrics_of_step())
             self.kl_ctl.update(metrics["kl"], episodes_per_step)
             self.state.global_step += 1
-            self.state.epoch = self.state.global_step * episodes_per_step / n_prompts
+            self.state.epoch = self.state.global_step * prompts_per_step / n_prompts
             for key, value in metrics.items():
                 self._log_buffer[key].append(value)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
