@@ -784,11 +784,10 @@ def prepare(argv: list[str]) -> list[str]:
     Raises:
         AlignError: anything `plan` finds, or output_dir with -m.
     """
-    from hydra._internal.utils import get_args_parser
-
+    from .compat import hydra_args_parser
     from .preflight import _probe_sets, check_repeated_keys, compose_checked, unique_dir
 
-    args = get_args_parser().parse_intermixed_args(argv)
+    args = hydra_args_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     rest = list(argv)
     for override in overrides:

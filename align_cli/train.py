@@ -421,7 +421,8 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after saving a checkpoint.
     """
     from . import modeling
-    from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
+    from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none
+    from .compat import install_atomic_trainer_state
     from .data import data_path
     from .guard import (
         GracefulStop,
@@ -429,7 +430,6 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         NonFiniteLoss,
         StickyInterrupt,
         checkpoint_step,
-        install_atomic_trainer_state,
         trim_metrics,
     )
     from .methods import method_problems
@@ -540,6 +540,8 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 summary = {"method": method["name"], "metrics": strict, **diagnosis}
                 json.dump(summary, f, indent=2, allow_nan=False, ensure_ascii=False)
             if cfg.get("plot", True):
+                from .plot import plot_metrics
+
                 plot_metrics(
                     Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys
                 )
@@ -589,8 +591,10 @@ def restore_checkpoint(trainer, checkpoint: str) -> None:
     """Loads a checkpoint's weights and training state without training (see `finished_checkpoint`)."""
     from transformers import TrainerState
 
+    from .compat import load_checkpoint
+
     log.info("%s is the run's last step: nothing left to train, finishing the run from it", checkpoint)
-    trainer._load_from_checkpoint(checkpoint)
+    load_checkpoint(trainer, checkpoint)
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
@@ -648,12 +652,12 @@ def _interrupted(stop, output_dir: str) -> str:
 def _save_state(trainer, output_dir: str) -> str:
     """Saves the state after the last completed step (the one the failed step started from) as a
     checkpoint when its weights are finite; says where, or names the last checkpoint there is."""
+    from .compat import save_checkpoint
     from .guard import last_checkpoint, params_finite
 
     good = trainer.state.global_step
-    if good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
-        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
-        trainer._save_checkpoint(trainer.model, trial=None)
+    # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
+    if good > 0 and params_finite(trainer.model) and save_checkpoint(trainer):
         return f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
     previous = last_checkpoint(output_dir)
     return f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"

@@ -130,7 +130,7 @@ def test_rank_trainer_uses_rank_advantages(tmp_path):
         output_dir=str(tmp_path / "run"),
     )
     trainer = grpo.build(ctx)
-    assert isinstance(trainer, grpo.RankAdvantageGRPOTrainer)
+    assert isinstance(trainer, grpo.rank_advantage_trainer())
     trainer.model.train()
     batch = [row for row in rows for _ in range(4)]  # TRL's sampler: each prompt K times in a row
     advantages = trainer._generate_and_score_completions(batch)["advantages"]
