@@ -51,7 +51,6 @@ class ModelConfig:
 class DataConfig:
     """Where the dataset is and how to read it."""
 
-    name: str = "sample"
     # A file (json/jsonl/csv/parquet/txt), a folder, a hub dataset id, or a list of them (each may
     # be {path, rows} or {path, share} to take part of it); null: the method's sample. Any: a list
     # is valid too, which `str | None` would refuse when composing (checked in data/sources.py).

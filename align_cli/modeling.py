@@ -402,12 +402,6 @@ def lora_config(peft_cfg: PeftSettings, task_type: str = "CAUSAL_LM"):
     )
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 def _module_names(model_cfg: ModelConfig, path: str) -> list[str] | None:
     """Every module name of the model at `path`, from its config alone (built on the meta
     device: no weights are read or allocated); None when the config cannot be read here."""

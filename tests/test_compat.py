@@ -65,9 +65,9 @@ def test_the_metrics_dicts_have_train_and_eval():
     # trl_logged_metrics indexes them by mode.
     for name in ("DPOTrainer", "GRPOTrainer", "RewardTrainer"):
         source = inspect.getsource(_owner(f"trl:{name}").__init__)
-        assert re.search(r'self\._metrics = \{"train": defaultdict\(list\), "eval": defaultdict\(list\)\}', source), (
-            name
-        )
+        assert re.search(
+            r'self\._metrics = \{"train": defaultdict\(list\), "eval": defaultdict\(list\)\}', source
+        ), name
 
 
 def test_hydra_parser_has_the_flags_align_reads():
@@ -128,7 +128,9 @@ def test_grad_norm_is_observed_where_the_trainer_computes_it(tmp_path):
         str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], save_strategy="no",
         use_cpu=True, max_grad_norm=0.0, logging_strategy="no", dataloader_pin_memory=False,
     )  # fmt: skip
-    trainer = Trainer(model=Linear(), args=args, train_dataset=Dataset.from_list([{"x": 3.0}, {"x": 4.0}] * 2))
+    trainer = Trainer(
+        model=Linear(), args=args, train_dataset=Dataset.from_list([{"x": 3.0}, {"x": 4.0}] * 2)
+    )
     norms = []
     assert compat.observe_grad_norm(trainer, norms.append)
     trainer.train()
