@@ -77,7 +77,7 @@ class DataConfig:
 
 
 @dataclass
-class PeftSettings:
+class PeftConfig:
     """LoRA settings (`peft=none` or `peft=lora`)."""
 
     method: str = "none"  # none | lora
@@ -144,7 +144,7 @@ class AlignConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    peft: PeftSettings = field(default_factory=PeftSettings)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     method: Any = None
     reward: Any = None

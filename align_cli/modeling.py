@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import PACKAGE_DIR, ModelConfig, PeftSettings, QuantConfig
+from .config import PACKAGE_DIR, ModelConfig, PeftConfig, QuantConfig
 from .errors import AlignError, one_line
 
 if TYPE_CHECKING:
@@ -381,7 +381,7 @@ def _refuse_classifier(path: str) -> None:
         )
 
 
-def lora_config(peft_cfg: PeftSettings, task_type: str = "CAUSAL_LM"):
+def lora_config(peft_cfg: PeftConfig, task_type: str = "CAUSAL_LM"):
     """A peft.LoraConfig for `peft=lora`, None for `peft=none`."""
     if peft_cfg.method == "none":
         return None
@@ -420,7 +420,7 @@ def _module_names(model_cfg: ModelConfig, path: str) -> list[str] | None:
     return [name for name, _ in model.named_modules() if name]
 
 
-def check_target_modules(model_cfg: ModelConfig, peft_cfg: PeftSettings) -> None:
+def check_target_modules(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
     """Refuses `peft.target_modules` that name no module of the model, before any weights load.
 
     peft matches a name to every module whose dotted name ends with it (`q_proj` matches

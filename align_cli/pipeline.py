@@ -354,7 +354,7 @@ def _check_stage(stage: Stage, cfg, root: str) -> None:
     if key in _CHECKED:
         return
     try:
-        preflight_quant(typed(cfg, "quant", schema.QuantConfig), typed(cfg, "peft", schema.PeftSettings))
+        preflight_quant(typed(cfg, "quant", schema.QuantConfig), typed(cfg, "peft", schema.PeftConfig))
         report = validate(cfg)
     except AlignError as err:
         raise AlignError(f"stage {stage.name}: {err} (its keys take the prefix {stage.name}.)") from None

@@ -115,7 +115,7 @@ def print_summary(
     print("\n".join(lines), flush=True)
 
 
-def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftSettings | None = None) -> str | None:
+def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftConfig | None = None) -> str | None:
     """Refuses to write over a finished run, or over an unfinished one without `resume`.
 
     Args:
@@ -211,7 +211,7 @@ def _disk_error(err: OSError, output_dir: str) -> AlignError | None:
     )
 
 
-def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings) -> None:
+def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftConfig) -> None:
     """Checks that `quant=4bit|8bit` can run here, before any data or weights are read.
 
     Raises:
@@ -353,7 +353,7 @@ def checked_config(cfg: DictConfig):
         args=args,
         model_cfg=typed(cfg, "model", schema.ModelConfig),
         quant_cfg=typed(cfg, "quant", schema.QuantConfig),
-        peft_cfg=typed(cfg, "peft", schema.PeftSettings),
+        peft_cfg=typed(cfg, "peft", schema.PeftConfig),
         tokenizer=None,
         train_dataset=None,
         reward=OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None,

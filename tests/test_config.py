@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from align_cli.config import CONF_DIR, normalize_overrides
 from align_cli.errors import AlignError
-from align_cli.methods import REGISTRY, load_method
+from align_cli.methods import REGISTRY
 from align_cli.testing import compose, share_site_packages
 
 GROUPS = ["method", "model", "data", "peft", "quant", "reward"]
