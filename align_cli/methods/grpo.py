@@ -34,10 +34,8 @@ import dataclasses
 import functools
 import math
 
-from ..callbacks import collapse_settings, collapse_watch
 from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
 from ..rewards import message_text, rewards_for
-from ..rewards.advantage import rank_advantages
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
 # The collapse watch's metrics (align_cli/diagnostics.py), plotted in diagnostics.svg; TRL logs
@@ -59,6 +57,8 @@ ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
 
 def check_settings(method: dict) -> None:
     """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    from ..callbacks import collapse_settings
+
     collapse_settings(method)
 
 
@@ -80,6 +80,7 @@ def rank_advantage_trainer() -> type:
     import torch
 
     from ..compat import grpo_trainer_base
+    from ..rewards.advantage import rank_advantages
 
     class RankAdvantageGRPOTrainer(grpo_trainer_base()):
         def advantages_from(self, rewards_per_func):
@@ -167,6 +168,8 @@ def build(ctx):
     advantage = ctx.method.get("advantage", "zscore")
     funcs, weights = rewards_for("grpo", ctx.reward, ctx.train_dataset.column_names)
     from trl import GRPOTrainer
+
+    from ..callbacks import collapse_watch
 
     trainer_cls = rank_advantage_trainer() if advantage == "rank" else GRPOTrainer
     policy = ctx.load_model()
