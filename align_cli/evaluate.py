@@ -135,7 +135,7 @@ def generate(model, tokenizer, prompts: list, settings: EvalSettings, greedy: bo
     import torch
     from transformers import GenerationConfig
 
-    from .ppo.trainer import sampling_only
+    from .ppo.models import sampling_only
 
     stop = _stop_ids(model, tokenizer)
     config = GenerationConfig(
@@ -208,7 +208,7 @@ def kl_to_reference(policy, reference, completions: Completions, temperature: fl
     import torch
 
     from .ppo.core import token_logprobs
-    from .ppo.trainer import forward_inputs
+    from .ppo.models import forward_inputs
 
     device = next(policy.parameters()).device
     total, tokens = 0.0, 0

@@ -178,7 +178,7 @@ def zero_head(critic) -> None:
     """Sets the critic's value head to 0, so that V(s) = 0 for every state at the start."""
     import torch
 
-    from ..ppo.trainer import value_head
+    from ..ppo.models import value_head
 
     head = value_head(critic)
     if type(head) is torch.nn.Linear:

@@ -44,7 +44,14 @@ def _help(text: str) -> dict:
 class PPOConfig(TrainingArguments):
     """PPO's knobs on top of `transformers.TrainingArguments` (see the module docstring for batching)."""
 
-    learning_rate: float = field(default=3e-6, metadata=_help("AdamW learning rate (policy and critic)."))
+    learning_rate: float = field(
+        default=3e-6,
+        metadata=_help("AdamW learning rate (the policy; the critic too unless critic_learning_rate)."),
+    )
+    critic_learning_rate: float | None = field(
+        default=None,
+        metadata=_help("The critic's learning rate (its own optimiser param groups); null: learning_rate."),
+    )
 
     # --- rollout ------------------------------------------------------------------------------
     max_new_tokens: int = field(default=64, metadata=_help("Most tokens sampled per response."))
@@ -134,6 +141,8 @@ class PPOConfig(TrainingArguments):
             problems.append(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be positive")
+        if self.critic_learning_rate is not None and self.critic_learning_rate < 0:
+            problems.append(f"critic_learning_rate={self.critic_learning_rate} must not be negative")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
