@@ -267,6 +267,7 @@ HYDRA_AMBIGUOUS = "Ambiguous value for argument"  # key=a,b without -m
 HYDRA_NO_CHOICE = "You must specify '{group}'"  # a defaults-list group left as ???, then its options
 HYDRA_MERGE = "Error merging override"  # a value of the wrong type; the cause says why
 OMEGACONF_NOT_IN = " not in "  # "Key 'x' not in 'ModelConfig'": a key the schema does not have
+HYDRA_TOKEN_ERROR = "token recognition error"  # the override lexer (ANTLR) met a character it has no rule for
 
 
 def is_ambiguous_value(message: str) -> bool:
@@ -283,6 +284,12 @@ def missing_choice(message: str, group: str) -> list[str] | None:
     if not message.startswith(HYDRA_NO_CHOICE.format(group=group)):
         return None
     return [line.strip() for line in message.splitlines()[2:] if line.strip()]
+
+
+def is_unquoted_character_error(reason: str) -> bool:
+    """Whether Hydra's override parser stopped at a character its unquoted values cannot hold
+    (any non-ASCII letter, as in `data.system=你是助手`); quoting the value is then the fix."""
+    return HYDRA_TOKEN_ERROR in reason
 
 
 def is_merge_error(reason: str) -> bool:

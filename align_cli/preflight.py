@@ -116,8 +116,10 @@ def _quoting_hint(override: str, reason: str, parser) -> str:
     non-ASCII letter, as in `data.system=你是助手`), or "" when quoting would not help."""
     import shlex
 
+    from .compat import is_unquoted_character_error
+
     key, eq, value = _shown(override).partition("=")
-    if not eq or not value or "token recognition error" not in reason or value[0] in "'\"":
+    if not eq or not value or not is_unquoted_character_error(reason) or value[0] in "'\"":
         return ""
     if '"' not in value:
         quoted = f'"{value}"'

@@ -105,6 +105,15 @@ def test_hydra_messages_are_recognised():
     assert compat.is_merge_error(str(wrong_type))
     assert not compat.is_unknown_key(wrong_type.__cause__)
 
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    with pytest.raises(Exception) as unquoted:  # noqa: B017 - Hydra's OverrideParseException
+        parser.parse_override("data.system=你是助手")
+    assert compat.is_unquoted_character_error(str(unquoted.value))
+    parser.parse_override('data.system="你是助手"')  # quoted, it parses: the hint align gives works
+    assert not compat.is_unquoted_character_error(str(ambiguous))
+
     typo = _composition_error(["method=dpo", "model.nme_or_path=x"])
     assert compat.is_unknown_key(typo.__cause__)
     assert not compat.is_merge_error(str(typo))
