@@ -170,6 +170,7 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
 
 
 def adapter_base(path: str) -> str | None:
+    """The base model an adapter-only folder names (`base_model_name_or_path`), else None."""
     adapter_cfg = os.path.join(path, "adapter_config.json")
     if os.path.exists(adapter_cfg) and not os.path.exists(os.path.join(path, "config.json")):
         with open(adapter_cfg, encoding="utf-8") as f:
