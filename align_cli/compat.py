@@ -43,82 +43,45 @@ class Internal(NamedTuple):
     why: str
 
 
+_GRPO, _REWARD, _TRAINER = "trl:GRPOTrainer", "trl:RewardTrainer", "transformers:Trainer"
+_PPO = "align_cli/ppo/ uses it directly"  # (these move behind this module next)
+
 # Written against trl 1.16.0, transformers 5.24.0, hydra-core 1.3.8 and bitsandbytes 0.50.2.
 INTERNALS: tuple[Internal, ...] = (
     # TRL: GRPO's advantages (`grpo_trainer_base`).
     Internal(
-        "trl:GRPOTrainer",
+        _GRPO,
         "_calculate_rewards",
         ("inputs", "prompts", "completions", "completion_ids_list"),
-        "keeps the gathered per-function rewards for method.advantage=rank",
+        "keeps them (rank)",
     ),
-    Internal(
-        "trl:GRPOTrainer",
-        "_generate_and_score_completions",
-        ("inputs",),
-        "replaces the advantages it returns",
-    ),
-    Internal("trl:GRPOTrainer", "_logs", None, "the completions table's advantages show the ones used"),
+    Internal(_GRPO, "_generate_and_score_completions", ("inputs",), "its advantages are replaced (rank)"),
+    Internal(_GRPO, "_logs", None, "the completions table shows the advantages used"),
     # TRL: what the trainers log (`trl_logged_metrics`).
     Internal("trl:DPOTrainer", "_metrics", None, "evaluation means over rows, not over batches"),
-    Internal(
-        "trl:RewardTrainer", "_metrics", None, "the pointwise/listwise training metrics; exact eval metrics"
-    ),
+    Internal(_REWARD, "_metrics", None, "pointwise/listwise training metrics; exact evaluation metrics"),
     # TRL: the reward trainer's data layout (`reward_trainer_base`).
     Internal(
-        "trl:RewardTrainer",
-        "_prepare_dataset",
-        ("dataset", "processing_class", "args", "dataset_name"),
-        "pointwise and listwise rows are tokenized as one sequence per response",
+        _REWARD, "_prepare_dataset", ("dataset", "processing_class", "args", "dataset_name"), "our layouts"
     ),
+    Internal(_REWARD, "_set_signature_columns_if_needed", (), "keeps the pointwise/listwise token columns"),
+    Internal(_REWARD, "_signature_columns", None, "the columns remove_unused_columns keeps"),
+    Internal(_REWARD, "_total_train_tokens", None, "num_tokens for the pointwise/listwise losses"),
+    Internal(_REWARD, "_tp_size", None, "num_tokens counts a token once under tensor parallelism"),
+    # transformers' Trainer (`reward_trainer_base`, `observe_grad_norm`, `save_checkpoint`, `load_checkpoint`).
+    Internal(_TRAINER, "_prepare_inputs", ("inputs",), "the reward trainers' prediction_step"),
+    Internal(_TRAINER, "_get_grad_norm", ("model", "grad_norm"), "the loss guard reads the Trainer's norm"),
     Internal(
-        "trl:RewardTrainer",
-        "_set_signature_columns_if_needed",
-        (),
-        "keeps the pointwise/listwise token columns through remove_unused_columns",
+        _TRAINER, "_save_checkpoint", ("model", "trial"), "a resume point off schedule; ppo/ overrides it"
     ),
-    Internal("trl:RewardTrainer", "_signature_columns", None, "the columns remove_unused_columns keeps"),
-    Internal(
-        "trl:RewardTrainer", "_total_train_tokens", None, "num_tokens for the pointwise/listwise losses"
-    ),
-    Internal(
-        "trl:RewardTrainer", "_tp_size", None, "num_tokens counts each token once under tensor parallelism"
-    ),
-    # transformers' Trainer.
-    Internal("transformers:Trainer", "_prepare_inputs", ("inputs",), "the reward trainers' prediction_step"),
-    Internal(
-        "transformers:Trainer",
-        "_get_grad_norm",
-        ("model", "grad_norm"),
-        "the loss guard reads the norm the Trainer computed (`observe_grad_norm`)",
-    ),
-    Internal(
-        "transformers:Trainer",
-        "_save_checkpoint",
-        ("model", "trial"),
-        "a full checkpoint (optimizer, scheduler, RNG) outside the save schedule; align_cli/ppo/ overrides it",
-    ),
-    Internal(
-        "transformers:Trainer",
-        "_load_from_checkpoint",
-        ("resume_from_checkpoint", "model"),
-        "load a checkpoint's weights without training; align_cli/ppo/ overrides it",
-    ),
+    Internal(_TRAINER, "_load_from_checkpoint", ("resume_from_checkpoint", "model"), "weights, no training"),
     Internal("transformers:TrainerState", "save_to_json", ("json_path",), "replaced by an atomic write"),
-    # transformers' Trainer, used by align_cli/ppo/ directly (they move here with the PPO split).
-    Internal("transformers:Trainer", "_load_rng_state", ("checkpoint",), "align_cli/ppo/: resume"),
-    Internal(
-        "transformers:Trainer", "_load_optimizer_and_scheduler", ("checkpoint",), "align_cli/ppo/: resume"
-    ),
-    Internal("transformers:Trainer", "_load_callback_state", (), "align_cli/ppo/: resume"),
-    Internal("transformers:Trainer", "_get_learning_rate", (), "align_cli/ppo/: logs the learning rate"),
-    Internal("transformers:Trainer", "_get_output_dir", ("trial",), "align_cli/ppo/: where checkpoints go"),
-    Internal(
-        "transformers:Trainer",
-        "_move_model_to_device",
-        ("model", "device"),
-        "align_cli/ppo/: places its models",
-    ),
+    Internal(_TRAINER, "_load_rng_state", ("checkpoint",), _PPO),
+    Internal(_TRAINER, "_load_optimizer_and_scheduler", ("checkpoint",), _PPO),
+    Internal(_TRAINER, "_load_callback_state", (), _PPO),
+    Internal(_TRAINER, "_get_learning_rate", (), _PPO),
+    Internal(_TRAINER, "_get_output_dir", ("trial",), _PPO),
+    Internal(_TRAINER, "_move_model_to_device", ("model", "device"), _PPO),
     # Hydra (`hydra_args_parser`).
     Internal("hydra._internal.utils", "get_args_parser", (), "align reads Hydra's flags before Hydra starts"),
     # bitsandbytes (`keep_4bit_trainable`).
