@@ -73,8 +73,17 @@ def build_tiny_model() -> Path:
     # Write beside the target and rename, so concurrent processes (DDP ranks, parallel tests)
     # never see a half-written folder.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    # Our own build, whenever the first command needs it: no "Writing model shards" bar.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     try:
         tmp.rename(target)
     except OSError:  # another process won the race; its copy is identical
