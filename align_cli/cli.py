@@ -57,7 +57,7 @@ def _dispatch(argv: list[str]) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from .train import main as train_main
+        from .launch import main as train_main
 
         train_main(rest)
     elif command == "pipeline":

@@ -9,6 +9,7 @@ names the file and line, the key or the path, and what would be valid.
 from __future__ import annotations
 
 import difflib
+import sys
 
 # Exit codes of `align` (also in the README): 0 done, 1 a user error or a diverged run, 2 an
 # unknown command, 128 + the signal number when a run was interrupted after saving a checkpoint.
@@ -137,3 +138,16 @@ def hydra_message(err: BaseException, override: str | None = None) -> str:
     if not reason:
         reason = type(err).__name__
     return reason
+
+
+def fail(err: BaseException | str, code: int | None = None) -> None:
+    """Prints `align: error: <one line>` on stderr and exits (`align: <line>` for an interrupt)."""
+    message = " ".join(str(err).split("\n")).strip() or type(err).__name__
+    prefix = "align:" if isinstance(err, TrainingInterrupted) else "align: error:"
+    print(f"{prefix} {message}", file=sys.stderr, flush=True)
+    sys.exit(code if code is not None else getattr(err, "exit_code", 1))
+
+
+def wants_debug(argv: list[str]) -> bool:
+    """Whether the command line turns on `debug` (tracebacks instead of one-line errors)."""
+    return any(a.lstrip("+").lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)

@@ -621,7 +621,7 @@ def run(cfg: DictConfig, output_dir: str) -> dict:
     """Evaluates what a composed eval config describes; writes the eval folder; returns the result."""
     import dataclasses
 
-    from .train import typed
+    from .run_checks import typed
 
     model_cfg = typed(cfg, "model", ModelConfig)
     data_cfg = typed(cfg, "data", DataConfig)
@@ -695,8 +695,8 @@ def _models_override(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """Entry for `align eval [overrides]`."""
+    from .errors import fail, wants_debug
     from .preflight import check_repeated_keys, compose_checked, unique_dir
-    from .train import _wants_debug, fail
 
     if {"-h", "--help"} & set(argv):
         print(EVAL_USAGE)
@@ -714,7 +714,7 @@ def main(argv: list[str]) -> None:
         OmegaConf.save(OmegaConf.create(list(argv)), os.path.join(output_dir, ".hydra", "overrides.yaml"))
         run(cfg, output_dir)
     except AlignError as err:
-        if _wants_debug(argv):
+        if wants_debug(argv):
             raise
         fail(err)
     except KeyboardInterrupt:

@@ -345,7 +345,7 @@ def _check_stage(stage: Stage, cfg, root: str) -> None:
     """
     from omegaconf import OmegaConf
 
-    from .train import preflight_quant, typed
+    from .run_checks import preflight_quant, typed
     from .validate import validate
 
     # Keyed without the pipeline folder: the entry checks a stand-in folder (or a fresh one), the job its own.
@@ -373,7 +373,7 @@ def _check_stage(stage: Stage, cfg, root: str) -> None:
 def _check_gate(plan_gate: dict, stages: list[Stage]) -> None:
     """The gate's threshold is a number, and each reward model it guards holds out an eval split."""
     from .data import has_eval_source
-    from .train import typed
+    from .run_checks import typed
 
     threshold = plan_gate.get("min_accuracy")
     if threshold is None:
@@ -837,7 +837,7 @@ def _remove_if_untouched(folder: str) -> None:
 def _hydra_entry() -> None:
     import hydra
 
-    from .train import fail
+    from .errors import fail
 
     @hydra.main(config_path=str(schema.CONF_DIR), config_name="pipeline", version_base="1.3")
     def _main(cfg) -> None:
@@ -881,13 +881,13 @@ def _hydra_entry() -> None:
 
 def main(argv: list[str]) -> None:
     """Entry for `align pipeline ...`: checks the command line, then Hydra reads it from sys.argv."""
-    from .train import _wants_debug, fail
+    from .errors import fail, wants_debug
 
     argv = list(argv)
     try:
         hydra_argv = prepare(argv)
     except AlignError as err:
-        if _wants_debug(argv):
+        if wants_debug(argv):
             raise
         fail(err)
     sys.argv = ["align pipeline", *hydra_argv]

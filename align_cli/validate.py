@@ -190,7 +190,7 @@ def validate(cfg: DictConfig) -> Report:
     from .data import data_path, has_eval_source
     from .data.problems import Problems
     from .methods import method_problems
-    from .train import checked_config, read_run_data
+    from .run_checks import checked_config, read_run_data
 
     # The same checks as `align train`: what validate calls ready, train accepts.
     module, ctx, data_cfg = checked_config(cfg)
@@ -234,15 +234,15 @@ def validate(cfg: DictConfig) -> Report:
 
 def main(argv: list[str]) -> None:
     """Entry for `align data validate [overrides]`: prints the report, exits 0 (valid) or 1."""
+    from .errors import fail, wants_debug
     from .preflight import check_repeated_keys, compose_checked
-    from .train import _wants_debug, fail
 
     argv = schema.normalize_overrides(list(argv))
     try:
         check_repeated_keys(argv)
         report = validate(compose_checked(argv))
     except AlignError as err:
-        if _wants_debug(argv):
+        if wants_debug(argv):
             raise
         fail(err)
     print(report.render(), flush=True)

@@ -42,7 +42,7 @@ def test_every_yaml_composes_and_starts_with_its_command(group):
 def test_every_method_args_builds_its_trl_config(name, tmp_path):
     """Each method's YAML passes the checks `align train` runs before loading weights, and every
     `method.args` key of it lands in the TRL config the trainer gets."""
-    from align_cli.train import checked_config
+    from align_cli.run_checks import checked_config
 
     cfg = compose([f"method={name}"])
     module, ctx, _ = checked_config(cfg)

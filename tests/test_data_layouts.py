@@ -444,8 +444,8 @@ def test_several_files_with_row_counts_and_shares(tmp_path):
 
 
 def test_a_list_of_paths_composes_from_the_command_line(tmp_path):
+    from align_cli.run_checks import checked_config
     from align_cli.testing import compose
-    from align_cli.train import checked_config
 
     a = write(tmp_path, "a.jsonl", [{"instruction": "q", "output": "x"}])
     cfg = compose(["method=sft", f"data.path=[{a},{{path:{a},rows:1}}]"], tmp_path)
@@ -730,8 +730,8 @@ def test_turns_of_one_conversation_stay_in_one_split(tmp_path):
 
 
 def test_a_users_own_data_config_folder(tmp_path):
+    from align_cli.run_checks import checked_config
     from align_cli.testing import compose
-    from align_cli.train import checked_config
 
     data = write(tmp_path, "mine.jsonl", [{"prompt": "p", "completion": "c"}])
     (tmp_path / "conf" / "data").mkdir(parents=True)

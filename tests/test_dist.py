@@ -15,8 +15,9 @@ import pytest
 
 from align_cli.dist import DEEPSPEED_HINT, deepspeed_installed
 from align_cli.errors import AlignError
+from align_cli.run_checks import checked_config
 from align_cli.testing import compose
-from align_cli.train import checked_config, train
+from align_cli.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

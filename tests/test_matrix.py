@@ -150,7 +150,7 @@ def test_preflight_refuses_a_4bit_kernel_that_cannot_train(monkeypatch):
     from align_cli import compat
     from align_cli.config import PeftConfig, QuantConfig
     from align_cli.errors import AlignError
-    from align_cli.train import preflight_quant
+    from align_cli.run_checks import preflight_quant
 
     quant, peft = QuantConfig(bits=4), PeftConfig(method="lora")
     preflight_quant(quant, peft)  # with the workaround: fine on every machine

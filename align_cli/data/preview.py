@@ -121,7 +121,7 @@ def rendered_fields(row: dict, tokenizer, method_args: dict | None = None, metho
 def preview(cfg, rows: int, rendered: bool) -> list[dict]:
     """The first `rows` training rows as the trainer gets them, each with its `source`."""
     from .. import modeling
-    from ..train import checked_config, read_run_data
+    from ..run_checks import checked_config, read_run_data
     from . import _to_dataset
 
     module, ctx, data_cfg = checked_config(cfg)
@@ -142,8 +142,8 @@ def preview(cfg, rows: int, rendered: bool) -> list[dict]:
 def main(argv: list[str]) -> None:
     """Entry for `align data preview [overrides] [rows=N] [rendered=true]`."""
     from .. import config as schema
+    from ..errors import fail, wants_debug
     from ..preflight import check_repeated_keys, compose_checked
-    from ..train import _wants_debug, fail
 
     try:
         rest, rows, rendered = split_args(list(argv))
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
         check_repeated_keys(rest)
         lines = preview(compose_checked(rest), rows, rendered)
     except AlignError as err:
-        if _wants_debug(list(argv)):
+        if wants_debug(list(argv)):
             raise
         fail(err)
     for line in lines:

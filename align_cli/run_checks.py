@@ -1,0 +1,230 @@
+"""The checks of a composed config that need no model weights, shared by `align train`,
+`align data validate`, `align data preview` and the pipeline: the typed groups, the method, its
+keys, data format and `method.args`, quantization, and reading both data splits as the run will.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as schema
+from .errors import AlignError, nearest, one_line
+
+schema.register()
+
+
+def typed(cfg: DictConfig, key: str, cls: type):
+    """Converts one config group to its dataclass (DictConfig stops here).
+
+    Raises:
+        AlignError: a key the dataclass does not have (added with `+group.key=...`), named with
+            the nearest valid keys.
+    """
+    import dataclasses
+
+    node = cfg.get(key)
+    if node is None:
+        return cls()
+    values = OmegaConf.to_container(node, resolve=True)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for name in values:
+        if name not in valid:
+            raise AlignError(
+                f"{key}.{name} is not a {key} option{nearest(name, valid)}; valid keys: {', '.join(valid)}"
+            )
+    return cls(**values)
+
+
+def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftConfig) -> None:
+    """Checks that `quant=4bit|8bit` can run here, before any data or weights are read.
+
+    Raises:
+        AlignError: quantization without LoRA, or bitsandbytes that does not import or cannot
+            quantize a tensor on this machine's device.
+    """
+    if not quant_cfg.bits:
+        return
+    if peft_cfg.method == "none":
+        raise AlignError(
+            f"quant={quant_cfg.bits}bit needs peft=lora: quantized weights cannot be trained directly"
+        )
+    from . import modeling
+
+    modeling.bnb_config(quant_cfg)  # validates the settings and imports bitsandbytes
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        # Importing can succeed while the native library cannot run (no kernel for this
+        # device, a CUDA mismatch): quantize one small tensor the way loading will.
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(
+            torch.ones(64, 64, device=device, dtype=torch.float32), quant_type=quant_cfg.quant_type
+        )
+    except Exception as err:
+        raise AlignError(
+            f"quant={quant_cfg.bits}bit: bitsandbytes cannot run on this machine's {device} "
+            f"({type(err).__name__}: {one_line(str(err))}); use quant=none, or install a bitsandbytes "
+            "build for this device"
+        ) from None
+    if quant_cfg.bits == 4:
+        from .compat import check_4bit_training
+
+        # A kernel that trains until the first evaluation and then crashes, or passes no
+        # gradient, would lose a run hours in: try an eval pass then a backward now.
+        problem = check_4bit_training(
+            device, quant_cfg.quant_type, modeling.torch_dtype(quant_cfg.compute_dtype)
+        )
+        if problem:
+            raise AlignError(
+                f"quant=4bit: bitsandbytes {_version('bitsandbytes')} cannot train on this machine's {device}: "
+                f"{problem}; use quant=none, or a bitsandbytes version align supports (see pyproject.toml)"
+            )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
+def check_method_format(method: dict) -> str:
+    """The method's standard data format (formats.py), or an AlignError saying why there is none.
+
+    A method yaml may derive `format` from another key (rm: `method.mode`) and put the reason
+    there when that key is wrong.
+    """
+    from .data.formats import STANDARD_FORMATS
+
+    fmt = str(method.get("format", ""))
+    if fmt not in STANDARD_FORMATS:
+        raise AlignError(
+            f"method={method.get('name')} has no valid data format: {fmt or 'format is not set'}"
+        )
+    return fmt
+
+
+def check_known_keys(cfg: DictConfig, method: dict) -> None:
+    """Keys added with `+` that nothing reads are mistakes (`+method.mdoe=listwise`): name them.
+
+    A method's keys are those of its conf/method/<name>.yaml; the top level's are the schema's.
+    A reward set for a method that takes none (only ppo and grpo do) is one too.
+    """
+    import dataclasses
+
+    top = {f.name for f in dataclasses.fields(schema.AlignConfig)}
+    for key in cfg:
+        if key not in top and key != "hydra":
+            raise AlignError(
+                f"'{key}' is not an align option{nearest(str(key), top)}; valid keys: {', '.join(sorted(top))}"
+            )
+    own = schema.CONF_DIR / "method" / f"{method.get('name')}.yaml"
+    if own.exists():
+        valid = set(OmegaConf.load(own).keys()) | {"name", "format", "sample", "args"}
+        for key in method:
+            if key not in valid:
+                raise AlignError(
+                    f"method.{key} is not a method={method.get('name')} option{nearest(str(key), valid)}; "
+                    f"valid keys: {', '.join(sorted(valid))} (trainer settings go under method.args)"
+                )
+        if "default_reward" not in valid and cfg.get("reward"):
+            raise AlignError(
+                f"method={method.get('name')} takes no reward (only ppo and grpo do): drop the reward settings "
+                f"({', '.join(str(k) for k in cfg.reward)})"
+            )
+
+
+def check_method_args(module, ctx) -> None:
+    """Builds the method's trainer config once up front, so a typo in method.args fails now.
+
+    Raises:
+        AlignError: an unknown key (named, with the nearest valid ones) or a rejected value.
+    """
+    if not hasattr(module, "config_class"):
+        return
+    # Quietly: the trainer builds this config again and shows its deprecation warnings then.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx.config = ctx.trl_config(module.config_class())
+
+
+def checked_config(cfg: DictConfig):
+    """The method module, a `MethodContext` (no tokenizer or data yet) and the data config of a
+    composed config, after every check that needs neither: the method and its keys, its data
+    format, the typed groups and `method.args` (`align train` and `align data validate` alike).
+
+    Raises:
+        AlignError: no method, an unknown key, a group key or value that is not valid, or a
+            `method.args` key or value the method's config class rejects.
+    """
+    from .methods import load_method
+    from .methods.base import MethodContext
+
+    method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
+    if not method or "name" not in method:
+        raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
+    check_known_keys(cfg, method)
+    args = method.pop("args", None) or {}
+    module = load_method(method["name"])
+    check_method_format(method)
+    data_cfg = typed(cfg, "data", schema.DataConfig)
+    ctx = MethodContext(
+        method=method,
+        args=args,
+        model_cfg=typed(cfg, "model", schema.ModelConfig),
+        quant_cfg=typed(cfg, "quant", schema.QuantConfig),
+        peft_cfg=typed(cfg, "peft", schema.PeftConfig),
+        tokenizer=None,
+        train_dataset=None,
+        reward=OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None,
+        seed=int(cfg.get("seed", 42)),
+        dist=typed(cfg, "dist", schema.DistConfig),
+    )
+    from .dist import config_problem
+
+    problem = config_problem(ctx.dist, method["name"], args, ctx.quant_cfg.bits)
+    if problem:
+        raise AlignError(problem)
+    check_method_args(module, ctx)
+    if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
+        module.check_settings(method)
+    from . import modeling
+
+    # From the model's config and file headers only: no weights are read.
+    modeling.check_target_modules(ctx.model_cfg, ctx.peft_cfg)
+    modeling.check_weight_files(modeling.resolve_model_path(ctx.model_cfg))
+    return module, ctx, data_cfg
+
+
+def read_run_data(module, ctx, data_cfg, tokenizer, problems=None):
+    """Both splits of a checked config, read and checked as the run will get them: the method's
+    standard format, the tokenizer's chat template, the method's prompt room, the rewards' row
+    checks. `align train`, `align data validate` and `align data preview` all read through it.
+
+    Args:
+        problems: (train, eval) collectors (validate); None: stop at the first problem.
+
+    Returns:
+        `data.Splits`.
+    """
+    from .data import read_splits
+    from .methods import prompt_room
+    from .rewards import row_check
+
+    return read_splits(
+        data_cfg,
+        ctx.method["format"],
+        conversational=tokenizer.chat_template is not None,
+        seed=ctx.seed,
+        sample=ctx.method.get("sample"),
+        tokenizer=tokenizer,
+        room=prompt_room(module, ctx.args, ctx.model_cfg),
+        row_check=row_check(ctx.reward),  # values a reward cannot use, named by file:line
+        problems=problems,
+    )
