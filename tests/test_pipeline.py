@@ -23,7 +23,9 @@ from transformers import TrainerCallback
 
 from align_cli.config import CONF_DIR
 from align_cli.errors import AlignError, TrainingInterrupted
-from align_cli.pipeline import SUMMARY_JSON, plan, recipe_names, run_pipeline
+from align_cli.pipeline import run_pipeline
+from align_cli.pipeline_plan import plan, recipe_names
+from align_cli.pipeline_summary import SUMMARY_JSON
 
 FAST = [
     "plot=false",
@@ -264,7 +266,7 @@ def test_a_sweep_over_whole_pipelines_through_the_real_entry_point(tmp_path):
 
 
 def test_stage_keys_reach_hydra_and_come_back_as_typed():
-    from align_cli.pipeline import decode, encode
+    from align_cli.pipeline_plan import decode, encode
 
     typed = [
         "recipe=rlhf",
@@ -285,7 +287,7 @@ def test_stage_keys_reach_hydra_and_come_back_as_typed():
     [("pairwise", "eval_accuracy"), ("listwise", "eval_kendall_tau"), ("pointwise", "eval_pearson")],
 )
 def test_the_gate_reads_the_figure_of_the_reward_models_mode(tmp_path, mode, metric):
-    from align_cli.pipeline import gate_result
+    from align_cli.pipeline_summary import gate_result
 
     p = plan([f"rm.method.mode={mode}"], None)
     rm = p.stage("rm")
