@@ -281,7 +281,7 @@ def _check_room(loaded, tokenizer, model_cfg: ModelConfig, settings: EvalSetting
 
 
 def _read_prompts(data_cfg: DataConfig, conversational: bool, sample: str | None, check):
-    from .data import read_and_convert
+    from .data.convert import read_and_convert
 
     loaded = read_and_convert(data_cfg, "prompt", conversational, sample or POLICY_SAMPLE, row_check=check)
     if not loaded.rows:
@@ -484,7 +484,8 @@ def evaluate_reward_models(
     import numpy as np
     import torch
 
-    from .data import prompt_key, read_and_convert
+    from .data.convert import read_and_convert
+    from .data.holdout import prompt_key
     from .methods.rm import MODES
     from .methods.rm_metrics import PAD_RANK, listwise_metrics, pairwise_metrics, pointwise_metrics
     from .rewards.model import ModelReward

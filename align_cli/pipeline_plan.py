@@ -317,7 +317,7 @@ def _check_stage(stage: Stage, cfg, root: str) -> None:
 
 def _check_gate(plan_gate: dict, stages: list[Stage]) -> None:
     """The gate's threshold is a number, and each reward model it guards holds out an eval split."""
-    from .data import has_eval_source
+    from .data.holdout import has_eval_source
     from .run_checks import typed
 
     threshold = plan_gate.get("min_accuracy")

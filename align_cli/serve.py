@@ -309,7 +309,7 @@ def read_prompts(data_cfg: DataConfig, conversational: bool) -> tuple[list[dict]
         AlignError: no data.path, unreadable data, columns that fit no prompt layout; DataError
             for bad rows.
     """
-    from .data import check_column_names, convert, rename_columns
+    from .data.convert import check_column_names, convert, rename_columns
     from .data.formats import ConvertOptions
     from .data.problems import Problems
     from .data.readers import read_any

@@ -82,7 +82,7 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     from . import modeling
     from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none
     from .compat import install_atomic_trainer_state
-    from .data import data_path
+    from .data.convert import data_path
     from .guard import (
         GracefulStop,
         LossGuard,

@@ -162,7 +162,7 @@ def split_report(
 
 def _held_out_note(rows: list[dict], held: list[int], ratio: float) -> str:
     """What `data.eval_ratio` will hold out for evaluation, in rows and prompts."""
-    from .data import prompt_key
+    from .data.holdout import prompt_key
 
     if not held:
         return f"held out nothing for evaluation (data.eval_ratio={ratio})"
@@ -187,7 +187,8 @@ def validate(cfg: DictConfig) -> Report:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
     from . import modeling
-    from .data import data_path, has_eval_source
+    from .data.convert import data_path
+    from .data.holdout import has_eval_source
     from .data.problems import Problems
     from .methods import method_problems
     from .run_checks import checked_config, read_run_data

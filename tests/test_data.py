@@ -218,7 +218,7 @@ def test_held_out_rows_never_share_a_prompt_with_training(sample, standard):
 
 
 def test_held_out_split_with_one_row_per_prompt_is_the_row_shuffle():
-    from align_cli.data import held_out
+    from align_cli.data.holdout import held_out
 
     rows = [{"prompt": f"p{i}", "completion": "a"} for i in range(50)]
     order = list(range(50))
@@ -441,7 +441,7 @@ def test_json_array_rows_are_named_by_the_line_they_start_on(tmp_path, wrapped):
     lines = text.split("\n")
     starts = [i + 1 for i, line in enumerate(lines) if line in ("    {", "  {", "    7,", "  7,")]
     assert len(starts) == 4
-    from align_cli.data import read_and_convert
+    from align_cli.data.convert import read_and_convert
     from align_cli.data.problems import Problems
 
     problems = Problems()

@@ -520,7 +520,7 @@ def test_llamafactory_dataset_info_registry(tmp_path):
 def test_too_long_refuses_by_default_drops_or_truncates_when_asked(tmp_path, caplog):
     from align_cli import modeling
     from align_cli.config import ModelConfig
-    from align_cli.data import PromptRoom
+    from align_cli.data.fit import PromptRoom
 
     tokenizer = modeling.load_tokenizer(ModelConfig())
     long_text = "word " * 80

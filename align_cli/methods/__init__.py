@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ..data import PromptRoom
+from ..data.fit import PromptRoom
 from ..errors import AlignError
 
 REGISTRY: dict[str, str] = {

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ..data import PromptRoom
+from ..data.fit import PromptRoom
 from ..diagnostics import PPO_KEYS, Probe
 from ..errors import AlignError
 from ..modeling import quiet_transformers

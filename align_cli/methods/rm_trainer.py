@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..compat import reward_trainer_base
-from ..data import prompt_key
+from ..data.holdout import prompt_key
 from ..errors import AlignError
 from ..rewards.model import tokenize_response
 from .rm_losses import listwise_loss, pointwise_loss, ranked_pairs
