@@ -310,7 +310,7 @@ def read_prompts(data_cfg: DataConfig, conversational: bool) -> tuple[list[dict]
             for bad rows.
     """
     from .data.convert import check_column_names, convert, rename_columns
-    from .data.formats import ConvertOptions
+    from .data.fields import ConvertOptions
     from .data.problems import Problems
     from .data.readers import read_any
 

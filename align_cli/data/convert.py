@@ -13,17 +13,16 @@ from dataclasses import dataclass, field
 
 from ..config import SAMPLES_DIR, DataConfig
 from ..errors import AlignError, nearest
+from .fields import ConvertOptions
 from .formats import (
-    ConvertOptions,
     InputFormat,
-    RowError,
     describe_columns,
     detect,
     keeps_extra,
     known_columns,
     unread_columns,
 )
-from .problems import Problems
+from .problems import Problems, RowError
 from .readers import Rows, read_any
 from .sources import from_registry, is_registry, registry_rows, sources, take
 
