@@ -185,8 +185,9 @@ def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | N
     from omegaconf import OmegaConf
 
     from . import config as schema
-    from .evaluate import EvalSettings, write_outputs
-    from .evaluate import evaluate_policies as evaluate
+    from .eval_policy import EvalSettings
+    from .eval_policy import evaluate_policies as evaluate
+    from .eval_tables import write_outputs
 
     if not p.evaluation.get("enabled", True):
         log.info("pipeline: eval.enabled=false: the policies are not evaluated side by side")

@@ -151,7 +151,7 @@ def write_summary(p: Plan, results, gate, evaluation, state: str, seconds: float
     for stage in data["stages"]:
         stage["metrics"] = {k: finite_or_none(v) for k, v in stage["metrics"].items()}
     if data["evaluation"]:
-        from .evaluate import strict_json
+        from .eval_tables import strict_json
 
         data["evaluation"] = strict_json(data["evaluation"])  # an undefined metric (NaN) is null
     Path(p.folder, SUMMARY_JSON).write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")

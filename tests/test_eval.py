@@ -17,14 +17,10 @@ import pytest
 from align_cli.config import DataConfig, ModelConfig
 from align_cli.diagnostics import distinct_n, identical_share
 from align_cli.errors import AlignError
-from align_cli.evaluate import (
-    EvalSettings,
-    _models_override,
-    evaluate_policies,
-    evaluate_reward_models,
-    markdown_table,
-    win_rate,
-)
+from align_cli.eval_policy import EvalSettings, evaluate_policies, win_rate
+from align_cli.eval_rm import evaluate_reward_models
+from align_cli.eval_tables import markdown_table
+from align_cli.evaluate import _models_override
 from align_cli.testing import compose
 from align_cli.train import train
 
