@@ -161,8 +161,9 @@ def _models_override(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """Entry for `align eval [overrides]`."""
+    from .compose import check_repeated_keys, compose_checked
     from .errors import fail, wants_debug
-    from .preflight import check_repeated_keys, compose_checked, unique_dir
+    from .run_folder import unique_dir
 
     if {"-h", "--help"} & set(argv):
         print(EVAL_USAGE)

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from . import config as schema
 from .errors import AlignError, TrainingInterrupted, fail, one_line, wants_debug
-from .preflight import _HELD, prepare, unlock_run_folder
-from .run_folder import remove_if_untouched
+from .preflight import prepare
+from .run_folder import HELD, remove_if_untouched, unlock_run_folder
 from .train import train
 
 
@@ -164,5 +164,5 @@ def main(argv: list[str]) -> None:
     try:
         _hydra_entry()
     finally:
-        for folder in list(_HELD):  # taken by prepare for a run that never reached train()
+        for folder in list(HELD):  # taken by prepare for a run that never reached train()
             unlock_run_folder(folder)

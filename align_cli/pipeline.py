@@ -234,7 +234,7 @@ def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | N
 
 @contextmanager
 def _keep_global_hydra():
-    """Composing a stage (preflight.compose_checked) resets Hydra's global state, which the
+    """Composing a stage (compose.compose_checked) resets Hydra's global state, which the
     running job's sweep still needs: put it back afterwards."""
     from hydra.core.global_hydra import GlobalHydra
 
@@ -253,7 +253,8 @@ def prepare(argv: list[str]) -> list[str]:
         AlignError: anything `plan` finds, or output_dir with -m.
     """
     from .compat import hydra_args_parser
-    from .preflight import _probe_sets, check_repeated_keys, compose_checked, unique_dir
+    from .compose import check_repeated_keys, compose_checked, probe_sets
+    from .run_folder import unique_dir
 
     args = hydra_args_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
@@ -269,7 +270,7 @@ def prepare(argv: list[str]) -> list[str]:
     if args.multirun:
         if "output_dir" in keys:
             raise AlignError("output_dir with -m: every job would share one pipeline folder; leave it out")
-        for probe in _probe_sets(encoded, True):
+        for probe in probe_sets(encoded, True):
             plan(decode(probe), None)
         if "hydra.sweep.dir" not in keys:
             cfg = compose_checked(

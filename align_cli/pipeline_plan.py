@@ -85,7 +85,7 @@ class Plan:
 
 
 def quote_value(value: str) -> str:
-    from .preflight import _quote as quote
+    from .compose import quote_value as quote
 
     return quote(str(value))
 
@@ -144,7 +144,7 @@ def _pipeline_config(overrides: list[str]):
     """conf/pipeline.yaml composed with the pipeline's and the shared overrides."""
     from omegaconf import OmegaConf
 
-    from .preflight import compose_checked
+    from .compose import compose_checked
 
     recipes = recipe_names()
     for override in overrides:
@@ -257,7 +257,7 @@ def _folder_status(stage: Stage, resolved: dict) -> str:
         AlignError: the stage folder holds a run made with other settings (the differences named).
     """
     from .guard import last_checkpoint
-    from .preflight import _differences
+    from .preflight import config_differences
 
     finished = os.path.exists(os.path.join(stage.folder, "summary.json"))
     checkpoint = last_checkpoint(stage.folder)
@@ -269,7 +269,7 @@ def _folder_status(stage: Stage, resolved: dict) -> str:
             f"stage {stage.name}: {stage.folder} holds a run that this pipeline did not start (no .hydra/config.yaml); "
             "choose another hydra.run.dir"
         )
-    changed = _differences(_compared(stored), _compared(resolved))
+    changed = config_differences(_compared(stored), _compared(resolved))
     if changed:
         shown = "; ".join(f"{stage.name}.{c}" for c in changed[:4]) + (
             f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
@@ -358,7 +358,7 @@ def plan(overrides: list[str], folder: str | os.PathLike | None) -> Plan:
     """
     from omegaconf import OmegaConf
 
-    from .preflight import compose_checked
+    from .compose import compose_checked
 
     pcfg, recipe = _pipeline_config(overrides)
     specs = _check_recipe(recipe)

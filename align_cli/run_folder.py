@@ -1,8 +1,9 @@
-"""A run folder's life after preflight chose it: refusing one that is finished or unfinished,
+"""A run's folder: choosing one no other run uses (one per `torchrun` launch), refusing one
+that is finished, unwritable, or unfinished without `resume`, locking it while the run lives,
 disk space, checkpoints (finishing from the last one, saving the state a failed step started
 from), the resume command, the summary, and removing a folder a run never used.
 
-train.py calls these; nothing heavy is imported at module level.
+preflight.py and train.py call these; nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import logging
 import math
 import os
 import signal
+import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from . import config as schema
 from .errors import AlignError
-from .preflight import LOCK_NAME
 
 log = logging.getLogger("align")
 
@@ -290,3 +292,152 @@ def remove_if_untouched(run_dir: str) -> bool:
     except OSError:
         pass
     return False
+
+
+def unique_dir(path: str) -> str:
+    """Creates and returns `path`, or `path_1`, `path_2`... if another run took it first.
+
+    mkdir is atomic, so two runs started in the same second (the default folder name has a
+    one-second resolution) never share a folder.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, n = path, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{path}_{n}"
+
+
+def shared_unique_dir(path: str) -> str:
+    """`unique_dir(path)`, decided once for all the ranks of one `torchrun` launch on this node.
+
+    Every rank runs `align train` and would otherwise take a folder of its own. The ranks of one
+    launch share a parent (torchrun's agent) and, through `${run_stamp:}`, the same `path`: local
+    rank 0 picks the folder and leaves its name in a file keyed by both; the others read it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return unique_dir(path)
+    import hashlib
+    import tempfile
+
+    launch = f"{os.getppid()}-{os.environ.get('MASTER_PORT', '')}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    key = hashlib.sha1(f"{launch}-{os.path.abspath(path)}".encode()).hexdigest()[:16]
+    note = Path(tempfile.gettempdir()) / f"align-run-dir-{key}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        chosen = unique_dir(path)
+        partial = note.with_suffix(f".{os.getpid()}")
+        partial.write_text(chosen, encoding="utf-8")
+        os.replace(partial, note)  # atomic: a reader sees the whole name or nothing
+        return chosen
+    for _ in range(1200):
+        if note.exists():
+            return note.read_text(encoding="utf-8").strip()
+        time.sleep(0.05)
+    raise AlignError("waited 60 s for local rank 0 to pick the run folder; set hydra.run.dir=<folder>")
+
+
+def refuse_finished(folder: str, how: str) -> None:
+    if os.path.exists(os.path.join(folder, "summary.json")):
+        raise AlignError(
+            f"{how}={folder} holds a finished run; choose another folder (to train it further, "
+            f"start from it with model.name_or_path={folder})"
+        )
+
+
+def run_of_checkpoint(resume) -> str | None:
+    """The run folder a `resume=<path>` belongs to (the path, or the folder above a
+    checkpoint-<step>), when it holds a saved config; None for true/false."""
+    if resume in (None, True, False) or str(resume).strip().lower() in (
+        "true",
+        "false",
+        "yes",
+        "no",
+        "1",
+        "0",
+    ):
+        return None
+    path = os.path.abspath(os.path.expanduser(str(resume)))
+    for folder in (path, os.path.dirname(path)):
+        if os.path.exists(os.path.join(folder, ".hydra", "config.yaml")):
+            return folder
+    return None
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Refuses a run folder that cannot be written (a read-only mount, no permission), before
+    Hydra writes its config there (which would be a traceback) and before any training.
+
+    Probes the folder, or the nearest folder above it that exists, with a temporary file.
+
+    Raises:
+        AlignError: naming the key, the folder and the system's reason.
+    """
+    import tempfile
+
+    probe = os.path.abspath(folder)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".align-write-test-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise AlignError(
+            f"{key}={folder} cannot be written ({err.strerror or err}"
+            f"{'' if probe == os.path.abspath(folder) else f' in {probe}'}): choose a folder you can write to"
+        ) from None
+
+
+LOCK_NAME = ".align.lock"
+
+
+HELD: dict[str, int] = {}  # run folder -> the open lock file this process holds
+
+
+def lock_run_folder(folder: str, key: str = "output_dir") -> None:
+    """Takes the run folder for this process, so a second run into it is refused while this one runs.
+
+    An exclusive `flock` on `<folder>/.align.lock`, which holds this run's pid, host and start
+    time for the message. The kernel drops the lock when the process ends, however it ends, so
+    a crashed run's lock file never blocks a later run. Ranks of a `torchrun` launch share the
+    folder: only global rank 0 takes it. Taking a folder this process holds already is a no-op.
+
+    Raises:
+        AlignError: another live process holds the folder, naming it.
+    """
+    import fcntl
+    import socket
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    folder = os.path.abspath(folder)
+    if folder in HELD:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise AlignError(
+            f"{key}={folder} is in use by another align run ({holder}): wait for it to finish, or choose "
+            "another folder (two runs in one folder would mix their checkpoints, metrics and model)"
+        ) from None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}\n".encode(), 0)
+    HELD[folder] = fd
+
+
+def unlock_run_folder(folder: str) -> None:
+    """Releases a folder taken by `lock_run_folder` (a sweep's job, when it ends)."""
+    fd = HELD.pop(os.path.abspath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the file drops the flock

@@ -25,7 +25,6 @@ from omegaconf import DictConfig
 
 from . import config as schema
 from .errors import AlignError, TrainingInterrupted
-from .preflight import lock_run_folder, unlock_run_folder
 from .run_checks import checked_config, preflight_quant, read_run_data
 from .run_folder import (
     check_free_space,
@@ -36,11 +35,13 @@ from .run_folder import (
     evaluated_at_end,
     finished_checkpoint,
     interrupted_message,
+    lock_run_folder,
     print_summary,
     resolve_output_dir,
     restore_checkpoint,
     save_state,
     summarize,
+    unlock_run_folder,
 )
 
 log = logging.getLogger("align")
@@ -59,7 +60,7 @@ class RunResult:
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """Runs one training job described by a composed config (see `_train`), holding its run
-    folder (`preflight.lock_run_folder`) until it ends."""
+    folder (`run_folder.lock_run_folder`) until it ends."""
     try:
         return _train(cfg, callbacks)
     finally:

@@ -235,8 +235,8 @@ def validate(cfg: DictConfig) -> Report:
 
 def main(argv: list[str]) -> None:
     """Entry for `align data validate [overrides]`: prints the report, exits 0 (valid) or 1."""
+    from .compose import check_repeated_keys, compose_checked
     from .errors import fail, wants_debug
-    from .preflight import check_repeated_keys, compose_checked
 
     argv = schema.normalize_overrides(list(argv))
     try:

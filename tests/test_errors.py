@@ -573,7 +573,7 @@ def test_resuming_with_another_method_is_refused(tmp, capsys):
 
 def test_quoted_non_ascii_values_compose(tmp, capsys):
     """Hydra's grammar takes any character inside quotes: the form the hint suggests works."""
-    from align_cli.preflight import compose_checked
+    from align_cli.compose import compose_checked
 
     assert compose_checked(["method=dpo", 'data.system="你是助手"']).data.system == "你是助手"
     assert compose_checked(["method=dpo", "data.system='你是助手'"]).data.system == "你是助手"
@@ -594,7 +594,7 @@ def test_quoted_non_ascii_values_compose(tmp, capsys):
     ],
 )
 def test_a_key_is_given_once(overrides, repeated):
-    from align_cli.preflight import check_repeated_keys
+    from align_cli.compose import check_repeated_keys
 
     if repeated is None:
         check_repeated_keys(overrides)

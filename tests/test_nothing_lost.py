@@ -69,7 +69,7 @@ def run3(trained, tmp_path) -> Path:
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that takes the folder as an `align` run does, and keeps it until killed."""
-    code = f"from align_cli.preflight import lock_run_folder; import time; lock_run_folder({str(folder)!r}); print('ok', flush=True); time.sleep(120)"
+    code = f"from align_cli.run_folder import lock_run_folder; import time; lock_run_folder({str(folder)!r}); print('ok', flush=True); time.sleep(120)"
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -81,7 +81,8 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 
 def test_a_second_run_into_a_held_folder_is_refused_and_a_dead_holder_blocks_nothing(tmp_path):
-    from align_cli.preflight import prepare, unlock_run_folder
+    from align_cli.preflight import prepare
+    from align_cli.run_folder import unlock_run_folder
 
     run = tmp_path / "run"
     holder = hold_lock(run)

@@ -142,8 +142,8 @@ def preview(cfg, rows: int, rendered: bool) -> list[dict]:
 def main(argv: list[str]) -> None:
     """Entry for `align data preview [overrides] [rows=N] [rendered=true]`."""
     from .. import config as schema
+    from ..compose import check_repeated_keys, compose_checked
     from ..errors import fail, wants_debug
-    from ..preflight import check_repeated_keys, compose_checked
 
     try:
         rest, rows, rendered = split_args(list(argv))
