@@ -286,7 +286,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     if checkpoint_kind(folder) is None:
         return "no model or adapter weights"
     from .errors import AlignError
-    from .modeling import check_weight_files
+    from .model_checks import check_weight_files
 
     try:
         check_weight_files(str(folder))

@@ -194,11 +194,11 @@ def checked_config(cfg: DictConfig):
     check_method_args(module, ctx)
     if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
         module.check_settings(method)
-    from . import modeling
+    from . import model_checks, modeling
 
     # From the model's config and file headers only: no weights are read.
-    modeling.check_target_modules(ctx.model_cfg, ctx.peft_cfg)
-    modeling.check_weight_files(modeling.resolve_model_path(ctx.model_cfg))
+    model_checks.check_target_modules(ctx.model_cfg, ctx.peft_cfg)
+    model_checks.check_weight_files(modeling.resolve_model_path(ctx.model_cfg))
     return module, ctx, data_cfg
 
 

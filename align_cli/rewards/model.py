@@ -237,7 +237,8 @@ def check_entry(name: str, options: dict[str, Any]) -> None:
             checkpoint that is no reward model.
     """
     from ..config import ModelConfig
-    from ..modeling import check_weight_files, resolve_model_path
+    from ..model_checks import check_weight_files
+    from ..modeling import resolve_model_path
 
     probe = Reward.__new__(ModelReward)
     Reward.__init__(probe, name, **options)  # the option checks only
