@@ -119,10 +119,10 @@ examples:
 def _serve(command: str, rest: list[str]) -> None:
     """`align chat|generate|export`: key=value options (no Hydra run folder), one-line errors."""
     if {"-h", "--help"} & set(rest):
-        from . import export, serve
+        from . import export, generate, serve
 
         print(
-            f"usage: {dict(chat=serve.CHAT_USAGE, generate=serve.GENERATE_USAGE, export=export.USAGE)[command]}"
+            f"usage: {dict(chat=serve.CHAT_USAGE, generate=generate.GENERATE_USAGE, export=export.USAGE)[command]}"
         )
         return
     from .errors import AlignError
@@ -133,9 +133,9 @@ def _serve(command: str, rest: list[str]) -> None:
         if command == "export":
             from .export import main as entry
         else:
-            from . import serve
+            from . import generate, serve
 
-            entry = serve.chat_main if command == "chat" else serve.generate_main
+            entry = serve.chat_main if command == "chat" else generate.generate_main
         entry(rest)
     except AlignError as err:
         if debug:

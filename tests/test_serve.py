@@ -450,11 +450,11 @@ def test_reward_model_run_card_loads_the_lora_classifier(runs):
 
 
 def test_options_are_typed_and_checked_like_overrides():
-    from align_cli import options, serve
+    from align_cli import generate, options
     from align_cli.errors import AlignError
 
     opts = options.parse(
-        serve.GenerateOptions,
+        generate.GenerateOptions,
         [
             "temperature=0",
             "data.path=p.jsonl",
@@ -463,7 +463,7 @@ def test_options_are_typed_and_checked_like_overrides():
             "batch_size=3",
         ],
         "align generate",
-        serve.GENERATE_UNUSED,
+        generate.GENERATE_UNUSED,
     )
     assert (opts.temperature, opts.batch_size, opts.model.dtype) == (0.0, 3, "bfloat16")
     assert opts.data.columns == {"prompt": "question"} and opts.data.path == "p.jsonl"
@@ -474,5 +474,5 @@ def test_options_are_typed_and_checked_like_overrides():
         (["num_return_sequence=2"], "(did you mean: num_return_sequences?)"),
     ]:
         with pytest.raises(AlignError) as err:
-            options.parse(serve.GenerateOptions, bad, "align generate", serve.GENERATE_UNUSED)
+            options.parse(generate.GenerateOptions, bad, "align generate", generate.GENERATE_UNUSED)
         assert message in str(err.value) and "\n" not in str(err.value)
