@@ -44,7 +44,7 @@ class Internal(NamedTuple):
 
 
 _GRPO, _REWARD, _TRAINER = "trl:GRPOTrainer", "trl:RewardTrainer", "transformers:Trainer"
-_PPO = "align_cli/ppo/ uses it directly"  # (these move behind this module next)
+_PPO = "PPO's own loop (`loop_trainer_base`)"
 
 # Written against trl 1.16.0, transformers 5.24.0, hydra-core 1.3.8 and bitsandbytes 0.50.2.
 INTERNALS: tuple[Internal, ...] = (
@@ -74,7 +74,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         _TRAINER, "_save_checkpoint", ("model", "trial"), "a resume point off schedule; ppo/ overrides it"
     ),
-    Internal(_TRAINER, "_load_from_checkpoint", ("resume_from_checkpoint", "model"), "weights, no training"),
+    Internal(
+        _TRAINER, "_load_from_checkpoint", ("resume_from_checkpoint", "model"), "weights, no training; PPO's"
+    ),
     Internal("transformers:TrainerState", "save_to_json", ("json_path",), "replaced by an atomic write"),
     Internal(_TRAINER, "_load_rng_state", ("checkpoint",), _PPO),
     Internal(_TRAINER, "_load_optimizer_and_scheduler", ("checkpoint",), _PPO),
@@ -483,3 +485,59 @@ def install_atomic_trainer_state() -> None:
 
     save_to_json._align_atomic = True
     TrainerState.save_to_json = save_to_json
+
+
+def loop_trainer_base() -> type:
+    """transformers' Trainer, for a trainer that runs its own loop (our PPO), with public hooks.
+
+    transformers 5.24: `Trainer` calls `_save_checkpoint`, `_load_from_checkpoint` and
+    `_move_model_to_device` from its own code; a loop of our own also needs its private
+    loaders of callback, optimiser/scheduler and RNG state, `_get_learning_rate` and
+    `_get_output_dir`. This base turns them into public names: a subclass overrides
+    `checkpoint_saved(folder)`, `load_checkpoint_weights(folder, model)` and
+    `place_model(model, device)`, and calls `resume_training_state(folder)`,
+    `current_learning_rate()` and `save_checkpoint_now()`. All names are in `INTERNALS`.
+    """
+    import os
+
+    from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class LoopTrainer(Trainer):
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                folder = os.path.join(
+                    self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                )
+                self.checkpoint_saved(folder)
+
+        def checkpoint_saved(self, folder: str) -> None:
+            """After Trainer wrote checkpoint `folder` (on the saving process)."""
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            self.load_checkpoint_weights(resume_from_checkpoint, model)
+
+        def load_checkpoint_weights(self, folder: str, model=None) -> None:
+            super()._load_from_checkpoint(folder, model)
+
+        def _move_model_to_device(self, model, device):
+            self.place_model(model, device)
+
+        def place_model(self, model, device) -> None:
+            super()._move_model_to_device(model, device)
+
+        def resume_training_state(self, folder: str) -> None:
+            """Callback, optimiser, scheduler and RNG state of checkpoint `folder` (after the optimiser exists)."""
+            self._load_callback_state()
+            self._load_optimizer_and_scheduler(folder)
+            self._load_rng_state(folder)
+
+        def current_learning_rate(self) -> float:
+            return self._get_learning_rate()
+
+        def save_checkpoint_now(self) -> None:
+            """A full checkpoint at this step, as the save schedule writes it."""
+            self._save_checkpoint(self.model_wrapped, trial=None)
+
+    return LoopTrainer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -69,36 +68,27 @@ class PPOCheckpoints:
         if _internal_call:  # a checkpoint: resuming needs the critic too
             self.critic.save_pretrained(os.path.join(output_dir, CRITIC_DIR))
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def checkpoint_saved(self, folder: str) -> None:
+        from ..guard import write_json_atomic
 
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            from ..guard import write_json_atomic
+        # A checkpoint is complete only with it (guard.checkpoint_problem): never half written.
+        write_json_atomic(
+            os.path.join(folder, PPO_STATE_NAME),
+            {"kl_controller": self.kl_ctl.state_dict(), "score_norm": self.score_norm.state_dict()},
+        )
 
-            # A checkpoint is complete only with it (guard.checkpoint_problem): never half written.
-            write_json_atomic(
-                os.path.join(folder, PPO_STATE_NAME),
-                {"kl_controller": self.kl_ctl.state_dict(), "score_norm": self.score_norm.state_dict()},
-            )
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    def load_checkpoint_weights(self, folder: str, model: nn.Module | None = None) -> None:
         """The policy's and the critic's weights (before the optimiser exists)."""
         wrapper = self.accelerator.unwrap_model(model or self.model)
-        load_saved_weights(wrapper.policy, resume_from_checkpoint)
-        load_saved_weights(wrapper.critic, os.path.join(resume_from_checkpoint, CRITIC_DIR))
+        load_saved_weights(wrapper.policy, folder)
+        load_saved_weights(wrapper.critic, os.path.join(folder, CRITIC_DIR))
 
     def _resume_state(self, checkpoint: str) -> None:
         """Trainer state, callbacks, optimiser, scheduler, RNG and PPO's own state (after the optimiser exists)."""
         from transformers import TrainerState
 
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-        self._load_callback_state()
-        self._load_optimizer_and_scheduler(checkpoint)
-        self._load_rng_state(checkpoint)
+        self.resume_training_state(checkpoint)
         state_file = os.path.join(checkpoint, PPO_STATE_NAME)
         if os.path.exists(state_file):
             with open(state_file, encoding="utf-8") as f:

@@ -103,9 +103,6 @@ class Experience:
             rows[name] = rows[name][:, :width]
         return Experience(**rows)
 
-    def to(self, device: torch.device | str) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
 
 def check_inputs(
     reward_funcs: Sequence[Callable], reward_weights: Sequence[float] | None, tokenizer: Any

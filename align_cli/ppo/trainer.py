@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerState
+from transformers import TrainerState
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint, speed_metrics
 
+from ..compat import loop_trainer_base
 from ..errors import AlignError
 from .checkpoints import PPOCheckpoints
 from .config import PPOConfig
@@ -72,7 +73,7 @@ def tokenize_prompts(tokenizer: Any, dataset: Any, args: PPOConfig) -> list[list
     return ids
 
 
-class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
+class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
     """PPO with a critic and KL-shaped rewards, driven through transformers' callbacks.
 
     Args:
@@ -152,7 +153,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
 
     # --- placement, data --------------------------------------------------------------------
 
-    def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+    def place_model(self, model: nn.Module, device: torch.device) -> None:
         # bitsandbytes models cannot be moved with .to(); place the others one by one.
         for part in (model.policy, model.critic):
             if not is_quantized(unwrap_peft(part)):
@@ -217,7 +218,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
                 raise ValueError(f"no checkpoint to resume from in {args.output_dir}")
         checkpoint = resume_from_checkpoint or None
         if checkpoint:
-            self._load_from_checkpoint(checkpoint)
+            self.load_checkpoint_weights(checkpoint)
         self.is_in_train = True
         max_steps = self._max_steps()
         world = self.accelerator.num_processes
@@ -293,7 +294,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
     def _log_evaluate_save(self) -> None:
         if self.control.should_log and self._log_buffer:
             logs = {k: sum(v) / len(v) for k, v in self._log_buffer.items()}
-            logs["learning_rate"] = self._get_learning_rate()
+            logs["learning_rate"] = self.current_learning_rate()
             logs["episode"] = (
                 self.state.global_step * self.args.rollout_batch_size * self.accelerator.num_processes
             )
@@ -302,5 +303,5 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, Trainer):
         if self.control.should_evaluate:
             self.evaluate()
         if self.control.should_save:
-            self._save_checkpoint(self.model_wrapped, trial=None)
+            self.save_checkpoint_now()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
