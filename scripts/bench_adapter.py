@@ -346,10 +346,11 @@ def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
     from omegaconf import OmegaConf
 
     from align_cli import config as schema
-    from align_cli.data import PromptRoom, load_datasets
+    from align_cli.data import load_datasets
+    from align_cli.data.fit import PromptRoom
     from align_cli.modeling import load_tokenizer
     from align_cli.testing import compose
-    from align_cli.train import typed
+    from align_cli.run_checks import typed
 
     cfg = compose(align_overrides(method, model_path, steps))
     model_cfg = typed(cfg, "model", schema.ModelConfig)
