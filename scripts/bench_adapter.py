@@ -349,8 +349,8 @@ def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
     from align_cli.data import load_datasets
     from align_cli.data.fit import PromptRoom
     from align_cli.modeling import load_tokenizer
-    from align_cli.testing import compose
     from align_cli.run_checks import typed
+    from align_cli.testing import compose
 
     cfg = compose(align_overrides(method, model_path, steps))
     model_cfg = typed(cfg, "model", schema.ModelConfig)
