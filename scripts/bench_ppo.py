@@ -495,7 +495,7 @@ def grid_markdown(results: dict, machine: str) -> str:
     lines = [
         "## PPO grid: model size x response length x full/LoRA, ours vs TRL 1.12",
         "",
-        "Reproduce the whole grid (on a quiet machine; about an hour on 2 cores): "
+        "Reproduce the whole grid (on a quiet machine; the 50m and 256-token cells take 5-30 min per run on 2 cores): "
         "`python3 scripts/bench_ppo.py --grid`; some cells: `--sizes tiny,5m --lengths 32,128 --modes full,lora`. "
         "Runs add to `.bench/ppo-grid/results.json` and the table is rebuilt from every cell saved there "
         "(`--grid --report-only` rebuilds it alone).",
