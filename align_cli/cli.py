@@ -145,8 +145,10 @@ def _serve(command: str, rest: list[str]) -> None:
 
 
 def _fail(message: str) -> None:
+    from .errors import EXIT_USAGE
+
     print(f"align: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

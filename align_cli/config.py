@@ -51,7 +51,6 @@ class ModelConfig:
 class DataConfig:
     """Where the dataset is and how to read it."""
 
-    name: str = "sample"
     # A file (json/jsonl/csv/parquet/txt), a folder, a hub dataset id, or a list of them (each may
     # be {path, rows} or {path, share} to take part of it); null: the method's sample. Any: a list
     # is valid too, which `str | None` would refuse when composing (checked in data/sources.py).
@@ -78,7 +77,7 @@ class DataConfig:
 
 
 @dataclass
-class PeftSettings:
+class PeftConfig:
     """LoRA settings (`peft=none` or `peft=lora`)."""
 
     method: str = "none"  # none | lora
@@ -163,7 +162,7 @@ class AlignConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    peft: PeftSettings = field(default_factory=PeftSettings)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     method: Any = None
     reward: Any = None

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -140,12 +139,6 @@ def explained_variance(values, returns, mask):
 
     spread = var(returns)
     return 1 - var(returns - values) / spread if float(spread) > 0 else spread * float("nan")
-
-
-def most_common_text(texts: Sequence[str]) -> tuple[str, int]:
-    """The most frequent text and its count (for messages)."""
-    text, count = Counter((t or "").strip() for t in texts).most_common(1)[0]
-    return text, count
 
 
 # --- collapse --------------------------------------------------------------------------------

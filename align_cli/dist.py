@@ -156,10 +156,10 @@ def decoder_layer_classes(model_cfg: ModelConfig) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import _adapter_base, quiet_transformers, resolve_model_path
+    from .modeling import adapter_base, quiet_transformers, resolve_model_path
 
     path = resolve_model_path(model_cfg)
-    base = _adapter_base(path) or path
+    base = adapter_base(path) or path
     try:
         config = AutoConfig.from_pretrained(
             base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code

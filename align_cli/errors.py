@@ -85,6 +85,8 @@ def hydra_message(err: BaseException, override: str | None = None) -> str:
     """
     from hydra.errors import MissingConfigException
 
+    from . import compat
+
     message = str(err)
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
@@ -95,23 +97,21 @@ def hydra_message(err: BaseException, override: str | None = None) -> str:
             f"unknown {group} option '{option}'{nearest(option, options)}: choose one of "
             f"{', '.join(options)}{_GROUP_HINTS.get(group, '')}"
         )
-    if message.startswith("Ambiguous value for argument"):
+    if compat.is_ambiguous_value(message):
         return (
             f"{one_line(message)}: add -m to run one job per value, write [a,b] for a list, "
             "or quote it for a string"
         )
-    if message.startswith("You must specify 'method'"):
-        options = [line.strip() for line in message.splitlines()[2:] if line.strip()]
+    options = compat.missing_choice(message, "method")
+    if options is not None:
         return f"no method chosen: add method=<{'|'.join(options)}>"
 
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
     if cause is not None and full_key:
-        from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
         key = str(getattr(cause, "key", full_key.rsplit(".", 1)[-1]))
         parent = full_key.rpartition(".")[0]
-        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in" in str(cause):
+        if compat.is_unknown_key(cause):
             node = getattr(cause, "parent_node", None)
             keys = [str(k) for k in node.keys() if k != "hydra"] if node is not None else []
             where = f"a {parent} option" if parent else "an align option"
@@ -130,7 +130,7 @@ def hydra_message(err: BaseException, override: str | None = None) -> str:
     reason = one_line(message)
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         reason = f"cannot compose the config: {type(err).__name__}: {reason}"
-    if cause is not None and (reason.startswith("Error merging override") or not reason):
+    if cause is not None and (compat.is_merge_error(reason) or not reason):
         reason = f"{reason}: {one_line(str(cause))}" if reason else one_line(str(cause))
     if override and override not in reason:
         reason = f"{override}: {reason}"

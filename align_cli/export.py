@@ -97,7 +97,7 @@ def _merged(src: str, kind: str, dtype: str, run_quant: dict, opts: ExportOption
 
     from . import modeling
 
-    base = modeling._adapter_base(src)
+    base = modeling.adapter_base(src)
     if not modeling.holds_model(os.path.expanduser(base)) and modeling.looks_local(base):
         raise AlignError(
             f"align export: the adapter in {src} names its base {base}, which does not exist here: "
@@ -161,7 +161,7 @@ def export(src: str, out: str, opts: ExportOptions) -> str:
                 how = f"{src} holds a full model: re-saved it in {opts.dtype} (it was saved in {stored})"
         else:
             kind = "seq_cls" if task == "SEQ_CLS" else "causal_lm"
-            base = modeling._adapter_base(expanded)
+            base = modeling.adapter_base(expanded)
             dtype = opts.dtype if opts.dtype != "auto" else saved_dtype(base)
             quant = run.get("quant") or {}
             model = _merged(expanded, kind, dtype, quant, opts)

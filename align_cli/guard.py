@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .compat import observe_grad_norm
 from .errors import AlignError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -160,7 +161,6 @@ class LossGuard(TrainerCallback):
 
     def __init__(self):
         self.bad: tuple[int, str, float] | None = None  # (step, key, value) seen by on_log
-        self._trainer = None
         self._grad_norm = None  # the norm the Trainer computed for the coming optimizer step
 
     def attach(self, trainer) -> None:
@@ -186,17 +186,12 @@ class LossGuard(TrainerCallback):
 
         trainer.training_step = training_step  # an instance attribute shadows the method
 
-        # transformers 5 computes the total gradient norm before every optimizer step (to clip
-        # and log it); keeping that value spares a second pass over the gradients.
-        get_grad_norm = getattr(trainer, "_get_grad_norm", None)
-        if get_grad_norm is not None:
+        # The total gradient norm the Trainer computes before every optimizer step (to clip and
+        # log it): keeping that value spares a second pass over the gradients.
+        observe_grad_norm(trainer, self._record_grad_norm)
 
-            def recorded_grad_norm(*args, **kwargs):
-                norm = get_grad_norm(*args, **kwargs)
-                self._grad_norm = norm
-                return norm
-
-            trainer._get_grad_norm = recorded_grad_norm
+    def _record_grad_norm(self, norm) -> None:
+        self._grad_norm = norm
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         norm, self._grad_norm = self._grad_norm, None
@@ -430,39 +425,6 @@ def write_json_atomic(path: str | os.PathLike, data, **kwargs) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def install_atomic_trainer_state() -> None:
-    """Makes transformers write `trainer_state.json` atomically (temp file + rename).
-
-    transformers writes it in place, last in a checkpoint; a kill mid-write leaves a truncated
-    file in an otherwise complete checkpoint. Its method is replaced once per process
-    (transformers 5.x: `TrainerState.save_to_json(json_path)` writing `json.dumps(asdict(self),
-    indent=2, sort_keys=True) + "\n"`, kept byte for byte).
-    """
-    import dataclasses
-
-    from transformers import TrainerState
-
-    if getattr(TrainerState.save_to_json, "_align_atomic", False):
-        return
-
-    def save_to_json(self, json_path: str) -> None:
-        import tempfile
-
-        text = json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(json_path)), prefix=".trainer_state.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, json_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    save_to_json._align_atomic = True
-    TrainerState.save_to_json = save_to_json
 
 
 def trim_metrics(path: str, step: int) -> None:

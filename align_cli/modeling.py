@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import PACKAGE_DIR, ModelConfig, PeftSettings, QuantConfig
+from .config import PACKAGE_DIR, ModelConfig, PeftConfig, QuantConfig
 from .errors import AlignError, one_line
 
 if TYPE_CHECKING:
@@ -73,8 +73,17 @@ def build_tiny_model() -> Path:
     # Write beside the target and rename, so concurrent processes (DDP ranks, parallel tests)
     # never see a half-written folder.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    # Our own build, whenever the first command needs it: no "Writing model shards" bar.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     try:
         tmp.rename(target)
     except OSError:  # another process won the race; its copy is identical
@@ -151,7 +160,7 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
     path = resolve_model_path(model_cfg, path)
     source = path
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
-        source = _adapter_base(path) or path  # an adapter folder saved without its tokenizer
+        source = adapter_base(path) or path  # an adapter folder saved without its tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -169,7 +178,8 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
     return tokenizer
 
 
-def _adapter_base(path: str) -> str | None:
+def adapter_base(path: str) -> str | None:
+    """The base model an adapter-only folder names (`base_model_name_or_path`), else None."""
     adapter_cfg = os.path.join(path, "adapter_config.json")
     if os.path.exists(adapter_cfg) and not os.path.exists(os.path.join(path, "config.json")):
         with open(adapter_cfg, encoding="utf-8") as f:
@@ -179,7 +189,7 @@ def _adapter_base(path: str) -> str | None:
 
 def adapter_task(path: str) -> str | None:
     """The PEFT task type of an adapter-only folder (e.g. "CAUSAL_LM", "SEQ_CLS"), else None."""
-    if _adapter_base(path) is None:
+    if adapter_base(path) is None:
         return None
     with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
         return json.load(f).get("task_type") or "CAUSAL_LM"
@@ -196,7 +206,7 @@ def merge_adapter_folder(model_cfg: ModelConfig, path: str, target: str) -> str:
         return target
     kind = "seq_cls" if adapter_task(path) == "SEQ_CLS" else "causal_lm"
     model = load_model(model_cfg, kind=kind, path=path)  # merged in memory, unquantized
-    base = _adapter_base(path)
+    base = adapter_base(path)
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     # Written beside the target and renamed, as the tiny model is: DDP ranks may race here.
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".merging-")
@@ -320,7 +330,7 @@ def load_model(
     else:
         raise ValueError(f"unknown model kind {kind!r}")
 
-    base = _adapter_base(path)
+    base = adapter_base(path)
     if kind == "causal_lm":
         _refuse_classifier(path)
     try:
@@ -381,7 +391,7 @@ def _refuse_classifier(path: str) -> None:
         )
 
 
-def lora_config(peft_cfg: PeftSettings, task_type: str = "CAUSAL_LM"):
+def lora_config(peft_cfg: PeftConfig, task_type: str = "CAUSAL_LM"):
     """A peft.LoraConfig for `peft=lora`, None for `peft=none`."""
     if peft_cfg.method == "none":
         return None
@@ -402,19 +412,13 @@ def lora_config(peft_cfg: PeftSettings, task_type: str = "CAUSAL_LM"):
     )
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 def _module_names(model_cfg: ModelConfig, path: str) -> list[str] | None:
     """Every module name of the model at `path`, from its config alone (built on the meta
     device: no weights are read or allocated); None when the config cannot be read here."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    base = _adapter_base(path) or path
+    base = adapter_base(path) or path
     try:
         config = AutoConfig.from_pretrained(
             base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -426,7 +430,7 @@ def _module_names(model_cfg: ModelConfig, path: str) -> list[str] | None:
     return [name for name, _ in model.named_modules() if name]
 
 
-def check_target_modules(model_cfg: ModelConfig, peft_cfg: PeftSettings) -> None:
+def check_target_modules(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
     """Refuses `peft.target_modules` that name no module of the model, before any weights load.
 
     peft matches a name to every module whose dotted name ends with it (`q_proj` matches
@@ -468,7 +472,7 @@ def check_weight_files(path: str) -> None:
         AlignError: a safetensors file whose header cannot be read or whose data is shorter
             than the header says.
     """
-    base = _adapter_base(path)
+    base = adapter_base(path)
     for folder in dict.fromkeys([path, base] if base and os.path.isdir(base) else [path]):
         if not os.path.isdir(folder):
             continue

@@ -354,7 +354,7 @@ def _check_stage(stage: Stage, cfg, root: str) -> None:
     if key in _CHECKED:
         return
     try:
-        preflight_quant(typed(cfg, "quant", schema.QuantConfig), typed(cfg, "peft", schema.PeftSettings))
+        preflight_quant(typed(cfg, "quant", schema.QuantConfig), typed(cfg, "peft", schema.PeftConfig))
         report = validate(cfg)
     except AlignError as err:
         raise AlignError(f"stage {stage.name}: {err} (its keys take the prefix {stage.name}.)") from None
@@ -784,11 +784,10 @@ def prepare(argv: list[str]) -> list[str]:
     Raises:
         AlignError: anything `plan` finds, or output_dir with -m.
     """
-    from hydra._internal.utils import get_args_parser
-
+    from .compat import hydra_args_parser
     from .preflight import _probe_sets, check_repeated_keys, compose_checked, unique_dir
 
-    args = get_args_parser().parse_intermixed_args(argv)
+    args = hydra_args_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     rest = list(argv)
     for override in overrides:

@@ -80,11 +80,9 @@ def check_interpolations(cfg: DictConfig) -> None:
         if key == "hydra":
             continue
         try:
-            node = cfg._get_node(key)
-            if OmegaConf.is_config(node):
-                OmegaConf.to_container(node, resolve=True)
-            else:
-                cfg[key]  # noqa: B018 - reading a scalar resolves it
+            value = cfg[key]  # reading a scalar (or an interpolated group) resolves it
+            if OmegaConf.is_config(value):
+                OmegaConf.to_container(value, resolve=True)
         except OmegaConfBaseException as err:
             full_key = getattr(err, "full_key", None) or str(key)
             reason = one_line(getattr(err, "msg", "") or str(err))
@@ -97,11 +95,11 @@ def check_interpolations(cfg: DictConfig) -> None:
 
 def _raw(cfg: DictConfig, full_key: str) -> str:
     """The value of `full_key` as written (its `${...}` text), or "?" when it cannot be read."""
-    node = cfg
     try:
+        node = OmegaConf.to_container(cfg, resolve=False)  # interpolations stay as written
         for part in full_key.split("."):
-            node = node._get_node(part)
-        return str(node._value())
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        return str(node)
     except Exception:
         return "?"
 
@@ -118,8 +116,10 @@ def _quoting_hint(override: str, reason: str, parser) -> str:
     non-ASCII letter, as in `data.system=你是助手`), or "" when quoting would not help."""
     import shlex
 
+    from .compat import is_unquoted_character_error
+
     key, eq, value = _shown(override).partition("=")
-    if not eq or not value or "token recognition error" not in reason or value[0] in "'\"":
+    if not eq or not value or not is_unquoted_character_error(reason) or value[0] in "'\"":
         return ""
     if '"' not in value:
         quoted = f'"{value}"'
@@ -304,24 +304,29 @@ def _resolved(cfg: DictConfig, ignore: set[str]) -> dict:
     """The config as plain values, interpolations resolved (a message shows `pointwise`, not
     `${oc.select:...}`); a key that does not resolve (a saved config's lost environment
     variable) keeps its text."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
     out = {}
     for key in cfg:
         if key in ignore:
             continue
-        node = cfg._get_node(key)
         try:
-            out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
+            value = cfg[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except Exception:
-            out[key] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else str(node._value())
+            out[key] = raw[key] if isinstance(raw[key], (dict, list)) else str(raw[key])
     return out
 
 
 _FIXED_ON_RESUME = ("method.", "model.name_or_path", "model.revision", "peft.", "quant.", "data.")
 
 
-def _warn_changed_config(run_dir: str, cfg: DictConfig) -> None:
+def _check_changed_config(run_dir: str, cfg: DictConfig) -> None:
     """Refuses to resume a run with another method, model, adapter setup or data; warns when
-    other settings differ from those it was started with."""
+    other settings differ from those it was started with.
+
+    Raises:
+        AlignError: the saved config differs in a setting that would change what the checkpoint means.
+    """
     saved = os.path.join(run_dir, ".hydra", "config.yaml")
     if not run_dir or not os.path.exists(saved):
         return
@@ -396,9 +401,9 @@ def prepare(argv: list[str]) -> list[str]:
     Raises:
         AlignError: a composition problem (one line), or a run folder holding a finished run.
     """
-    from hydra._internal.utils import get_args_parser
+    from .compat import hydra_args_parser
 
-    args = get_args_parser().parse_intermixed_args(argv)
+    args = hydra_args_parser().parse_intermixed_args(argv)
     if args.help or args.hydra_help or args.shell_completion or args.info or args.experimental_rerun:
         return argv
     if args.multirun and args.cfg:
@@ -459,10 +464,10 @@ def prepare(argv: list[str]) -> list[str]:
     if named:
         check_writable(run_dir, "output_dir" if output_dir else "hydra.run.dir")
     if resuming:
-        _warn_changed_config(run_dir if named else "", cfg)
+        _check_changed_config(run_dir if named else "", cfg)
         other = _run_of_checkpoint(cfg.get("resume"))
         if other and (not named or os.path.abspath(other) != os.path.abspath(run_dir)):
-            _warn_changed_config(other, cfg)  # another run's checkpoint: it must be the same kind of run
+            _check_changed_config(other, cfg)  # another run's checkpoint: it must be the same kind of run
     if named:
         # Before Hydra writes .hydra/ into it: a second run must not rewrite the first's record.
         lock_run_folder(run_dir, "output_dir" if output_dir else "hydra.run.dir")

@@ -251,7 +251,7 @@ def _markdown(header: list[str], rows: list[dict[str, Any]], metric: str, direct
 
 def _plot(jobs: list[dict[str, Any]], swept: list[str], metric: str) -> str | None:
     """One panel per swept key: the metric against that key's values (numeric or in order)."""
-    from .callbacks import svg_panels
+    from .plot import svg_panels
 
     panels = []
     for key in swept:

@@ -115,7 +115,7 @@ def print_summary(
     print("\n".join(lines), flush=True)
 
 
-def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftSettings | None = None) -> str | None:
+def check_run_folder(output_dir: str, resume, peft_cfg: schema.PeftConfig | None = None) -> str | None:
     """Refuses to write over a finished run, or over an unfinished one without `resume`.
 
     Args:
@@ -211,7 +211,7 @@ def _disk_error(err: OSError, output_dir: str) -> AlignError | None:
     )
 
 
-def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftSettings) -> None:
+def preflight_quant(quant_cfg: schema.QuantConfig, peft_cfg: schema.PeftConfig) -> None:
     """Checks that `quant=4bit|8bit` can run here, before any data or weights are read.
 
     Raises:
@@ -353,7 +353,7 @@ def checked_config(cfg: DictConfig):
         args=args,
         model_cfg=typed(cfg, "model", schema.ModelConfig),
         quant_cfg=typed(cfg, "quant", schema.QuantConfig),
-        peft_cfg=typed(cfg, "peft", schema.PeftSettings),
+        peft_cfg=typed(cfg, "peft", schema.PeftConfig),
         tokenizer=None,
         train_dataset=None,
         reward=OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None,
@@ -427,7 +427,8 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after saving a checkpoint.
     """
     from . import modeling
-    from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none, plot_metrics
+    from .callbacks import MetricsFileCallback, collapse_outcome, finite_or_none
+    from .compat import install_atomic_trainer_state
     from .data import data_path
     from .guard import (
         GracefulStop,
@@ -435,7 +436,6 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         NonFiniteLoss,
         StickyInterrupt,
         checkpoint_step,
-        install_atomic_trainer_state,
         trim_metrics,
     )
     from .methods import method_problems
@@ -552,6 +552,8 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
                 summary = {"method": method["name"], "metrics": strict, **diagnosis}
                 json.dump(summary, f, indent=2, allow_nan=False, ensure_ascii=False)
             if cfg.get("plot", True):
+                from .plot import plot_metrics
+
                 plot_metrics(
                     Path(output_dir) / "metrics.jsonl", Path(output_dir) / "training_curves.svg", keys
                 )
@@ -601,8 +603,10 @@ def restore_checkpoint(trainer, checkpoint: str) -> None:
     """Loads a checkpoint's weights and training state without training (see `finished_checkpoint`)."""
     from transformers import TrainerState
 
+    from .compat import load_checkpoint
+
     log.info("%s is the run's last step: nothing left to train, finishing the run from it", checkpoint)
-    trainer._load_from_checkpoint(checkpoint)
+    load_checkpoint(trainer, checkpoint)
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
@@ -660,12 +664,12 @@ def _interrupted(stop, output_dir: str) -> str:
 def _save_state(trainer, output_dir: str) -> str:
     """Saves the state after the last completed step (the one the failed step started from) as a
     checkpoint when its weights are finite; says where, or names the last checkpoint there is."""
+    from .compat import save_checkpoint
     from .guard import last_checkpoint, params_finite
 
     good = trainer.state.global_step
-    if good > 0 and params_finite(trainer.model) and hasattr(trainer, "_save_checkpoint"):
-        # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
-        trainer._save_checkpoint(trainer.model, trial=None)
+    # Weights, optimizer, scheduler and RNG as they were after step `good`: a valid resume point.
+    if good > 0 and params_finite(trainer.model) and save_checkpoint(trainer):
         return f"; saved the state it started from (step {good}) to {output_dir}/checkpoint-{good}"
     previous = last_checkpoint(output_dir)
     return f"; the last checkpoint with finite weights is {previous}" if previous else "; nothing saved"

@@ -209,7 +209,7 @@ def wrap_plot(module):
     module.plot_metrics = plot_metrics
 
 
-WRAPPERS = {"transformers.trainer": wrap_trainer, "align_cli.callbacks": wrap_plot}
+WRAPPERS = {"transformers.trainer": wrap_trainer, "align_cli.plot": wrap_plot}
 
 
 class Hook(importlib.abc.MetaPathFinder):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from align_cli.config import CONF_DIR, normalize_overrides
 from align_cli.errors import AlignError
-from align_cli.methods import REGISTRY, load_method
+from align_cli.methods import REGISTRY
 from align_cli.testing import compose, share_site_packages
 
 GROUPS = ["method", "model", "data", "peft", "quant", "reward", "dist"]
@@ -40,25 +40,15 @@ def test_every_yaml_composes_and_starts_with_its_command(group):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_args_builds_its_trl_config(name, tmp_path):
-    from align_cli import config as schema
-    from align_cli.methods.base import MethodContext
-    from align_cli.train import typed
+    """Each method's YAML passes the checks `align train` runs before loading weights, and every
+    `method.args` key of it lands in the TRL config the trainer gets."""
+    from align_cli.train import checked_config
 
     cfg = compose([f"method={name}"])
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    module = load_method(name)
-    ctx = MethodContext(
-        method=method,
-        args=method.get("args") or {},
-        model_cfg=typed(cfg, "model", schema.ModelConfig),
-        quant_cfg=typed(cfg, "quant", schema.QuantConfig),
-        peft_cfg=typed(cfg, "peft", schema.PeftSettings),
-        tokenizer=None,
-        train_dataset=None,
-        output_dir=str(tmp_path),
-    )
+    module, ctx, _ = checked_config(cfg)
+    ctx.output_dir = str(tmp_path)
     args = ctx.trl_config(module.config_class())
-    for key, value in (method.get("args") or {}).items():
+    for key, value in (OmegaConf.to_container(cfg.method, resolve=True).get("args") or {}).items():
         assert getattr(args, key) == value
     assert args.output_dir == str(tmp_path)
 

@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from align_cli.config import CONF_DIR, DataConfig
-from align_cli.data import load_datasets, load_splits
+from align_cli.data import load_datasets, read_splits
 from align_cli.errors import AlignError
 
 
@@ -304,7 +304,7 @@ def test_plain_text_column_and_txt_file(tmp_path):
     ]
     path = tmp_path / "book.txt"
     path.write_text("First line.\n\nSecond line.\n", encoding="utf-8")
-    train, _ = load_splits(DataConfig(path=str(path), eval_ratio=0), "sft", False)
+    train, _ = read_splits(DataConfig(path=str(path), eval_ratio=0), "sft", False).loaded()
     assert train.rows == [{"text": "First line."}, {"text": "Second line."}]
     assert train.origins == [f"{path}:1", f"{path}:3"]
 
@@ -388,7 +388,7 @@ def test_a_template_that_ignores_tools_is_refused(tmp_path):
         AlignError,
         match=r"tc\.jsonl:1: the chat template does not render tool calls \('get_weather' leaves the text unchanged.*model\.chat_template",
     ):
-        load_splits(DataConfig(path=path, eval_ratio=0), "sft", True, tokenizer=tokenizer)
+        read_splits(DataConfig(path=path, eval_ratio=0), "sft", True, tokenizer=tokenizer).loaded()
 
 
 def test_sharegpt_errors_name_the_column_and_the_wrong_from_value(tmp_path):
@@ -533,16 +533,16 @@ def test_too_long_refuses_by_default_drops_or_truncates_when_asked(tmp_path, cap
     with pytest.raises(
         AlignError, match=r"1 of 2 prompts are longer than 30 tokens .*l\.jsonl:2.*data\.too_long=drop"
     ):
-        load_splits(DataConfig(path=path, eval_ratio=0), "sft", True, tokenizer=tokenizer, room=room)
+        read_splits(DataConfig(path=path, eval_ratio=0), "sft", True, tokenizer=tokenizer, room=room).loaded()
     with caplog.at_level(logging.WARNING, logger="align"):
-        dropped, _ = load_splits(
+        dropped, _ = read_splits(
             DataConfig(path=path, eval_ratio=0, too_long="drop"), "sft", True, tokenizer=tokenizer, room=room
-        )
+        ).loaded()
     assert [r["completion"][0]["content"] for r in dropped.rows] == ["a"] and dropped.origins == [f"{path}:1"]
     assert "left out 1 of 2 rows" in caplog.text
-    cut, _ = load_splits(
+    cut, _ = read_splits(
         DataConfig(path=path, eval_ratio=0, too_long="truncate"), "sft", True, tokenizer=tokenizer, room=room
-    )
+    ).loaded()
     from align_cli.data.lengths import measure
 
     assert len(cut.rows) == 2 and measure(cut.rows, "sft", tokenizer, prompts_only=True).prompt[1] <= 30
@@ -711,7 +711,7 @@ def test_eval_path_may_be_a_list_and_too_long_is_checked(tmp_path):
     a = write(tmp_path, "a.jsonl", [{"prompt": "p1", "completion": "x"}])
     b = write(tmp_path, "b.jsonl", [{"prompt": "p2", "completion": "y"}, {"prompt": "p3", "completion": "z"}])
     c = write(tmp_path, "c.jsonl", [{"prompt": "p4", "completion": "w"}])
-    train, evaluation = load_splits(DataConfig(path=a, eval_path=[b, c]), "sft", False)
+    train, evaluation = read_splits(DataConfig(path=a, eval_path=[b, c]), "sft", False).loaded()
     assert [r["prompt"] for r in evaluation.rows] == ["p2", "p3", "p4"] and len(train.rows) == 1
     with pytest.raises(AlignError, match=r"data\.too_long=cut is not valid: use refuse, drop or truncate"):
         DataConfig(path=a, too_long="cut")
@@ -722,9 +722,9 @@ def test_turns_of_one_conversation_stay_in_one_split(tmp_path):
         {"messages": [user(f"q{i}"), {**bot(f"a{i}"), "weight": 1}, user("more"), bot(f"b{i}")]}
         for i in range(10)
     ]
-    train, evaluation = load_splits(
+    train, evaluation = read_splits(
         DataConfig(path=write(tmp_path, "c.jsonl", rows), eval_ratio=0.2), "sft", True
-    )
+    ).loaded()
     assert len(train.rows) + len(evaluation.rows) == 20 and len(evaluation.rows) == 4
     assert not set(train.origins) & set(evaluation.origins)
 
@@ -735,9 +735,7 @@ def test_a_users_own_data_config_folder(tmp_path):
 
     data = write(tmp_path, "mine.jsonl", [{"prompt": "p", "completion": "c"}])
     (tmp_path / "conf" / "data").mkdir(parents=True)
-    (tmp_path / "conf" / "data" / "mine.yaml").write_text(
-        f"name: mine\npath: {data}\nformat: auto\n", encoding="utf-8"
-    )
+    (tmp_path / "conf" / "data" / "mine.yaml").write_text(f"path: {data}\nformat: auto\n", encoding="utf-8")
     cfg = compose(
         ["method=sft", "data=mine", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"], tmp_path / "run"
     )

@@ -202,9 +202,7 @@ def test_reward_model_metrics_equal_the_training_evaluation(tmp_path, mode):
 
 def test_reward_model_errors(tmp_path, sft_runs):
     with pytest.raises(AlignError, match=r"^model.name_or_path='.*' has no trained classification head"):
-        evaluate_reward_models(
-            [sft_runs["full"]], DataConfig(path=None, name="sample"), "pairwise", "dpo.jsonl"
-        )
+        evaluate_reward_models([sft_runs["full"]], DataConfig(path=None), "pairwise", "dpo.jsonl")
     with pytest.raises(AlignError, match="method.mode='ranked' is not valid"):
         evaluate_reward_models(["x"], DataConfig(), "ranked")
 

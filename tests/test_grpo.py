@@ -106,7 +106,7 @@ def test_rank_trainer_uses_rank_advantages(tmp_path):
     from datasets import Dataset
 
     from align_cli import modeling
-    from align_cli.config import ModelConfig, PeftSettings, QuantConfig
+    from align_cli.config import ModelConfig, PeftConfig, QuantConfig
     from align_cli.methods import grpo
     from align_cli.methods.base import MethodContext
 
@@ -123,14 +123,14 @@ def test_rank_trainer_uses_rank_advantages(tmp_path):
         args={"num_generations": 4, "per_device_train_batch_size": 16, "max_completion_length": 4},
         model_cfg=ModelConfig(),
         quant_cfg=QuantConfig(),
-        peft_cfg=PeftSettings(),
+        peft_cfg=PeftConfig(),
         tokenizer=tokenizer,
         train_dataset=Dataset.from_list(rows),
         reward={"fixed": {"type": "function", "path": f"{tmp_path / 'fixed.py'}:fixed"}},
         output_dir=str(tmp_path / "run"),
     )
     trainer = grpo.build(ctx)
-    assert isinstance(trainer, grpo.RankAdvantageGRPOTrainer)
+    assert isinstance(trainer, grpo.rank_advantage_trainer())
     trainer.model.train()
     batch = [row for row in rows for _ in range(4)]  # TRL's sampler: each prompt K times in a row
     advantages = trainer._generate_and_score_completions(batch)["advantages"]

@@ -112,13 +112,13 @@ def _lora_gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
     """The LoRA gradients of one training step of the tiny model in 4-bit, as align loads it."""
     from peft import get_peft_model
 
-    from align_cli.config import ModelConfig, PeftSettings, QuantConfig
+    from align_cli.config import ModelConfig, PeftConfig, QuantConfig
     from align_cli.modeling import load_model, lora_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same LoRA initialisation and input for both calls
         model = load_model(ModelConfig(), QuantConfig(bits=4, compute_dtype="float32"))
-        model = get_peft_model(model, lora_config(PeftSettings(method="lora", r=4, dropout=0.0)))
+        model = get_peft_model(model, lora_config(PeftConfig(method="lora", r=4, dropout=0.0)))
         for name, param in model.named_parameters():
             if "lora_B" in name:  # non-zero, so gradients reach the A matrices and the inputs
                 param.data.normal_(0, 0.1)
@@ -148,11 +148,11 @@ def test_preflight_refuses_a_4bit_kernel_that_cannot_train(monkeypatch):
     import bitsandbytes.functional as bnbf
 
     from align_cli import compat
-    from align_cli.config import PeftSettings, QuantConfig
+    from align_cli.config import PeftConfig, QuantConfig
     from align_cli.errors import AlignError
     from align_cli.train import preflight_quant
 
-    quant, peft = QuantConfig(bits=4), PeftSettings(method="lora")
+    quant, peft = QuantConfig(bits=4), PeftConfig(method="lora")
     preflight_quant(quant, peft)  # with the workaround: fine on every machine
     monkeypatch.setattr(compat, "keep_4bit_trainable", lambda model: 0)
     if bnbf.has_avx512bf16():

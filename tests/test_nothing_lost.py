@@ -178,7 +178,8 @@ def test_a_ppo_checkpoint_needs_its_kl_state_and_critic(run3):
 def test_checkpoint_metadata_is_replaced_atomically(tmp_path, monkeypatch):
     from transformers import TrainerState
 
-    from align_cli.guard import install_atomic_trainer_state, write_json_atomic
+    from align_cli.compat import install_atomic_trainer_state
+    from align_cli.guard import write_json_atomic
 
     install_atomic_trainer_state()
     path = tmp_path / "trainer_state.json"

@@ -147,7 +147,7 @@ def test_a_changed_stage_config_is_refused_naming_the_difference(finished):
     folder, _ = finished
     before = os.stat(folder / "ppo" / "summary.json").st_mtime_ns
     with pytest.raises(
-        AlignError, match=r"stage rm in .* \(rm\.method\.args\.learning_rate: 0\.003 -> 0\.5\)"
+        AlignError, match=r"stage rm in .* \(rm\.method\.args\.learning_rate: 0\.001 -> 0\.5\)"
     ):
         run_pipeline([*FAST, "rm.method.args.learning_rate=0.5"], folder)
     with pytest.raises(AlignError, match=r"stage sft .*\(sft\.seed: 42 -> 7"):

@@ -12,7 +12,6 @@ from align_cli.errors import AlignError
 from align_cli.methods.rm_losses import (
     fit_normalizer,
     listwise_loss,
-    pairwise_loss,
     pointwise_loss,
     ranked_pairs,
 )
@@ -67,23 +66,23 @@ def test_ranked_pairs_layout():
 
 
 def test_listwise_with_k2_is_the_pairwise_loss():
+    # Two prompts of K=2: the seed's pairwise loss -mean(log σ(r+ - r-)), d = 1 and d = -1.5.
     chosen, rejected = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 1.0])
     flat = torch.stack([chosen, rejected], dim=1).reshape(-1)  # [c0, r0, c1, r1]
-    torch.testing.assert_close(listwise_loss(flat, [2, 2]), pairwise_loss(chosen, rejected))
+    assert listwise_loss(flat, [2, 2]).item() == pytest.approx((0.3132616875 + 1.7014132780) / 2, abs=1e-7)
 
 
-def test_pairwise_loss_with_margin_by_hand():
-    # d = (1.5 - 0) - 0.5 = 1 -> 0.3132616875 ; d = (-0.5 - 1.0) - 0 = -1.5 -> 1.7014132780
-    loss = pairwise_loss(torch.tensor([1.5, -0.5]), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.0]))
-    assert loss.item() == pytest.approx((0.3132616875 + 1.7014132780) / 2, abs=1e-7)
-
-
-def test_pointwise_loss_is_mse():
-    rewards = torch.tensor([0.5, 2.0, -1.0, 0.0])
+def test_pointwise_loss_by_hand_in_float32():
+    # ((−0.5)² + 1² + (−1)² + 0²) / 4 = 2.25 / 4, computed in float32 even for bfloat16 rewards
+    # (a reward model trained in bf16 would otherwise square its errors at 8 bits of precision).
+    rewards = torch.tensor([0.5, 2.0, -1.0, 0.0], dtype=torch.bfloat16, requires_grad=True)
     scores = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    # ((−0.5)² + 1² + (−1)² + 0²) / 4 = 2.25 / 4
-    assert pointwise_loss(rewards, scores).item() == pytest.approx(0.5625)
-    torch.testing.assert_close(pointwise_loss(rewards, scores), torch.nn.functional.mse_loss(rewards, scores))
+    loss = pointwise_loss(rewards, scores)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.5625)
+    loss.backward()
+    # d/dr (r - s)² / N = 2 (r - s) / 4: each reward is pulled toward its score.
+    assert rewards.grad.float().tolist() == pytest.approx([-0.25, 0.5, -0.5, 0.0])
 
 
 def test_normalizers_fit_on_train_scores():

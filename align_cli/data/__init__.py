@@ -824,18 +824,3 @@ def _fit(loaded: Loaded, standard: str, tokenizer, room: PromptRoom | None, data
         if note:
             log.warning("%s", note)
             loaded.warnings.append(note)
-
-
-def load_splits(
-    data_cfg: DataConfig,
-    standard: str,
-    conversational: bool,
-    seed: int = 42,
-    sample: str | None = None,
-    tokenizer=None,
-    room: PromptRoom | None = None,
-    row_check: RowCheck | None = None,
-) -> tuple[Loaded, Loaded | None]:
-    """The train and evaluation rows as `load_datasets` gives them to the trainer, with their
-    origins (`align data preview` prints them); the arguments are `load_datasets`'."""
-    return read_splits(data_cfg, standard, conversational, seed, sample, tokenizer, room, row_check).loaded()

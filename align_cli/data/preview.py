@@ -18,8 +18,6 @@ import sys
 
 from ..errors import AlignError
 
-PREVIEW_KEYS = ("rows", "rendered")
-
 
 def split_args(argv: list[str]) -> tuple[list[str], int, bool]:
     """(overrides for composing, rows, rendered) from the command line.

@@ -71,11 +71,6 @@ def sources(value: Any, key: str = "data.path") -> list[Source]:
     return out
 
 
-def describe(value: Any) -> str:
-    """`data.path` for messages: the path, or the paths joined with ' + '."""
-    return " + ".join(s.path for s in sources(value)) if value else ""
-
-
 def take(rows: list, origins: list, source: Source) -> tuple[list, list]:
     """The part of a file's rows that `rows` / `share` asks for (the first ones, in file order)."""
     n = source.rows if source.rows is not None else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import modeling
-from ..config import DistConfig, ModelConfig, PeftSettings, QuantConfig
+from ..config import DistConfig, ModelConfig, PeftConfig, QuantConfig
 from ..errors import AlignError, nearest
 
 log = logging.getLogger("align")
@@ -135,7 +135,7 @@ class MethodContext:
     args: dict[str, Any]
     model_cfg: ModelConfig
     quant_cfg: QuantConfig
-    peft_cfg: PeftSettings
+    peft_cfg: PeftConfig
     tokenizer: Any
     train_dataset: Any
     eval_dataset: Any = None

@@ -32,6 +32,8 @@ def trainer_class():
     import torch
     from trl import DPOTrainer
 
+    from ..compat import trl_logged_metrics
+
     class RowMeanDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -44,11 +46,10 @@ def trainer_class():
         def log(self, logs, start_time=None):
             sizes = self.__dict__.pop("_eval_rows", [])
             if not self.model.training and sizes:
-                for key, values in self._metrics["eval"].items():
+                logged = trl_logged_metrics(self, "eval")
+                for key, values in logged.items():
                     if len(values) == len(sizes):
-                        self._metrics["eval"][key] = [
-                            sum(v * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
-                        ]
+                        logged[key] = [sum(v * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)]
             super().log(logs, start_time)
 
     return RowMeanDPOTrainer

@@ -31,15 +31,11 @@ keeps the last checkpoint from before it as the run's model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
-import torch
-from trl import GRPOConfig, GRPOTrainer
-
-from ..callbacks import collapse_settings, collapse_watch
 from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
 from ..rewards import message_text, rewards_for
-from ..rewards.advantage import rank_advantages
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
 # The collapse watch's metrics (align_cli/diagnostics.py), plotted in diagnostics.svg; TRL logs
@@ -61,47 +57,41 @@ ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
 
 def check_settings(method: dict) -> None:
     """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    from ..callbacks import collapse_settings
+
     collapse_settings(method)
 
 
 def config_class():
     """The TRL config dataclass that `method.args` fills."""
+    from trl import GRPOConfig
+
     return GRPOConfig
 
 
-class RankAdvantageGRPOTrainer(GRPOTrainer):
+@functools.cache
+def rank_advantage_trainer() -> type:
     """GRPOTrainer whose advantages are the seed's within-group rank transform.
 
-    TRL computes advantages inside `_generate_and_score_completions`; we let it run (so its
-    reward metrics and logs stay about the raw rewards), keep the gathered per-function
-    rewards it scored, and replace the advantages it returns with rank advantages of their
-    weighted sum.
+    TRL still scores the completions (its reward metrics and logs stay about the raw rewards);
+    the advantages it returns are replaced by rank advantages of the weighted reward sum
+    (the hook lives in compat.grpo_trainer_base, TRL offering none).
     """
+    import torch
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        # (N_all, F): gathered from every process, groups of K consecutive rows.
-        self._gathered_rewards_per_func = rewards_per_func
-        return rewards_per_func
+    from ..compat import grpo_trainer_base
+    from ..rewards.advantage import rank_advantages
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        per_func = self._gathered_rewards_per_func  # (N_all, F)
-        weights = self.reward_weights.to(per_func.device)  # (F,)
-        rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_all,)
-        # A completion no reward function scored stays out of its group's ranking (advantage 0).
-        rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
-        group = self.num_generations if self.model.training else self.num_generations_eval
-        advantages = rank_advantages(rewards, group)  # (N_all,)
-        local = output["advantages"].shape[0]
-        start = self.accelerator.process_index * local
-        output["advantages"] = advantages[start : start + local].to(output["advantages"])
-        # The completions table logs advantages too; show the ones actually used.
-        logged = self._logs["advantages"]
-        for _ in range(min(len(advantages), len(logged))):
-            logged.pop()
-        logged.extend(advantages.tolist())
-        return output
+    class RankAdvantageGRPOTrainer(grpo_trainer_base()):
+        def advantages_from(self, rewards_per_func):
+            weights = self.reward_weights.to(rewards_per_func.device)  # (F,)
+            rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_all,)
+            # A completion no reward function scored stays out of its group's ranking (advantage 0).
+            rewards[torch.isnan(rewards_per_func).all(dim=1)] = float("nan")
+            group = self.num_generations if self.model.training else self.num_generations_eval
+            return rank_advantages(rewards, group)  # (N_all,)
+
+    return RankAdvantageGRPOTrainer
 
 
 class WatchedReward:
@@ -177,7 +167,11 @@ def build(ctx):
     # `check` (run by train.py before any model loads) has vetted the settings and rewards.
     advantage = ctx.method.get("advantage", "zscore")
     funcs, weights = rewards_for("grpo", ctx.reward, ctx.train_dataset.column_names)
-    trainer_cls = RankAdvantageGRPOTrainer if advantage == "rank" else GRPOTrainer
+    from trl import GRPOTrainer
+
+    from ..callbacks import collapse_watch
+
+    trainer_cls = rank_advantage_trainer() if advantage == "rank" else GRPOTrainer
     policy = ctx.load_model()
     probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
     keys = GRPO_KEYS if probe is None else dataclasses.replace(GRPO_KEYS, reward=probe.reward_key)

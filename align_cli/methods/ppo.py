@@ -47,16 +47,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
-
-from ..callbacks import collapse_settings, collapse_watch
 from ..data import PromptRoom
 from ..diagnostics import PPO_KEYS, Probe
 from ..errors import AlignError
 from ..modeling import quiet_transformers
-from ..ppo.config import PPOConfig
-from ..ppo.models import value_head
-from ..ppo.trainer import PPOTrainer
 from ..rewards import rewards_for
 from ..rewards.model import ModelReward
 
@@ -88,11 +82,15 @@ CRITIC_HEADS = ("zero", "keep")
 
 def check_settings(method: dict) -> None:
     """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
+    from ..callbacks import collapse_settings
+
     collapse_settings(method)
 
 
 def config_class():
     """The config dataclass that `method.args` fills."""
+    from ..ppo.config import PPOConfig
+
     return PPOConfig
 
 
@@ -178,6 +176,10 @@ def critic_source(choice: str, funcs: list, tokenizer) -> ModelReward | None:
 
 def zero_head(critic) -> None:
     """Sets the critic's value head to 0, so that V(s) = 0 for every state at the start."""
+    import torch
+
+    from ..ppo.models import value_head
+
     head = value_head(critic)
     if type(head) is torch.nn.Linear:
         with torch.no_grad():
@@ -202,6 +204,9 @@ def prompt_room(args: dict, model_cfg) -> PromptRoom | None:
 
 
 def build(ctx):
+    from ..callbacks import collapse_watch
+    from ..ppo.trainer import PPOTrainer
+
     funcs, weights = rewards_for("ppo", ctx.reward, ctx.train_dataset.column_names)
     args = ctx.trl_config(config_class())
     source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)

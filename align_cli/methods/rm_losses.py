@@ -1,7 +1,8 @@
 """The seed's three reward-model losses (section 2.2), as pure functions of reward tensors.
 
     pointwise (打分式):  L = E[(r(x, y) - s)^2]
-    pairwise  (对比式):  L = -E[log σ(r(x, y+) - r(x, y-) - m)]          (m: optional margin, 0 by default)
+    pairwise  (对比式):  L = -E[log σ(r(x, y+) - r(x, y-) - m)]          (m: optional margin, 0 by default;
+                         computed by TRL's RewardTrainer, so not here)
     listwise  (排序式):  L = -E_x[ 1/C(K,2) · Σ_{i<j} log σ(r(x, y_i) - r(x, y_j)) ]
                          with y_1 ≻ y_2 ≻ ... ≻ y_K, the K responses of one prompt, best first
 
@@ -27,25 +28,6 @@ import torch.nn.functional as F
 from ..errors import AlignError
 
 NORMALIZATIONS = ("none", "minmax", "zscore")
-
-
-def pairwise_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
-) -> torch.Tensor:
-    """−log σ(r+ − r− − margin), averaged over the batch.
-
-    Args:
-        chosen: (B,) rewards of the preferred responses.
-        rejected: (B,) rewards of the other responses.
-        margin: (B,) how much better the chosen response is (the `margin` column), or None.
-
-    Returns:
-        A scalar tensor.
-    """
-    diff = chosen - rejected  # (B,)
-    if margin is not None:
-        diff = diff - margin
-    return -F.logsigmoid(diff).mean()
 
 
 def pointwise_loss(rewards: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@ metrics in every mode (the pairwise loss is TRL's own).
 
 The subclasses keep everything RewardTrainer does around the loss (loading checks, LoRA and
 k-bit handling, the pad token written into the model config, dropout off, logging) and
-replace what depends on the data layout:
+replace what depends on the data layout (through the public hooks of
+`compat.reward_trainer_base`, which maps them onto RewardTrainer's private ones):
 
-- `_prepare_dataset`: one token sequence per (prompt, response) instead of chosen/rejected;
+- `prepare_dataset`: one token sequence per (prompt, response) instead of chosen/rejected;
 - the collator: `PointwiseCollator` (one row per response, with its score) or
   `ListwiseCollator` (all K responses of a prompt in one batch, best first);
 - `compute_loss`: the losses of `rm_losses`;
@@ -25,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from trl import RewardTrainer
 
+from ..compat import reward_trainer_base
 from ..data import prompt_key
 from ..errors import AlignError
 from ..rewards.model import tokenize_response
@@ -97,7 +98,7 @@ class ListwiseCollator:
         }
 
 
-class _ScoredRewardTrainer(RewardTrainer):
+class _ScoredRewardTrainer(reward_trainer_base()):
     """Shared by the pointwise and listwise trainers: one reward per tokenized response."""
 
     processed_column = "input_ids"
@@ -120,7 +121,7 @@ class _ScoredRewardTrainer(RewardTrainer):
     def _lengths(self, example: dict) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.processed_column in dataset.column_names:  # already tokenized (e.g. evaluate() again)
             return dataset
         dataset = dataset.map(
@@ -154,10 +155,10 @@ class _ScoredRewardTrainer(RewardTrainer):
                 )
         return dataset
 
-    def _set_signature_columns_if_needed(self):
+    @property
+    def signature_columns(self) -> list[str]:
         # Keep our tokenized columns through `remove_unused_columns`.
-        if self._signature_columns is None:
-            self._signature_columns = [self.processed_column, "score", "group"]
+        return [self.processed_column, "score", "group"]
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -195,9 +196,8 @@ class _ScoredRewardTrainer(RewardTrainer):
         )
         gathered = self.accelerator.gather(stats[None, :])  # (processes, 4)
         tokens, mean_reward, accuracy, margin = gathered[:, 0].sum(), *gathered[:, 1:].nanmean(dim=0)
-        self._total_train_tokens += int(tokens.item()) // self._tp_size
-        metrics = self._metrics["train"]
-        metrics["num_tokens"] = [self._total_train_tokens]
+        metrics = self.logged_metrics("train")
+        metrics["num_tokens"] = [self.count_train_tokens(int(tokens.item()))]
         metrics["mean_reward"].append(mean_reward.item())
         if not torch.isnan(accuracy):
             metrics["accuracy"].append(accuracy.item())
@@ -206,7 +206,7 @@ class _ScoredRewardTrainer(RewardTrainer):
     # -- evaluation ------------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             rewards = self.rewards(model, inputs)
             loss, _, _ = self.loss_and_pairs(rewards, inputs)
@@ -226,13 +226,13 @@ class _ScoredRewardTrainer(RewardTrainer):
 class PointwiseRewardTrainer(_ScoredRewardTrainer):
     """MSE between the reward and the human score of each (prompt, response)."""
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.processed_column not in dataset.column_names and "group" not in dataset.column_names:
             # Rows about the same prompt share a group id: pair metrics compare only those.
             ids: dict[str, int] = {}
             groups = [ids.setdefault(prompt_key({"prompt": p}), len(ids)) for p in dataset["prompt"]]
             dataset = dataset.add_column("group", groups)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return super().prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _tokenize(self, example, tokenizer):
         return {
@@ -299,7 +299,7 @@ class ListwiseRewardTrainer(_ScoredRewardTrainer):
         return listwise_metrics(prediction.predictions, np.asarray(prediction.label_ids))
 
 
-class PairwiseRewardTrainer(RewardTrainer):
+class PairwiseRewardTrainer(reward_trainer_base()):
     """TRL's pairwise RewardTrainer, with accuracy and margin over the whole evaluation split."""
 
     def __init__(self, *args, **kwargs):
@@ -307,12 +307,12 @@ class PairwiseRewardTrainer(RewardTrainer):
         super().__init__(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         # TRL's compute_loss noted this batch's means; log() would average them over batches and
         # write them over the split's values that eval_metrics computes.
-        self._metrics["eval"].clear()
+        self.logged_metrics("eval").clear()
         if prediction_loss_only:
             return loss.detach(), None, None
         chosen, rejected = torch.chunk(outputs.logits.detach().squeeze(-1).float(), chunks=2)  # (B,), (B,)
