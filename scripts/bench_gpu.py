@@ -134,7 +134,6 @@ def build_model(folder: Path, dry: bool) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        torch_dtype="bfloat16",
         **QWEN05_SHAPE,
     )
     torch.manual_seed(0)
