@@ -36,36 +36,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Per-stage `align train` overrides (the data paths are added per run). Sized for model=tiny.
-SFT = ["method=sft", "data.eval_ratio=0", "method.args.learning_rate=3e-3", "method.args.num_train_epochs=6"]
-RM = ["method=rm", "method.args.learning_rate=1e-3", "method.args.num_train_epochs=8"]
-PPO = [
-    "method=ppo",
-    "reward=model",
-    "method.args.score_norm=init",
-    "method.args.kl_coef=0.2",
-    "method.args.missing_eos_penalty=4",
-    "method.args.learning_rate=1e-3",
-    "method.args.per_device_train_batch_size=16",
-    "method.args.num_mini_batches=4",
-    "method.args.num_ppo_epochs=2",
-    "method.args.num_train_epochs=16",
-]
-GRPO_BATCH = 16  # completions per step (4 prompts x 4 generations)
-GRPO = [
-    "method=grpo",
-    "reward=model",
-    "method.args.learning_rate=5e-4",
-    "method.args.beta=0.1",
-    f"method.args.per_device_train_batch_size={GRPO_BATCH}",
-    "method.args.num_train_epochs=2",
-]
-DPO = [
-    "method=dpo",
-    "method.args.learning_rate=5e-4",
-    "method.args.num_train_epochs=8",
-    "method.args.loss_type=[sigmoid,sft]",
-]
+# Per-stage `align train` overrides, read from the recipes `align pipeline` runs (conf/recipe/),
+# so the figures are those of the recipe defaults; the data paths are added per run.
+
+
+def recipe_stage(recipe: str, stage: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "recipe" / f"{recipe}.yaml")
+    (found,) = [s for s in cfg.stages if s.name == stage]
+    return [f"method={found.method}", *cfg.shared, *found.overrides]
+
+
+SFT = recipe_stage("rlhf", "sft")
+RM = recipe_stage("rlhf", "rm")
+PPO = recipe_stage("rlhf", "ppo")
+GRPO = recipe_stage("rlhf_grpo", "grpo")
+GRPO_BATCH = int(
+    next(o.split("=")[1] for o in GRPO if "per_device_train_batch_size" in o)
+)  # completions/step
+DPO = recipe_stage("dpo", "dpo")
 RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
 
 
