@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-gpu clean
 
 install:
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(TORCH); fi
@@ -24,6 +24,10 @@ lint:
 
 bench:
 	$(PYTHON) scripts/bench.py
+
+# One H100/H200, under 8 minutes; `python3 scripts/bench_gpu.py --dry-run` checks it on a CPU.
+bench-gpu:
+	$(PYTHON) scripts/bench_gpu.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build *.egg-info

@@ -110,9 +110,17 @@ def quiet_library_noise() -> None:
 
     - bitsandbytes' warning about its optional CPU inference kernel (see BNB_CPU_OPS_LOGGER);
     - alembic 1.14 (optuna's schema tool, with the sweep extra) logs one "setup plugin" line per
-      plugin at INFO, which Hydra's logging shows at the start of every Optuna sweep.
+      plugin at INFO, which Hydra's logging shows at the start of every Optuna sweep;
+    - trl 1.16 reads `model.is_gradient_checkpointing` (trl/models/utils.py) when DPO/KTO/GRPO
+      generate or unwrap, which transformers 5.24 deprecates with a FutureWarning per run: TRL's
+      to change, not the user's.
     """
+    import warnings
+
     logging.getLogger(BNB_CPU_OPS_LOGGER).setLevel(logging.ERROR)
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

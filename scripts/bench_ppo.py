@@ -109,17 +109,77 @@ class Meter:
         return out
 
 
-def timing_callback(meter: Meter):
+def timing_callback(meter: Meter, split: StepSplit | None = None):
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             meter.start()
+            if split is not None:
+                split.reset()
 
         def on_train_end(self, args, state, control, **kwargs):
             meter.result = meter.stop()
+            if split is not None:
+                split.total = meter.result["seconds"]
+                split.steps = state.global_step
 
     return Timing()
+
+
+class StepSplit:
+    """Wall time per phase of a PPO step, by wrapping the functions each trainer calls for it.
+
+    Phases: generation, reward (reward model scores), reference (the rollout's forward passes
+    for log pi_ref, and on our side log pi_old too: TRL takes pi_old from the generation's
+    logits), value (the critic's rollout forward); the rest of the step is "update" (the PPO
+    epochs, advantages, logging). `nested_in`: a phase called from inside another one, whose
+    time is moved out of the outer phase.
+    """
+
+    PHASES = ("generation", "reward", "reference", "value")
+
+    def __init__(self):
+        self.reward_model = None
+        self.total, self.steps = 0.0, 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    def wrap(self, fn, phase_of, nested_in: str | None = None):
+        def timed(*args, **kwargs):
+            phase = phase_of(*args, **kwargs)
+            if phase is None:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - t0
+                self.seconds[phase] += spent
+                if nested_in is not None:
+                    self.seconds[nested_in] -= spent
+
+        return timed
+
+    def result(self) -> dict:
+        """Milliseconds per step by phase, "update" being the rest of the step."""
+        steps = max(self.steps, 1)
+        out = {k: 1000 * v / steps for k, v in self.seconds.items()}
+        out["update"] = 1000 * self.total / steps - sum(out.values())
+        return out
+
+
+def lora_config(spec: dict):
+    """LoRA on the policy (r 16, every linear layer; the critic stays whole on both sides), or None."""
+    if not spec.get("lora"):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
@@ -151,11 +211,24 @@ def run_trl(spec: dict) -> dict:
 
     set_threads(spec)
     torch.manual_seed(spec["seed"])
+    split = StepSplit()
+    if spec.get("profile"):
+        import trl.experimental.ppo.ppo_trainer as impl
+
+        grad = torch.is_grad_enabled
+        impl.batch_generation = split.wrap(impl.batch_generation, lambda *a, **k: "generation")
+        # `forward` without gradients is the reference (rollout); with them, the update's.
+        impl.forward = split.wrap(impl.forward, lambda *a, **k: None if grad() else "reference")
+        # get_reward reads the critic (values) and the reward model (scores) in the rollout.
+        impl.get_reward = split.wrap(
+            impl.get_reward, lambda model, *a, **k: "reward" if model is split.reward_model else "value"
+        )
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"], encoding="utf-8")]
     dataset = Dataset.from_dict({"input_ids": prompt_ids(tokenizer, prompts)})
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"])
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1)
+    split.reward_model = reward
     critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1)
     on_gpu = spec["device"] == "cuda"
     args = PPOConfig(
@@ -191,12 +264,13 @@ def run_trl(spec: dict) -> dict:
         train_dataset=dataset,
         value_model=critic,
         eval_dataset=dataset.select(range(4)),
-        callbacks=[timing_callback(meter)],
+        callbacks=[timing_callback(meter, split)],
+        peft_config=lora_config(spec),
     )
     trainer.train()
     trainer.model.policy.save_pretrained(spec["out"])
     scores = logged(trainer.state.log_history, "objective/scores")
-    return {"version": trl.__version__, **meter.result, "logged_scores": scores}
+    return {"version": trl.__version__, **meter.result, "logged_scores": scores, "split": split.result()}
 
 
 # --- ours -------------------------------------------------------------------------------------
@@ -214,6 +288,16 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
 
     set_threads(spec)
     torch.manual_seed(spec["seed"])
+    split = StepSplit()
+    if spec.get("profile"):
+        from align_cli.ppo import experience as impl
+
+        maker = impl.ExperienceMaker
+        maker.sample = split.wrap(maker.sample, lambda *a, **k: "generation")
+        maker.score = split.wrap(maker.score, lambda *a, **k: "reward")
+        # forward_passes: log pi_old and log pi_ref ("reference" here), and V_old through critic_values.
+        maker.forward_passes = split.wrap(maker.forward_passes, lambda *a, **k: "reference")
+        impl.critic_values = split.wrap(impl.critic_values, lambda *a, **k: "value", nested_in="reference")
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
     prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"], encoding="utf-8")]
     dataset = Dataset.from_dict({"prompt": prompts})
@@ -243,7 +327,7 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
         seed=spec["seed"],
     )
     meter = Meter(spec["device"])
-    callbacks = [timing_callback(meter)]
+    callbacks = [timing_callback(meter, split)]
     if gc_per_step:  # the ablation: TRL's PPOTrainer runs gc.collect() twice per step
         import gc
 
@@ -263,6 +347,7 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
         train_dataset=dataset,
         reward_funcs=[reward],
         callbacks=callbacks,
+        peft_config=lora_config(spec),
     )
     trainer.train()
     trainer.policy.save_pretrained(spec["out"])
@@ -270,7 +355,184 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
         "version": "align_cli",
         **meter.result,
         "logged_scores": logged(trainer.state.log_history, "score"),
+        "split": split.result(),
     }
+
+
+# --- the grid: model size x response length x full/LoRA ------------------------------------
+
+# Random-init Qwen2 shapes with the tiny tokenizer (1,024 ids); "tiny" is align's own model.
+GRID_SIZES = {
+    "tiny": None,
+    "5m": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 4},
+    "50m": {
+        "hidden_size": 640,
+        "intermediate_size": 2176,
+        "num_hidden_layers": 10,
+        "num_attention_heads": 10,
+    },
+}
+GRID_LENGTHS = (32, 128, 256)
+GRID_MODES = ("full", "lora")
+GRID_WORK = BENCH / "ppo-grid"
+
+
+def grid_models(size: str) -> dict:
+    """Policy and reward/critic folders of one grid size (made once under .bench/ppo-grid).
+
+    The reward model (and the critic, a copy of it) is a random-init sequence classifier of the
+    policy's shape: the grid measures cost, not learning, and both trainers read the same one.
+    """
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config
+
+    from align_cli.modeling import build_tiny_model
+
+    folder = GRID_WORK / size
+    policy, reward = folder / "policy", folder / "reward"
+    if not (reward / "config.json").exists():
+        tiny = build_tiny_model()
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
+        if GRID_SIZES[size] is None:
+            shutil.copytree(tiny, policy, dirs_exist_ok=True)
+            config = Qwen2Config.from_pretrained(tiny)
+        else:
+            from transformers import Qwen2ForCausalLM
+
+            shape = GRID_SIZES[size]
+            config = Qwen2Config(
+                vocab_size=len(tokenizer),
+                num_key_value_heads=2,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None,
+                tie_word_embeddings=True,
+                **shape,
+            )
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM(config)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.save_pretrained(policy)
+            tokenizer.save_pretrained(policy)
+        torch.manual_seed(1)
+        config.num_labels = 1
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(reward)
+        tokenizer.save_pretrained(reward)
+    from safetensors.torch import load_file
+
+    params = sum(t.numel() for t in load_file(policy / "model.safetensors").values())
+    return {"policy": str(policy), "reward": str(reward), "params": params}
+
+
+def grid_key(size: str, length: int, mode: str) -> str:
+    return f"{size}/{length}/{mode}"
+
+
+def run_grid(args, pythons: dict) -> dict:
+    """Runs the chosen cells (both sides, alternating) and merges them into .bench/ppo-grid/results.json."""
+    GRID_WORK.mkdir(parents=True, exist_ok=True)
+    saved = GRID_WORK / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    prompts = prepare()["prompts"]  # the 54 chat prompts of the main benchmark
+    for size in args.sizes.split(","):
+        models = grid_models(size)
+        for length in (int(x) for x in args.lengths.split(",")):
+            for mode in args.modes.split(","):
+                key = grid_key(size, length, mode)
+                spec = {
+                    "device": args.device,
+                    "threads": args.threads,
+                    "episodes": args.grid_episodes,
+                    "rollout_batch": args.rollout_batch,
+                    "micro_batch": args.micro_batch,
+                    "response_length": length,
+                    "ppo_epochs": args.ppo_epochs,
+                    "learning_rate": 1e-4 if mode == "lora" else 1e-5,
+                    "kl_coef": args.kl_coef,
+                    "temperature": args.temperature,
+                    "seed": args.seed,
+                    "lora": mode == "lora",
+                    "profile": True,
+                    "prompts": prompts,
+                    "policy": models["policy"],
+                    "reward": models["reward"],
+                }
+                cell = {"params": models["params"], "runs": {"trl": [], "ours": []}}
+                for i in range(args.repeats):
+                    for side in ("trl", "ours") if i % 2 == 0 else ("ours", "trl"):
+                        load = os.getloadavg()[0]
+                        out = GRID_WORK / "runs" / key.replace("/", "-") / f"{side}-{i}"
+                        r = run_side(side, pythons[side], spec, out)
+                        r["eps"] = args.grid_episodes / r["seconds"]
+                        r["load"] = load
+                        r.pop("logged_scores", None)
+                        cell["runs"][side].append(r)
+                        print(
+                            f"bench-grid: {key} {side}: {r['eps']:.2f} episodes/s, peak RSS "
+                            f"{r['peak_rss_mb']:.0f} MB, split ms/step "
+                            + ", ".join(f"{k} {v:.0f}" for k, v in r["split"].items())
+                            + f" (load {load:.1f})",
+                            flush=True,
+                        )
+                cell["spec"] = {k: v for k, v in spec.items() if k not in ("prompts", "policy", "reward")}
+                results[key] = cell
+                saved.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def grid_markdown(results: dict, machine: str) -> str:
+    """The grid's doc section: every cell of sizes x lengths x modes, those not run marked."""
+
+    def med(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    def split(runs: list[dict]) -> str:
+        phases = ("generation", "reward", "reference", "value", "update")
+        return " / ".join(f"{statistics.median(r['split'][p] for r in runs):.0f}" for p in phases)
+
+    lines = [
+        "## PPO grid: model size x response length x full/LoRA, ours vs TRL 1.12",
+        "",
+        "Reproduce the whole grid (on a quiet machine; the 50m and 256-token cells take 5-30 min per run on 2 cores): "
+        "`python3 scripts/bench_ppo.py --grid`; some cells: `--sizes tiny,5m --lengths 32,128 --modes full,lora`. "
+        "Runs add to `.bench/ppo-grid/results.json` and the table is rebuilt from every cell saved there "
+        "(`--grid --report-only` rebuilds it alone).",
+        "",
+        "Per cell, both trainers (each its own process, alternating) train the same random-init Qwen2 policy "
+        "(tiny = align's ~200k-parameter model; 5m and 50m: wider and deeper, same 1,024-token vocabulary), "
+        "the same random-init reward model of the policy's shape, and a copy of it as critic, on the 54 chat "
+        "prompts; rollout batch 32 (one mini-batch, micro-batch 16), 4 PPO epochs, KL 0.05, temperature 1.0, "
+        "learning rate 1e-5 (full) or 1e-4 (LoRA r 16 on every linear layer of the policy; the critic stays "
+        "whole on both sides, and the reference is the policy with its adapter off on both). "
+        "Episodes/s over the training loop (model loading excluded); peak RSS during training (VmHWM reset "
+        "at the start of training). Time split of one step (milliseconds, median run): generation / reward "
+        "model / reference forwards (ours: log pi_old too; TRL takes it from the generation's logits) / "
+        "critic forward / update (the PPO epochs and the rest of the step).",
+        "",
+        "| size (params) | new tokens | mode | align eps/s | TRL eps/s | ratio | align peak RSS MB | TRL peak RSS MB "
+        "| memory ratio | align split ms | TRL split ms | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for size in GRID_SIZES:
+        for length in GRID_LENGTHS:
+            for mode in GRID_MODES:
+                cell = results.get(grid_key(size, length, mode))
+                if cell is None:
+                    lines.append(f"| {size} | {length} | {mode} | not run | | | | | | | | |")
+                    continue
+                ours, trl = cell["runs"]["ours"], cell["runs"]["trl"]
+                loads = [r["load"] for r in ours + trl]
+                lines.append(
+                    f"| {size} ({cell['params'] / 1e6:.2f}M) | {length} | {mode} | {med(ours, 'eps'):.2f} | "
+                    f"{med(trl, 'eps'):.2f} | **{med(ours, 'eps') / med(trl, 'eps'):.2f}x** | "
+                    f"{med(ours, 'peak_rss_mb'):.0f} | {med(trl, 'peak_rss_mb'):.0f} | "
+                    f"{med(ours, 'peak_rss_mb') / med(trl, 'peak_rss_mb'):.2f}x | {split(ours)} | {split(trl)} | "
+                    f"{min(loads):.1f}-{max(loads):.1f} |"
+                )
+    lines += ["", f"Machine: {machine}."]
+    return "\n".join(lines)
 
 
 # --- setup and judging (this environment) -----------------------------------------------------
@@ -599,6 +861,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="skip the extra run of ours with TRL's two gc.collect() calls per step added",
     )
+    parser.add_argument("--grid", action="store_true", help="the size x length x full/LoRA grid instead")
+    parser.add_argument("--sizes", default=",".join(GRID_SIZES), help="grid sizes, from tiny,5m,50m")
+    parser.add_argument("--lengths", default=",".join(map(str, GRID_LENGTHS)), help="grid response lengths")
+    parser.add_argument("--modes", default=",".join(GRID_MODES), help="grid modes, from full,lora")
+    parser.add_argument("--grid-episodes", type=int, default=96, help="episodes per grid run (3 rollouts)")
     parser.add_argument("--side", choices=["trl", "ours", "ours+gc"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -611,6 +878,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.rollout_batch % args.micro_batch:
         raise SystemExit("bench: --rollout-batch must be a multiple of --micro-batch")
+    if args.grid:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench import machine_info, update_section
+
+        bad = sorted(set(args.sizes.split(",")) - set(GRID_SIZES)) + sorted(
+            set(args.modes.split(",")) - set(GRID_MODES)
+        )
+        if bad:
+            raise SystemExit(
+                f"bench: unknown grid size or mode {bad}: sizes {list(GRID_SIZES)}, modes {list(GRID_MODES)}"
+            )
+        if args.report_only:
+            results = json.loads((GRID_WORK / "results.json").read_text())
+        else:
+            args.repeats = 1 if args.repeats == parser.get_default("repeats") else args.repeats
+            results = run_grid(args, {"trl": str(ensure_trl_venv()), "ours": sys.executable})
+        machine = f"{machine_info()}, TRL 1.12 in {VENV.relative_to(ROOT)}"
+        section = grid_markdown(results, machine)
+        print(section)
+        if not args.no_doc:
+            update_section("ppo-grid", section, DOC)
+        return results
     spec = {k: v for k, v in vars(args).items() if k not in ("side", "spec", "no_doc", "report_only")}
     spec.update(prepare())
     spec["n_prompts"] = sum(1 for _ in open(spec["prompts"], encoding="utf-8"))
