@@ -1,7 +1,7 @@
-"""The library internals align relies on (align_cli/compat.py) still exist as written.
+"""The library internals align relies on (align_cli/compat/) still exist as written.
 
 A failure here after a library upgrade names the private method, attribute or message that
-changed; compat.py says what align does with it and which version it was written against.
+changed; compat/ says what align does with it and which version it was written against.
 """
 
 from __future__ import annotations

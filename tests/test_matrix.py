@@ -2,7 +2,7 @@
 before the first optimizer step, and weights that actually moved.
 
 The 4-bit column is the one that broke on CPUs with AVX512-BF16 (bitsandbytes repacks a 4-bit
-weight for inference in eval mode; see align_cli/compat.py): there an evaluation pass followed
+weight for inference in eval mode; see align_cli/compat/): there an evaluation pass followed
 by a training step crashed, or passed no gradient back through the quantized layers.
 """
 
