@@ -148,13 +148,14 @@ def test_preflight_refuses_a_4bit_kernel_that_cannot_train(monkeypatch):
     import bitsandbytes.functional as bnbf
 
     from align_cli import compat
+    from align_cli.compat import libs
     from align_cli.config import PeftConfig, QuantConfig
     from align_cli.errors import AlignError
     from align_cli.run_checks import preflight_quant
 
     quant, peft = QuantConfig(bits=4), PeftConfig(method="lora")
     preflight_quant(quant, peft)  # with the workaround: fine on every machine
-    monkeypatch.setattr(compat, "keep_4bit_trainable", lambda model: 0)
+    monkeypatch.setattr(libs, "keep_4bit_trainable", lambda model: 0)  # where check_4bit_training looks
     if bnbf.has_avx512bf16():
         problem = compat.check_4bit_training("cpu", "nf4", torch.float32)
         assert problem and "after an evaluation pass" in problem
