@@ -156,6 +156,7 @@ def decoder_layer_classes(model_cfg: ModelConfig) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .compat import no_split_modules
     from .modeling import adapter_base, quiet_transformers, resolve_model_path
 
     path = resolve_model_path(model_cfg)
@@ -171,7 +172,7 @@ def decoder_layer_classes(model_cfg: ModelConfig) -> list[str]:
         raise AlignError(
             f"dist=fsdp: cannot read the model config of {base} to find its decoder layer ({first})"
         ) from None
-    names = sorted(set(getattr(model, "_no_split_modules", None) or []))
+    names = no_split_modules(model)
     if not names:
         raise AlignError(
             f"dist=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules is empty), "

@@ -49,7 +49,8 @@ def test_internal_still_exists(internal):
     owner = _owner(internal.owner)
     if internal.params is None:
         # An attribute: the owner (or a base) still assigns it, `x.<name> = ...` or `x.<name>: T = ...`.
-        assigned = re.compile(rf"\.{re.escape(internal.name)}\s*(:[^=\n]*)?=[^=]")
+        # (or, for a class attribute, `<name> = ...` in a class body)
+        assigned = re.compile(rf"(\.|^\s+){re.escape(internal.name)}\s*(:[^=\n]*)?=[^=]", re.MULTILINE)
         assert assigned.search(_source(owner)), f"{internal.owner} no longer assigns .{internal.name}"
         return
     assert hasattr(owner, internal.name), f"{internal.owner} has no {internal.name} any more"

@@ -40,6 +40,7 @@ from .libs import (  # noqa: F401
     check_4bit_training,
     fsdp_on_cpu,
     keep_4bit_trainable,
+    no_split_modules,
     quiet_library_noise,
 )
 from .trainers import (  # noqa: F401
@@ -114,6 +115,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(_TRAINER, "_get_learning_rate", (), _PPO),
     Internal(_TRAINER, "_get_output_dir", ("trial",), _PPO),
     Internal(_TRAINER, "_move_model_to_device", ("model", "device"), _PPO),
+    # transformers' models (`no_split_modules`, for dist=fsdp's auto-wrap).
+    Internal("transformers:PreTrainedModel", "_no_split_modules", None, "the decoder layer FSDP wraps"),
     # Hydra (`hydra_args_parser`).
     Internal("hydra._internal.utils", "get_args_parser", (), "align reads Hydra's flags before Hydra starts"),
     # bitsandbytes (`keep_4bit_trainable`).

@@ -139,3 +139,13 @@ def fsdp_on_cpu() -> None:
 
     __init__._align_fsdp_on_cpu = True
     state.AcceleratorState.__init__ = __init__
+
+
+def no_split_modules(model) -> list[str]:
+    """The class names of a transformers model's blocks that must not be split (its decoder layers).
+
+    transformers 5.24: `PreTrainedModel._no_split_modules`, a class attribute every architecture
+    sets; it is what accelerate's device maps and transformers' own FSDP auto-wrap read, and no
+    public accessor exists. `dist=fsdp` wraps one FSDP unit per such layer.
+    """
+    return sorted(set(getattr(model, "_no_split_modules", None) or []))
