@@ -153,24 +153,18 @@ def decoder_layer_classes(model_cfg: ModelConfig) -> list[str]:
     Raises:
         AlignError: the model's config cannot be read, or the model names no such class.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .compat import no_split_modules
-    from .modeling import adapter_base, quiet_transformers, resolve_model_path
+    from .model_checks import meta_model
+    from .modeling import adapter_base, resolve_model_path
 
     path = resolve_model_path(model_cfg)
-    base = adapter_base(path) or path
     try:
-        config = AutoConfig.from_pretrained(
-            base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-        )
-        with torch.device("meta"), quiet_transformers():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        model = meta_model(model_cfg, path)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AlignError(
-            f"dist=fsdp: cannot read the model config of {base} to find its decoder layer ({first})"
+            f"dist=fsdp: cannot read the model config of {adapter_base(path) or path} to find its decoder "
+            f"layer ({first})"
         ) from None
     names = no_split_modules(model)
     if not names:

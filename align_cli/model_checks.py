@@ -13,19 +13,30 @@ from .errors import AlignError
 from .modeling import adapter_base, quiet_transformers, resolve_model_path
 
 
-def _module_names(model_cfg: ModelConfig, path: str) -> list[str] | None:
-    """Every module name of the model at `path`, from its config alone (built on the meta
-    device: no weights are read or allocated); None when the config cannot be read here."""
+def meta_model(model_cfg: ModelConfig, path: str):
+    """The model at `path` (its adapter's base for a LoRA folder) built from its config on the
+    meta device: its classes and module names, no weights read or allocated.
+
+    Raises:
+        Exception: whatever transformers raises when the config cannot be read or built here
+            (a hub id offline, an unknown architecture); callers decide what that means.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base = adapter_base(path) or path
+    config = AutoConfig.from_pretrained(
+        base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    with torch.device("meta"), quiet_transformers():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def _module_names(model_cfg: ModelConfig, path: str) -> list[str] | None:
+    """Every module name of the model at `path`, from its config alone (`meta_model`); None when
+    the config cannot be read here."""
     try:
-        config = AutoConfig.from_pretrained(
-            base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-        )
-        with torch.device("meta"), quiet_transformers():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        model = meta_model(model_cfg, path)
     except Exception:  # a hub id offline, an exotic architecture: peft will judge when it loads
         return None
     return [name for name, _ in model.named_modules() if name]
