@@ -106,6 +106,17 @@ _POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradi
 _NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm")
 
 
+def beta_problems(config: Any) -> list[str]:
+    """DPO's and KTO's beta must be positive: it scales the implicit reward, so a negative beta
+    learns the preferences backwards and 0 not at all (TRL accepts both)."""
+    beta = getattr(config, "beta", None)
+    if beta is not None and beta <= 0:
+        return [
+            f"method.args.beta={beta} must be positive (the strength of the pull toward the reference model; e.g. 0.1)"
+        ]
+    return []
+
+
 def check_arg_ranges(config: Any) -> None:
     """Raises a one-line AlignError for a shared training setting out of range."""
     problems = []

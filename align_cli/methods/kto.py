@@ -25,13 +25,9 @@ def config_class():
 
 def check(ctx, rows: list[dict] | None) -> list[str]:
     """Settings TRL accepts but that train nonsense; `align data validate` runs this too."""
-    beta = getattr(ctx.config, "beta", None)
-    if beta is not None and beta <= 0:
-        # beta scales the implicit reward: negative learns the preferences backwards, 0 not at all.
-        return [
-            f"method.args.beta={beta} must be positive (the strength of the pull toward the reference model; e.g. 0.1)"
-        ]
-    return []
+    from .base import beta_problems
+
+    return beta_problems(ctx.config)
 
 
 def build(ctx):
