@@ -29,6 +29,21 @@ def compose(overrides: list[str], output_dir: str | Path | None = None) -> DictC
     return cfg
 
 
+def load_script(name: str):
+    """A script of the checkout's scripts/ folder (`name` without .py), imported as a module.
+
+    The scripts are no package (they run as `python scripts/<name>.py`); tests and other
+    scripts use this to reach their functions.
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def share_site_packages(venv: str | Path) -> Path:
     """Lets a new virtual environment see this interpreter's packages, after its own.
 

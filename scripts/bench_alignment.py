@@ -65,12 +65,9 @@ def files(data: Path, prefix: str) -> dict[str, Path]:
 
 
 def phrases(variant: str) -> dict[str, list[str]]:
-    import importlib.util
+    from align_cli.testing import load_script
 
-    spec = importlib.util.spec_from_file_location("task", ROOT / "scripts" / "make_harmless_task.py")
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
-    return task.behaviour_phrases(variant)
+    return load_script("make_harmless_task").behaviour_phrases(variant)
 
 
 def stage(name: str, overrides: list[str], work: Path, seed: int) -> tuple[Path, dict, float]:

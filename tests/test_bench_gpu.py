@@ -6,18 +6,16 @@ process each, about 8 s apiece.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from align_cli import testing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return testing.load_script("bench_gpu")
 
 
 def test_flops_per_token_counts_qwen05_parameters():

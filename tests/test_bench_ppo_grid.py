@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from align_cli import testing
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_ppo", ROOT / "scripts" / "bench_ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return testing.load_script("bench_ppo")
 
 
 def test_step_split_moves_a_nested_phase_out_of_its_caller():
