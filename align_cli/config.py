@@ -66,6 +66,9 @@ class DataConfig:
     system: str | None = None  # a system prompt added to every conversational prompt
     dataset: str | None = None  # with data.path=<dataset_info.json>: the LLaMA-Factory dataset to read
     too_long: str = "refuse"  # prompts with no room left for an answer: refuse | drop | truncate
+    # ppo: demonstrations (any SFT layout, a file/folder/hub id/list as data.path) for the PPO-ptx
+    # loss, weighted by method.args.ptx_coef; `align pipeline recipe=rlhf` wires in the SFT stage's data.
+    ptx_path: Any = None
 
     def __post_init__(self):
         if not 0 <= self.eval_ratio < 1:

@@ -44,7 +44,25 @@ WIRES = {
     "policy": lambda folder: [f"model.name_or_path={quote_value(folder)}"],
     "reward_model": lambda folder: [f"++reward.model.path={quote_value(folder)}"],
     "critic": lambda folder: ["method.critic_init=reward"],
+    "ptx": None,  # data.ptx_path=<the sft stage's data>: see ptx_wire
 }
+
+
+def ptx_wire(source: Stage) -> list[str]:
+    """`data.ptx_path` set to the data an sft stage trains on (its data.path, or its sample)."""
+    from .config import DataConfig
+    from .data.convert import data_path
+
+    data = OmegaConf.to_container(source.cfg.data, resolve=True)
+    path = data_path(DataConfig(path=data["path"]), source.cfg.method.get("sample"))
+    if isinstance(path, str):
+        return [f"++data.ptx_path={quote_value(path)}"]
+    if isinstance(path, list) and all(isinstance(p, str) for p in path):
+        return [f"++data.ptx_path=[{','.join(quote_value(p) for p in path)}]"]
+    raise AlignError(
+        f"stage {source.name}'s data.path is not a path or a list of paths, so it cannot be wired in as ptx "
+        "data: give the ptx stage's data.ptx_path yourself"
+    )
 
 
 # The methods whose run folder is a policy (a causal LM), for the evaluation hook.
@@ -188,8 +206,12 @@ def _check_recipe(recipe: dict) -> list[dict]:
                 )
             if wire in ("reward_model", "critic") and seen[source]["method"] != "rm":
                 raise AlignError(f"{where}: inputs.{wire}={source} must be an rm stage")
+            if wire == "ptx" and seen[source]["method"] != "sft":
+                raise AlignError(f"{where}: inputs.ptx={source} must be an sft stage (its demonstrations)")
         if "critic" in (stage.get("inputs") or {}) and method != "ppo":
             raise AlignError(f"{where}: only a ppo stage has a critic")
+        if "ptx" in (stage.get("inputs") or {}) and method != "ppo":
+            raise AlignError(f"{where}: only a ppo stage has a ptx loss")
         seen[sname] = stage
     return stages
 
@@ -369,7 +391,12 @@ def plan(overrides: list[str], folder: str | os.PathLike | None) -> Plan:
     for spec in specs:
         name, method = str(spec["name"]), str(spec["method"])
         inputs = {k: str(v) for k, v in (spec.get("inputs") or {}).items()}
-        wired = [o for wire, source in inputs.items() for o in WIRES[wire](os.path.join(root, source))]
+        by_name = {s.name: s for s in stages}
+        wired = [
+            o
+            for wire, source in inputs.items()
+            for o in (ptx_wire(by_name[source]) if wire == "ptx" else WIRES[wire](os.path.join(root, source)))
+        ]
         stage_folder = os.path.join(root, name)
         overrides_ = [
             f"method={method}",

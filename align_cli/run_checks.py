@@ -185,7 +185,12 @@ def checked_config(cfg: DictConfig):
         reward=OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") is not None else None,
         seed=int(cfg.get("seed", 42)),
         dist=typed(cfg, "dist", schema.DistConfig),
+        data_cfg=data_cfg,
     )
+    if data_cfg.ptx_path is not None and method["name"] != "ppo":
+        raise AlignError(
+            f"data.ptx_path is the PPO-ptx loss's data: method={method['name']} reads none (drop data.ptx_path)"
+        )
     from .dist import config_problem
 
     problem = config_problem(ctx.dist, method["name"], args, ctx.quant_cfg.bits)

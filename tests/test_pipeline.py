@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from align_cli.config import CONF_DIR
+from align_cli.config import CONF_DIR, SAMPLES_DIR
 from align_cli.errors import AlignError, TrainingInterrupted
 from align_cli.pipeline import run_pipeline
 from align_cli.pipeline_plan import plan, recipe_names
@@ -105,7 +105,15 @@ def test_the_ppo_stage_starts_from_sft_and_is_scored_and_criticised_by_rm(finish
     assert cfg.model.name_or_path == str(folder / "sft")
     assert cfg.reward.model.path == str(folder / "rm")
     assert cfg.method.critic_init == "reward"  # the critic starts from that reward model
+    # PPO-ptx's demonstrations are the SFT stage's data (here its sample file), every row of it.
+    sft_cfg = OmegaConf.load(folder / "sft" / ".hydra" / "config.yaml")
+    sft_data = str(SAMPLES_DIR / sft_cfg.method.sample)
+    assert cfg.data.ptx_path == sft_data and cfg.method.args.ptx_coef > 0
     trainer = result.stage("ppo").run.trainer
+    with open(sft_data, encoding="utf-8") as f:
+        assert len(trainer._ptx_pairs) == sum(1 for line in f if line.strip())
+    logged = [json.loads(line) for line in (folder / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ptx_loss"] > 0 for r in logged if "policy_loss" in r)
     assert [str(f.path) for f in trainer.reward_funcs] == [str(folder / "rm")]
     sft, ppo = weights(folder / "sft"), weights(folder / "ppo")
     from align_cli.modeling import build_tiny_model

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import modeling
-from ..config import DistConfig, ModelConfig, PeftConfig, QuantConfig
+from ..config import DataConfig, DistConfig, ModelConfig, PeftConfig, QuantConfig
 from ..errors import AlignError, nearest
 
 log = logging.getLogger("align")
@@ -156,6 +156,7 @@ class MethodContext:
     seed: int = 42
     config: Any = None  # the method's config built from method.args once up front, for `check`
     dist: DistConfig = field(default_factory=DistConfig)  # dist=: DDP, FSDP or DeepSpeed (align_cli/dist.py)
+    data_cfg: DataConfig | None = None  # the `data` group (for a method's extra data: PPO's data.ptx_path)
 
     def trl_config(self, cls: type, **defaults: Any):
         """Builds a TRL/transformers config dataclass: our run defaults < `defaults` < method.args.

@@ -138,6 +138,19 @@ class PPOConfig(TrainingArguments):
         ),
     )
 
+    # --- pretraining mix (PPO-ptx) -------------------------------------------------------------
+    ptx_coef: float = field(
+        default=0.0,
+        metadata=_help(
+            "gamma of InstructGPT's PPO-ptx objective: each optimiser step also minimises ptx_coef x the "
+            "language-model loss on a batch of the ptx data (data.ptx_path: demonstrations in an SFT layout), "
+            "which keeps what the policy could say, and keeps sampling it, while the reward moves it. 0: off."
+        ),
+    )
+    ptx_batch_size: int | None = field(
+        default=None, metadata=_help("ptx rows per optimiser step; null: the mini-batch size.")
+    )
+
     # --- KL penalty ---------------------------------------------------------------------------
     kl_coef: float = field(
         default=0.05, metadata=_help("beta: weight of the per-token KL(pi || pi_ref) penalty.")
@@ -197,6 +210,10 @@ class PPOConfig(TrainingArguments):
             )
         if self.score_norm not in SCORE_NORMS:
             problems.append(f"score_norm={self.score_norm!r} must be one of {', '.join(SCORE_NORMS)}")
+        if self.ptx_coef < 0:
+            problems.append(f"ptx_coef={self.ptx_coef} must not be negative (0 turns the ptx loss off)")
+        if self.ptx_batch_size is not None and self.ptx_batch_size < 1:
+            problems.append(f"ptx_batch_size={self.ptx_batch_size} must be at least 1, or null")
         if self.kl_estimator not in KL_ESTIMATORS:
             problems.append(f"kl_estimator={self.kl_estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
         if self.kl_coef < 0:

@@ -47,6 +47,7 @@ from .models import (  # noqa: F401  (forward_inputs, reward_model_scores, sampl
     unwrap_peft,
     value_head,
 )
+from .ptx import tokenize_demonstrations
 from .update import PPOUpdate
 
 
@@ -97,6 +98,8 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         callbacks: extra `TrainerCallback`s.
         probe: degenerate texts scored by the reward model (`align_cli.diagnostics.Probe`),
             logged every step as `probe/<name>` and `probe_reward`; None: not logged.
+        ptx_dataset: demonstrations (SFT standard: prompt/completion) for the PPO-ptx loss
+            (`args.ptx_coef`, see ptx.py); None or ptx_coef 0: no ptx loss.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         critic_peft_config: Any = None,
         callbacks: list | None = None,
         probe: Any = None,
+        ptx_dataset: Any = None,
     ):
         check_inputs(reward_funcs, reward_weights, processing_class)
         policy, critic, ref_model = prepare_roles(
@@ -150,6 +154,14 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         self._permutations: dict[int, list[int]] = {}
         self._shuffle = torch.Generator().manual_seed(args.seed)
         self._log_buffer: dict[str, list[float]] = defaultdict(list)
+        self._ptx_pairs = None
+        if ptx_dataset is not None and args.ptx_coef > 0:
+            self._ptx_pairs = tokenize_demonstrations(processing_class, ptx_dataset)
+        # Its own stream, so turning ptx on does not change which rollout rows are shuffled how.
+        self._ptx_shuffle = torch.Generator().manual_seed(
+            args.seed + 7919 * (1 + self.accelerator.process_index)
+        )
+        self._pad_id = processing_class.pad_token_id
 
     # --- placement, data --------------------------------------------------------------------
 

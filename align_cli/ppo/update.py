@@ -17,6 +17,7 @@ from .core import token_logprobs
 from .experience import Experience
 from .losses import entropy_bonus, policy_loss, value_loss
 from .models import forward_inputs, sampling_logits
+from .ptx import ptx_batch
 
 
 def split_critic_groups(optimizer: torch.optim.Optimizer, critic: nn.Module, critic_lr: float) -> None:
@@ -65,6 +66,28 @@ class PPOUpdate:
             metrics.update(entropy_update=e_metrics["entropy"])
         return loss, {**metrics, **v_metrics, "loss": loss.detach()}
 
+    def ptx_step(self, model: nn.Module) -> None:
+        """ptx_coef x the policy's language-model loss on a batch of ptx rows (see ptx.py), backward."""
+        args = self.args
+        size = args.ptx_batch_size or args.mini_batch_size
+        rows = torch.randint(len(self._ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
+        device = self.accelerator.device
+        batch = {
+            k: v.to(device)
+            for k, v in ptx_batch(self._ptx_pairs, rows, self._pad_id, args.max_length).items()
+        }
+        width = batch["completion_mask"].shape[1]
+        logits, _ = model(
+            **forward_inputs(batch["sequences"], batch["attention_mask"]),
+            response_length=width,
+            with_values=False,
+        )
+        logprobs = token_logprobs(logits.float(), batch["sequences"][:, -width:])
+        mask = batch["completion_mask"].float()
+        nll = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+        self.accelerator.backward(args.ptx_coef * nll)
+        self._micro_metrics_ptx.append(nll.detach())
+
     def training_step(
         self, model: nn.Module, inputs: Experience, num_items_in_batch: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -92,10 +115,14 @@ class PPOUpdate:
         args = self.args
         model.train()
         self._micro_metrics: list[dict[str, torch.Tensor]] = []
+        self._micro_metrics_ptx: list[torch.Tensor] = []
         grad_norms = []
         micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
         # Reseeded from the step, so a resumed run shuffles exactly as an uninterrupted one.
         self._shuffle.manual_seed(args.seed * 1_000_003 + self.state.global_step)
+        self._ptx_shuffle.manual_seed(
+            args.seed * 1_000_033 + self.state.global_step * 7 + self.accelerator.process_index
+        )
         lengths = experience.attention_mask.sum(1)  # (B,) real tokens per row
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(experience), generator=self._shuffle).to(lengths.device)
@@ -103,6 +130,9 @@ class PPOUpdate:
                 mini = order[m * args.mini_batch_size : (m + 1) * args.mini_batch_size]
                 mini = mini[torch.argsort(lengths[mini], stable=True)]
                 tokens = experience.response_mask[mini].sum().clamp(min=1)
+                if self._ptx_pairs:
+                    with self.accelerator.no_sync(model):  # synced with the last micro-batch below
+                        self.ptx_step(model)
                 for a in range(accumulation):
                     part = experience.select(mini[a * micro : (a + 1) * micro])
                     # Gradients are all-reduced once per optimiser step, not per micro-batch.
@@ -122,6 +152,8 @@ class PPOUpdate:
             key: torch.stack([m[key].float() for m in self._micro_metrics]).mean()
             for key in self._micro_metrics[0]
         }
+        if self._micro_metrics_ptx:
+            out["ptx_loss"] = torch.stack(self._micro_metrics_ptx).mean()
         if grad_norms:
             out["grad_norm"] = torch.stack(grad_norms).mean()
         return out

@@ -1,0 +1,105 @@
+"""PPO-ptx (InstructGPT's pretraining mix, align_cli/ppo/ptx.py): the demonstrations are laid out as
+rollouts are, their language-model loss trains the policy beside the PPO loss, and its settings
+are checked before anything loads (by `align train` and `align data validate` alike)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align_cli.errors import AlignError
+from align_cli.testing import compose
+from align_cli.train import train
+from align_cli.validate import validate
+
+SHORT = [
+    "method.args.per_device_train_batch_size=4",
+    "method.args.num_mini_batches=1",
+    "method.args.num_ppo_epochs=2",
+    "method.args.max_new_tokens=8",
+    "data.eval_ratio=0",
+    "plot=false",
+]
+
+
+def demos(tmp_path, rows=None):
+    path = tmp_path / "demos.jsonl"
+    rows = rows or [
+        {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}, clearly."} for i in range(8)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_demonstrations_are_laid_out_as_rollouts():
+    """Left-padded prompt, then the completion; the mask covers the completion's tokens only."""
+    from datasets import Dataset
+
+    from align_cli.modeling import load_tokenizer
+    from align_cli.config import ModelConfig
+    from align_cli.ppo.ptx import ptx_batch, tokenize_demonstrations
+
+    tok = load_tokenizer(ModelConfig(name_or_path="tiny"))
+    chat = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]},
+            {"prompt": [{"role": "user", "content": "a longer question"}], "completion": [{"role": "assistant", "content": "ok"}]},
+        ]
+    )  # fmt: skip
+    pairs = tokenize_demonstrations(tok, chat)
+    for (prompt, completion), row in zip(pairs, chat, strict=True):
+        head = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        assert tok.decode(prompt) == head
+        assert tok.decode(completion).startswith(row["completion"][0]["content"])
+    plain = tokenize_demonstrations(tok, Dataset.from_list([{"prompt": "2+2=", "completion": " 4"}]))
+    assert plain[0][1][-1] == tok.eos_token_id and tok.decode(plain[0][1][:-1]) == " 4"
+
+    batch = ptx_batch(pairs, [0, 1], tok.pad_token_id, max_length=None)
+    seq, mask, comp = batch["sequences"], batch["attention_mask"], batch["completion_mask"]
+    width_c = comp.shape[1]
+    for i, (prompt, completion) in enumerate(pairs):
+        real = seq[i][mask[i].bool()].tolist()
+        assert real == prompt + completion
+        assert seq[i, -width_c:][comp[i].bool()].tolist() == completion
+        assert mask[i, : seq.shape[1] - width_c].tolist()[-len(prompt) :] == [1] * len(prompt)  # left-padded
+    cut = ptx_batch(pairs, [1], tok.pad_token_id, max_length=6)
+    assert int(cut["attention_mask"].sum()) <= 6
+
+
+def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path):
+    """With the PPO loss weighed down (a constant reward: zero advantages), the ptx loss alone moves
+    the policy: its loss on the demonstrations falls step after step; with ptx_coef=0 none is logged."""
+    path = demos(tmp_path)
+    overrides = ["method=ppo", "reward=length", *SHORT, "method.args.max_steps=6", "method.args.learning_rate=1e-2"]
+    result = train(compose([*overrides, f"data.ptx_path={path}", "method.args.ptx_coef=1.0"], tmp_path / "on"))
+    assert len(result.trainer._ptx_pairs) == 8
+    logged = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["ptx_loss"] for r in logged if "ptx_loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0], losses
+    train(compose(overrides, tmp_path / "off"))
+    logged = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("ptx_loss" in r for r in logged)
+
+
+def test_ptx_settings_are_checked_before_loading(tmp_path, caplog):
+    path = demos(tmp_path)
+    base = ["method=ppo", "reward=length", *SHORT, "method.args.max_steps=1"]
+
+    def check(*overrides):
+        return train(compose([*base, *overrides], tmp_path / f"r{len(list(tmp_path.iterdir()))}"))
+
+    with pytest.raises(AlignError, match=r"method\.args\.ptx_coef=1\.0 .* give them with data\.ptx_path="):
+        check("method.args.ptx_coef=1.0")
+    with pytest.raises(AlignError, match=r"ptx_coef=-1 must not be negative"):
+        check("method.args.ptx_coef=-1", f"data.ptx_path={path}")
+    with pytest.raises(AlignError, match=r"data\.ptx_path is the PPO-ptx loss's data: method=dpo reads none"):
+        train(compose(["method=dpo", f"data.ptx_path={path}", "method.args.max_steps=1"], tmp_path / "dpo"))
+    bad = demos(tmp_path, [{"instruction": "ok", "output": "fine"}, {"instruction": "", "output": 3}])
+    with pytest.raises(AlignError, match=r"data\.ptx_path: .*demos\.jsonl:2"):
+        check("method.args.ptx_coef=1.0", f"data.ptx_path={bad}")
+    report = validate(compose([*base, "method.args.ptx_coef=1.0", f"data.ptx_path={bad}"], tmp_path / "v"))
+    assert any("data.ptx_path" in p and "demos.jsonl:2" in p for p in report.settings), report.settings
+    with caplog.at_level("WARNING", logger="align"):
+        check(f"data.ptx_path={path}")
+    assert "data.ptx_path is set but method.args.ptx_coef is 0" in caplog.text
