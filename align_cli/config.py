@@ -268,7 +268,7 @@ def register() -> None:
 
 # Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn
 # their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
-# method yaml does not list. `++` adds or overrides, so the user never needs to know which.
+# method yaml does not list (`method.args` is an open dict in `MethodSettings`). `++` adds or overrides, so the user never needs to know which.
 OPEN_PREFIXES = ("method.args.", "data.columns.", "reward.timeout")
 
 
@@ -276,8 +276,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     """Prepares command-line overrides for Hydra.
 
     - `method.args.k=v` becomes `++method.args.k=v`;
-    - a method yaml's `default_reward: <option>` becomes `reward=<option>` when the command
-      line chooses no reward (Hydra cannot let one group's option pick another's default), so
+    - a method's `default_reward` (its settings class's default) becomes `reward=<option>` when the
+      command line chooses no reward (Hydra cannot let one group's option pick another's default), so
       `align train method=grpo` runs as is and `--cfg job` shows the reward really used.
     """
     out = [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]
