@@ -268,7 +268,8 @@ def register() -> None:
 
 # Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn
 # their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
-# method yaml does not list (`method.args` is an open dict in `MethodSettings`). `++` adds or overrides, so the user never needs to know which.
+# method yaml does not list (`method.args` is an open dict in `MethodSettings`). `++` adds or
+# overrides, so the user never needs to know which.
 OPEN_PREFIXES = ("method.args.", "data.columns.", "reward.timeout")
 
 

@@ -1,6 +1,7 @@
 """The checks of a composed config that need no model weights, shared by `align train`,
 `align data validate`, `align data preview` and the pipeline: the typed groups, the method, its
-settings (`config.method_settings`) and `method.args`, quantization, and reading both data splits as the run will.
+settings (`config.method_settings`) and `method.args`, quantization, and reading both data splits
+as the run will.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def check_known_keys(cfg: DictConfig, method: dict) -> None:
     """
     import dataclasses
 
-    from .methods import settings_class
+    from .methods import REGISTRY, settings_class
 
     top = {f.name for f in dataclasses.fields(schema.AlignConfig)}
     for key in cfg:
@@ -110,11 +111,15 @@ def check_known_keys(cfg: DictConfig, method: dict) -> None:
             raise AlignError(
                 f"'{key}' is not an align option{nearest(str(key), top)}; valid keys: {', '.join(sorted(top))}"
             )
-    takes_reward = any(f.name == "default_reward" for f in dataclasses.fields(settings_class(method["name"])))
-    if not takes_reward and cfg.get("reward"):
+
+    def takes_reward(name: str) -> bool:
+        return any(f.name == "default_reward" for f in dataclasses.fields(settings_class(name)))
+
+    if not takes_reward(method["name"]) and cfg.get("reward"):
+        rewarded = [n for n in REGISTRY if takes_reward(n)]
         raise AlignError(
-            f"method={method['name']} takes no reward (only ppo and grpo do): drop the reward settings "
-            f"({', '.join(str(k) for k in cfg.reward)})"
+            f"method={method['name']} takes no reward (only {' and '.join(rewarded)} do): drop the reward "
+            f"settings ({', '.join(str(k) for k in cfg.reward)})"
         )
 
 
