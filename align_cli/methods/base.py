@@ -153,6 +153,8 @@ def check_arg_ranges(config: Any) -> None:
 class MethodContext:
     """Everything a method needs, as plain values and loaded objects."""
 
+    # The method's checked settings (config.method_settings: its `Settings`, every key present, as a
+    # dict without `args`).
     method: dict[str, Any]
     args: dict[str, Any]
     model_cfg: ModelConfig
