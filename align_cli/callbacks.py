@@ -159,28 +159,10 @@ def collapse_outcome(trainer, output_dir: str) -> dict:
 
 
 def collapse_watch(method: dict, vocab_size: int, keys) -> CollapseCallback:
-    """The `CollapseCallback` of a PPO/GRPO run from its method settings (`method.stop_on_collapse`,
-    `method.collapse`).
-
-    Raises:
-        AlignError: an unknown `method.collapse` key or a bad value, a stop_on_collapse that is
-            not true/false.
-    """
-    stop, settings = collapse_settings(method)
-    return CollapseCallback(vocab_size, keys, settings, stop)
-
-
-def collapse_settings(method: dict):
-    """`(method.stop_on_collapse, CollapseSettings from method.collapse)`, checked.
-
-    Raises:
-        AlignError: an unknown `method.collapse` key or a bad value, a stop_on_collapse that is
-            not true/false.
-    """
+    """The `CollapseCallback` of a PPO/GRPO run from its checked method settings
+    (`method.stop_on_collapse`, `method.collapse`: `methods.base.RolloutSettings`)."""
     from .diagnostics import CollapseSettings
-    from .errors import AlignError
 
-    stop = method.get("stop_on_collapse", False)
-    if not isinstance(stop, bool):
-        raise AlignError(f"method.stop_on_collapse={stop!r} must be true or false")
-    return stop, CollapseSettings.from_config(method.get("collapse"))
+    return CollapseCallback(
+        vocab_size, keys, CollapseSettings(**method["collapse"]), method["stop_on_collapse"]
+    )

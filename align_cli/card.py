@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import config as schema
+
 METHOD_NAMES = {
     "sft": "supervised fine-tuning (SFT)",
     "rm": "reward modelling (RM)",
@@ -140,7 +142,7 @@ def run_card(
     """The card's text for a finished run (see `write_run_card`)."""
     from . import modeling
 
-    method = OmegaConf.to_container(cfg.method, resolve=True)
+    method = schema.method_settings(cfg.method)
     name = method["name"]
     base = str(cfg.model.name_or_path)
     adapter = os.path.exists(os.path.join(output_dir, "adapter_config.json"))
@@ -159,7 +161,7 @@ def run_card(
         )
         if cfg.quant.get("bits"):
             lora += f" on a {cfg.quant.bits}-bit ({cfg.quant.quant_type}) base (QLoRA)"
-    skip = ("name", "args", "formats", "samples", "sample", "default_reward")
+    skip = ("name", "args", "sample", "default_reward")
     settings = _flat("", {k: v for k, v in method.items() if k not in skip})
     settings += _flat("args.", method.get("args") or {})
     if cfg.get("reward"):

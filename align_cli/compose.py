@@ -22,7 +22,8 @@ def compose_checked(
 
     Raises:
         AlignError: an override that does not parse, an unknown group option (with the valid
-            ones), an unknown key (with the nearest), a value of the wrong type.
+            ones), an unknown key (with the nearest), a value of the wrong type, a method setting
+            its settings class refuses (`config.method_settings`).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -52,6 +53,9 @@ def compose_checked(
     finally:
         GlobalHydra.instance().clear()
     check_interpolations(cfg)
+    if cfg.get("method") is not None and "name" in cfg.method:
+        # What Hydra cannot check: a key added with `+`, a value outside the valid ones.
+        schema.method_settings(cfg.method)
     return cfg
 
 

@@ -2,9 +2,13 @@
 
 `conf/config.yaml` lists `align_schema` first in its defaults, so every composed config is
 checked against these dataclasses: a typo such as `model.nme_or_path=x` or a string where an
-int belongs fails when the config is composed, before anything is loaded. `method` and
-`reward` stay open: `method.args` belongs to TRL's config dataclasses, which check it
-themselves (see `methods.base.MethodContext.trl_config`).
+int belongs fails when the config is composed, before anything is loaded.
+
+`method` is typed per method: each `methods/<name>.py` declares a `Settings` subclass of
+`MethodSettings` for its own keys and their defaults, registered as `method/schema/<name>`, which
+`conf/method/<name>.yaml` lists first in its defaults. `method.args` stays open: it belongs to
+TRL's config dataclasses, which check it themselves (see `methods.base.MethodContext.trl_config`).
+`reward` stays open too (rewards/ checks it).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AlignError
+from .errors import AlignError, nearest
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -160,6 +164,40 @@ class DistConfig:
 
 
 @dataclass
+class MethodSettings:
+    """The keys every `method=<name>` has; each method's `Settings` adds its own.
+
+    Hydra checks key names and value types when composing; `__post_init__` (run by
+    `method_settings`, which `compose_checked` and `run_checks.checked_config` call) checks the
+    values, raising a one-line AlignError that names `method.<key>=<value>` and what is valid.
+    """
+
+    name: str = ""
+    dataset_type: str | None = None  # the standard dataset type the method trains on (data/formats.py)
+    sample: str | None = None  # the file of data_samples/ read when data.path is null
+    # Trainer settings: the fields of the method's TRL config class (which checks them).
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .data.formats import STANDARD_FORMATS
+
+        if self.dataset_type not in STANDARD_FORMATS:
+            raise AlignError(
+                f"method.dataset_type={self.dataset_type} is not valid for method={self.name}: use one of "
+                f"{', '.join(STANDARD_FORMATS)} (the dataset type it trains on; data.format is the input layout)"
+            )
+
+
+def one_of(key: str, value: Any, valid, what: str = "") -> None:
+    """Raises `method.<key>=<value> is not valid: use one of ...` unless `value` is in `valid`."""
+    if value not in valid:
+        raise AlignError(
+            f"method.{key}={value!r} is not valid: use {what or 'one of ' + ', '.join(valid)}"
+            f"{nearest(str(value), valid)}"
+        )
+
+
+@dataclass
 class AlignConfig:
     """The root of every composed config."""
 
@@ -218,7 +256,12 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="align_schema", node=AlignConfig)
+    from .methods import REGISTRY, settings_class
+
+    store = ConfigStore.instance()
+    store.store(name="align_schema", node=AlignConfig)
+    for name in REGISTRY:  # conf/method/<name>.yaml: `defaults: [schema/<name>@_here_, _self_]`
+        store.store(group="method/schema", name=name, node=settings_class(name))
     if not OmegaConf.has_resolver("samples"):
         # `${samples:dpo.jsonl}` -> the absolute path of a shipped sample file.
         OmegaConf.register_new_resolver("samples", lambda name: str(SAMPLES_DIR / name))
@@ -228,7 +271,8 @@ def register() -> None:
 
 # Keys under these prefixes belong to TRL's config dataclasses, which validate them (and we turn
 # their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
-# method yaml does not list. `++` adds or overrides, so the user never needs to know which.
+# method yaml does not list (`method.args` is an open dict in `MethodSettings`). `++` adds or
+# overrides, so the user never needs to know which.
 OPEN_PREFIXES = ("method.args.", "data.columns.", "reward.timeout")
 
 
@@ -236,8 +280,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     """Prepares command-line overrides for Hydra.
 
     - `method.args.k=v` becomes `++method.args.k=v`;
-    - a method yaml's `default_reward: <option>` becomes `reward=<option>` when the command
-      line chooses no reward (Hydra cannot let one group's option pick another's default), so
+    - a method's `default_reward` (its settings class's default) becomes `reward=<option>` when the
+      command line chooses no reward (Hydra cannot let one group's option pick another's default), so
       `align train method=grpo` runs as is and `--cfg job` shows the reward really used.
     """
     out = [f"++{o}" if o.startswith(OPEN_PREFIXES) and "=" in o else o for o in overrides]
@@ -254,10 +298,62 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
 
 
 def _method_default_reward(name: str) -> str | None:
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if "," in name or not path.is_file():  # a sweep over methods, or an unknown one: Hydra reports it
+    """The reward option a method uses when the command line names none (its settings class's
+    `default_reward`), or None: a method that takes no reward, a sweep over methods, an unknown one."""
+    from .methods import REGISTRY, settings_class
+
+    if name not in REGISTRY:  # `dpo,kto` (a sweep) or a typo: Hydra reports the latter
         return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("default_reward:"):
-            return line.split(":", 1)[1].split("#", 1)[0].strip() or None
-    return None
+    default = getattr(settings_class(name), "default_reward", None)
+    return str(default) if default else None
+
+
+def method_settings(node) -> dict[str, Any]:
+    """The checked settings of a composed `method` node, as a plain dict (`MethodContext.method`).
+
+    Hydra has checked the names of the keys the method yaml and its schema list and the types of
+    their values; this also refuses keys added with `+` that the settings class does not have
+    (Hydra adds them silently), and runs the class's own checks of the values (`__post_init__`),
+    which also fill what follows from other keys (rm's dataset type and sample follow its mode).
+
+    Raises:
+        AlignError: an unknown key (with the nearest valid ones), a value the class refuses.
+    """
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .errors import one_line
+    from .methods import REGISTRY, settings_class
+
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    name = values.get("name")
+    if name not in REGISTRY:
+        raise AlignError(f"unknown method '{name}': choose one of {', '.join(REGISTRY)}")
+    cls = settings_class(name)
+    _refuse_unknown(values, cls, "method", name)
+    try:
+        # Merging into the schema checks the types of a config that was not composed (a saved one).
+        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        raise AlignError(f"method.{key}: {one_line(getattr(err, 'msg', '') or str(err))}") from None
+    return dataclasses.asdict(settings)
+
+
+def _refuse_unknown(values: dict, cls: type, prefix: str, name: str) -> None:
+    """Raises for the first key of `values` (nested dataclass fields too) that `cls` lacks."""
+    import dataclasses
+    import typing
+
+    from .errors import unknown_key
+
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in valid:
+            raise AlignError(unknown_key(f"{prefix}.{key}", str(key), valid, name))
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            _refuse_unknown(value, hint, f"{prefix}.{key}", name)

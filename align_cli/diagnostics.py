@@ -146,7 +146,8 @@ def explained_variance(values, returns, mask):
 
 @dataclass
 class CollapseSettings:
-    """Thresholds of the collapse signatures (`method.collapse.<name>`)."""
+    """Thresholds of the collapse signatures (`method.collapse.<name>`): the nested settings of PPO
+    and GRPO (`methods.base.RolloutSettings.collapse`), so Hydra checks their names and types."""
 
     entropy_high: float = 0.9  # share of log V (the uniform distribution's entropy) that counts as gibberish
     entropy_low: float = 0.02  # nats per token that count as deterministic
@@ -173,13 +174,12 @@ class CollapseSettings:
                 )
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise AlignError(f"method.collapse.{key}={value!r} must be a number")
-        settings = cls(**values)
-        if settings.patience < 1 or int(settings.patience) != settings.patience:
-            raise AlignError(
-                f"method.collapse.patience={settings.patience} must be a whole number, at least 1"
-            )
-        settings.patience = int(settings.patience)
-        return settings
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.patience < 1 or int(self.patience) != self.patience:
+            raise AlignError(f"method.collapse.patience={self.patience} must be a whole number, at least 1")
+        self.patience = int(self.patience)
 
 
 @dataclass(frozen=True)

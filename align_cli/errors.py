@@ -115,16 +115,10 @@ def hydra_message(err: BaseException, override: str | None = None) -> str:
         if compat.is_unknown_key(cause):
             node = getattr(cause, "parent_node", None)
             keys = [str(k) for k in node.keys() if k != "hydra"] if node is not None else []
-            where = f"a {parent} option" if parent else "an align option"
-            if parent == "method":
-                name = node.get("name", "") if node is not None else ""
-                where = f"a key of method={name} (trainer settings go under method.args.<key>)"
-            valid = f"; valid keys: {', '.join(keys)}" if keys else ""
-            if parent and not keys:
-                valid = f"; add it with +{full_key}=<value>"
-            return f"{full_key}: '{key}' is not {where}{nearest(key, keys)}{valid}"
+            name = node.get("name", "") if parent == "method" and node is not None else ""
+            return unknown_key(full_key, key, keys, name)
         reason = one_line(getattr(cause, "msg", "") or str(cause))
-        return f"{override or full_key}: {reason}"
+        return f"{override or full_key}: {reason}{_valid_values(cause, key)}"
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -138,6 +132,50 @@ def hydra_message(err: BaseException, override: str | None = None) -> str:
     if not reason:
         reason = type(err).__name__
     return reason
+
+
+# Method keys that were renamed: the old name's error names the new one (issue 11: "format"
+# meant both the dataset type a method trains on and `data.format`, the input layout).
+RENAMED_METHOD_KEYS = {"format": "dataset_type"}
+
+
+def unknown_key(full_key: str, key: str, keys: list[str], method: str = "") -> str:
+    """The one-line message for a key that is not in the config: where it is not valid, the
+    nearest valid keys, every valid key. Hydra's errors (`method.mdoe=x`) and the method
+    settings' own check (`+method.mdoe=x`, see config.method_settings) both use it.
+
+    Args:
+        full_key: the dotted key as given (`method.mdoe`).
+        key: its last part.
+        keys: the valid keys beside it.
+        method: the method's name, when the key is one of `method`'s own.
+    """
+    parent = full_key.rpartition(".")[0]
+    where = f"a {parent} option" if parent else "an align option"
+    hint = nearest(key, keys)
+    if parent == "method":
+        where = f"a key of method={method} (trainer settings go under method.args.<key>)"
+        if key in RENAMED_METHOD_KEYS:
+            new = RENAMED_METHOD_KEYS[key]
+            hint = f" (did you mean: {new}? method.{key} is now method.{new}; data.{key} is the input layout)"
+    valid = f"; valid keys: {', '.join(keys)}" if keys else ""
+    if parent and not keys:
+        valid = f"; add it with +{full_key}=<value>"
+    return f"{full_key}: '{key}' is not {where}{hint}{valid}"
+
+
+def _valid_values(cause: BaseException, key: str) -> str:
+    """ "; use true or false" when the refused value was for a bool key of a schema, else ""."""
+    import typing
+
+    from omegaconf import OmegaConf
+
+    node = getattr(cause, "parent_node", None)
+    try:
+        hint = typing.get_type_hints(OmegaConf.get_type(node)).get(key) if node is not None else None
+    except Exception:  # not a dataclass node, or annotations that do not evaluate
+        return ""
+    return "; use true or false" if hint is bool else ""
 
 
 def fail(err: BaseException | str, code: int | None = None) -> None:

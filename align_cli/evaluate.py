@@ -92,7 +92,7 @@ def run(cfg: DictConfig, output_dir: str) -> dict:
     model_cfg = typed(cfg, "model", ModelConfig)
     data_cfg = typed(cfg, "data", DataConfig)
     settings = typed(cfg, "eval", EvalSettings)
-    method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else {}
+    method = schema.method_settings(cfg.method) if cfg.get("method") else {}
     reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") else None
     models = [m.strip() for m in str(model_cfg.name_or_path).split(",") if m.strip()]
     name = method.get("name")
@@ -102,7 +102,7 @@ def run(cfg: DictConfig, output_dir: str) -> dict:
                 "method=rm evaluates the reward models named by model.name_or_path: drop the reward settings"
             )
         result = evaluate_reward_models(
-            models, data_cfg, str(method.get("mode", "pairwise")), method.get("sample"), settings.batch_size
+            models, data_cfg, method["mode"], method.get("sample"), settings.batch_size
         )
     elif name in (None, "ppo", "grpo"):
         result = evaluate_policies(

@@ -220,7 +220,7 @@ def evaluate_policies(p: Plan, results: list[StageResult]) -> dict[str, Any] | N
         model_cfg=schema.ModelConfig(**OmegaConf.to_container(last.model, resolve=True)),
         output_dir=folder,
         seed=int(last.get("seed", 42)),
-        sample=last.method.get("sample"),
+        sample=schema.method_settings(last.method)["sample"],
     )
     write_outputs(result, folder)
     labels = {v: k for k, v in reversed(list(policies.items()))}

@@ -50,6 +50,8 @@ WIRES = {
 
 def ptx_wire(source: Stage) -> list[str]:
     """`data.ptx_path` set to the data an sft stage trains on (its data.path, or its sample)."""
+    from omegaconf import OmegaConf
+
     from .config import DataConfig
     from .data.convert import data_path
 

@@ -55,7 +55,7 @@ def gate_result(gate: dict, rm: Stage) -> dict[str, Any]:
     """The gate's figure for a finished reward-model stage: metric, value, threshold, passed."""
     metric = gate.get("metric") or "auto"
     if metric == "auto":
-        metric = GATE_METRICS.get(str(rm.cfg.method.get("mode", "pairwise")), "eval_accuracy")
+        metric = GATE_METRICS.get(str(rm.cfg.method.mode), "eval_accuracy")
     value = summary_metrics(rm.folder).get(metric)
     threshold = gate.get("min_accuracy")
     passed = threshold is None or (value is not None and value >= threshold)

@@ -44,9 +44,9 @@ def config_differences(old, new, prefix: str = "") -> list[str]:
 
 
 def _resolved(cfg: DictConfig, ignore: set[str]) -> dict:
-    """The config as plain values, interpolations resolved (a message shows `pointwise`, not
-    `${oc.select:...}`); a key that does not resolve (a saved config's lost environment
-    variable) keeps its text."""
+    """The config as plain values, interpolations resolved and the method's settings as its
+    settings class fills them (a message shows rm's `dataset_type: pointwise`, not null); a key
+    that does not resolve (a saved config's lost environment variable) keeps its text."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     out = {}
     for key in cfg:
@@ -57,6 +57,17 @@ def _resolved(cfg: DictConfig, ignore: set[str]) -> dict:
             out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except Exception:
             out[key] = raw[key] if isinstance(raw[key], (dict, list)) else str(raw[key])
+    method = out.get("method")
+    if isinstance(method, dict):
+        # Runs saved before `method.format` became `method.dataset_type` (rm also had its tables).
+        if "format" in method and "dataset_type" not in method:
+            method["dataset_type"] = method.pop("format")
+        for old in ("formats", "samples"):
+            method.pop(old, None)
+        try:
+            out["method"] = schema.method_settings(method)
+        except AlignError:
+            pass  # compared as saved
     return out
 
 

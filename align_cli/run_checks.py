@@ -1,6 +1,7 @@
 """The checks of a composed config that need no model weights, shared by `align train`,
 `align data validate`, `align data preview` and the pipeline: the typed groups, the method, its
-keys, data format and `method.args`, quantization, and reading both data splits as the run will.
+settings (`config.method_settings`) and `method.args`, quantization, and reading both data splits
+as the run will.
 """
 
 from __future__ import annotations
@@ -94,29 +95,15 @@ def _version(package: str) -> str:
         return "(unknown version)"
 
 
-def check_method_format(method: dict) -> str:
-    """The method's standard data format (formats.py), or an AlignError saying why there is none.
-
-    A method yaml may derive `format` from another key (rm: `method.mode`) and put the reason
-    there when that key is wrong.
-    """
-    from .data.formats import STANDARD_FORMATS
-
-    fmt = str(method.get("format", ""))
-    if fmt not in STANDARD_FORMATS:
-        raise AlignError(
-            f"method={method.get('name')} has no valid data format: {fmt or 'format is not set'}"
-        )
-    return fmt
-
-
 def check_known_keys(cfg: DictConfig, method: dict) -> None:
-    """Keys added with `+` that nothing reads are mistakes (`+method.mdoe=listwise`): name them.
+    """Top-level keys added with `+` that nothing reads are mistakes (`+foo=1`): name them. So is a
+    reward set for a method that takes none (one whose settings have no `default_reward`).
 
-    A method's keys are those of its conf/method/<name>.yaml; the top level's are the schema's.
-    A reward set for a method that takes none (only ppo and grpo do) is one too.
+    A method's own keys are its settings class's (`config.method_settings` refuses the others).
     """
     import dataclasses
+
+    from .methods import REGISTRY, settings_class
 
     top = {f.name for f in dataclasses.fields(schema.AlignConfig)}
     for key in cfg:
@@ -124,20 +111,16 @@ def check_known_keys(cfg: DictConfig, method: dict) -> None:
             raise AlignError(
                 f"'{key}' is not an align option{nearest(str(key), top)}; valid keys: {', '.join(sorted(top))}"
             )
-    own = schema.CONF_DIR / "method" / f"{method.get('name')}.yaml"
-    if own.exists():
-        valid = set(OmegaConf.load(own).keys()) | {"name", "format", "sample", "args"}
-        for key in method:
-            if key not in valid:
-                raise AlignError(
-                    f"method.{key} is not a method={method.get('name')} option{nearest(str(key), valid)}; "
-                    f"valid keys: {', '.join(sorted(valid))} (trainer settings go under method.args)"
-                )
-        if "default_reward" not in valid and cfg.get("reward"):
-            raise AlignError(
-                f"method={method.get('name')} takes no reward (only ppo and grpo do): drop the reward settings "
-                f"({', '.join(str(k) for k in cfg.reward)})"
-            )
+
+    def takes_reward(name: str) -> bool:
+        return any(f.name == "default_reward" for f in dataclasses.fields(settings_class(name)))
+
+    if not takes_reward(method["name"]) and cfg.get("reward"):
+        rewarded = [n for n in REGISTRY if takes_reward(n)]
+        raise AlignError(
+            f"method={method['name']} takes no reward (only {' and '.join(rewarded)} do): drop the reward "
+            f"settings ({', '.join(str(k) for k in cfg.reward)})"
+        )
 
 
 def check_method_args(module, ctx) -> None:
@@ -157,7 +140,7 @@ def check_method_args(module, ctx) -> None:
 def checked_config(cfg: DictConfig):
     """The method module, a `MethodContext` (no tokenizer or data yet) and the data config of a
     composed config, after every check that needs neither: the method and its keys, its data
-    format, the typed groups and `method.args` (`align train` and `align data validate` alike).
+    settings, the typed groups and `method.args` (`align train` and `align data validate` alike).
 
     Raises:
         AlignError: no method, an unknown key, a group key or value that is not valid, or a
@@ -166,13 +149,12 @@ def checked_config(cfg: DictConfig):
     from .methods import load_method
     from .methods.base import MethodContext
 
-    method = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") else None
-    if not method or "name" not in method:
+    if not cfg.get("method") or "name" not in cfg.method:
         raise AlignError("no method chosen: add method=<sft|rm|ppo|dpo|kto|grpo>")
+    method = schema.method_settings(cfg.method)  # every method.<key> known and valid
     check_known_keys(cfg, method)
     args = method.pop("args", None) or {}
     module = load_method(method["name"])
-    check_method_format(method)
     data_cfg = typed(cfg, "data", schema.DataConfig)
     ctx = MethodContext(
         method=method,
@@ -197,8 +179,6 @@ def checked_config(cfg: DictConfig):
     if problem:
         raise AlignError(problem)
     check_method_args(module, ctx)
-    if hasattr(module, "check_settings"):  # a method's own keys (e.g. PPO/GRPO's method.collapse)
-        module.check_settings(method)
     from . import model_checks, modeling
 
     # From the model's config and file headers only: no weights are read.
@@ -224,7 +204,7 @@ def read_run_data(module, ctx, data_cfg, tokenizer, problems=None):
 
     return read_splits(
         data_cfg,
-        ctx.method["format"],
+        ctx.method["dataset_type"],
         conversational=tokenizer.chat_template is not None,
         seed=ctx.seed,
         sample=ctx.method.get("sample"),

@@ -136,7 +136,7 @@ def split_report(
     """
     from .data.lengths import measure, percentiles
 
-    standard = method["format"]
+    standard = method["dataset_type"]
     report = SplitReport(split="eval" if evaluation else "train", source=source)
     if loaded is not None:
         report.source = loaded.source
@@ -197,7 +197,7 @@ def validate(cfg: DictConfig) -> Report:
     module, ctx, data_cfg = checked_config(cfg)
     method, model_cfg = ctx.method, ctx.model_cfg
     tokenizer = modeling.load_tokenizer(model_cfg)
-    report = Report(method["name"], method["format"], model_cfg.name_or_path, model_cfg.max_length)
+    report = Report(method["name"], method["dataset_type"], model_cfg.name_or_path, model_cfg.max_length)
     found = (Problems(), Problems())
     splits = read_run_data(module, ctx, data_cfg, tokenizer, problems=found)
     report.settings = method_problems(module, ctx, splits.train.rows if splits.train is not None else None)

@@ -365,7 +365,6 @@ def align_args(method: str, model_path: Path, steps: int, out: Path) -> list[str
 
 def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
     """Writes the rows `align train` trains and evaluates on, converted by align's data layer."""
-    from omegaconf import OmegaConf
 
     from align_cli import config as schema
     from align_cli.data import load_datasets
@@ -376,12 +375,12 @@ def export_data(method: str, model_path: Path, steps: int, work: Path) -> dict:
 
     cfg = compose(align_overrides(method, model_path, steps))
     model_cfg = typed(cfg, "model", schema.ModelConfig)
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method_cfg = schema.method_settings(cfg.method)
     tokenizer = load_tokenizer(model_cfg)
     # The same call train.py makes; if the two ever drift apart, the loss check fails.
     train, evaluation = load_datasets(
         typed(cfg, "data", schema.DataConfig),
-        method_cfg["format"],
+        method_cfg["dataset_type"],
         conversational=tokenizer.chat_template is not None,
         seed=int(cfg.seed),
         sample=method_cfg.get("sample"),

@@ -21,9 +21,12 @@ def options(group: str) -> list[str]:
 
 
 def test_registry_matches_method_yamls():
+    """Each method yaml extends its settings class (Hydra's method/schema/<name>)."""
     assert set(REGISTRY) == set(options("method"))
     for name in REGISTRY:
-        assert OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml").name == name
+        yaml = OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml")
+        assert list(yaml.defaults) == [f"schema/{name}@_here_", "_self_"]
+        assert compose([f"method={name}"]).method.name == name
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -84,9 +87,125 @@ def test_method_args_override_without_plus():
 
 
 def test_hydra_override_grammar():
-    cfg = compose(["method=dpo", "+method.note=hi", "~method.args.beta", "peft=lora", "peft.r=4"])
-    assert cfg.method.note == "hi" and "beta" not in cfg.method.args
+    cfg = compose(["method=dpo", "+method.args.note=hi", "~method.args.beta", "peft=lora", "peft.r=4"])
+    assert cfg.method.args.note == "hi" and "beta" not in cfg.method.args
     assert cfg.peft.method == "lora" and cfg.peft.r == 4
+
+
+# --- method settings: typed per method (methods/<name>.py `Settings`) ----------------------------
+
+# (overrides, what the one-line error says): each fails when composing, before anything loads.
+METHOD_KEY_ERRORS = [
+    (
+        ["method=rm", "method.mdoe=listwise"],
+        "method.mdoe: 'mdoe' is not a key of method=rm (trainer settings go under method.args.<key>) "
+        "(did you mean: mode, name?); valid keys: name, dataset_type, sample, args, mode, normalize",
+    ),
+    # With `+` Hydra would add the key silently: the settings class refuses it, with the same line.
+    (
+        ["method=rm", "+method.mdoe=listwise"],
+        "method.mdoe: 'mdoe' is not a key of method=rm (trainer settings go under method.args.<key>) "
+        "(did you mean: mode, name?); valid keys: name, dataset_type, sample, args, mode, normalize",
+    ),
+    (
+        ["method=ppo", "method.stop_on_collapse=maybe"],
+        "method.stop_on_collapse=maybe: Value 'maybe' is not a valid bool (type str); use true or false",
+    ),
+    (
+        ["method=rm", "method.mode=foo"],
+        "method.mode='foo' is not valid: use one of pairwise, pointwise, listwise",
+    ),
+    (
+        ["method=rm", "method.mode=listwise", "method.dataset_type=preference"],
+        "method.mode=listwise reads listwise data, but method.dataset_type='preference'",
+    ),
+    (
+        ["method=grpo", "method.advantage=ranks"],
+        "method.advantage='ranks' is not valid: use zscore (TRL's) or rank (the seed's) (did you mean: rank?)",
+    ),
+    (
+        ["method=grpo", "+method.collapse.patiance=3"],
+        "method.collapse.patiance: 'patiance' is not a method.collapse",
+    ),
+    (
+        ["method=ppo", "method.collapse.patience=0"],
+        "method.collapse.patience=0 must be a whole number, at least 1",
+    ),
+    (
+        ["method=dpo", "method.dataset_type=text"],
+        "method.dataset_type=text is not valid for method=dpo: use one of",
+    ),
+    # The old name of dataset_type: named, with the new one.
+    (["method=dpo", "method.format=sft"], "method.format: 'format' is not a key of method=dpo"),
+    (["method=kto", "+method.format=sft"], "method.format: 'format' is not a key of method=kto"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), METHOD_KEY_ERRORS)
+def test_a_wrong_method_setting_fails_when_composing(overrides, message):
+    from align_cli.compose import compose_checked
+
+    with pytest.raises(AlignError) as err:
+        compose_checked(normalize_overrides(overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if "format" in overrides[-1]:
+        assert "(did you mean: dataset_type? method.format is now method.dataset_type" in str(err.value)
+
+
+def test_train_and_validate_refuse_a_method_key_typo_alike(tmp_path):
+    """`align train` and `align data validate` compose through the same path: the same one line, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    lines = []
+    for command in (["train"], ["data", "validate"]):
+        for typo in ("method.mdoe=listwise", "+method.mdoe=listwise"):
+            run = subprocess.run(
+                [sys.executable, "-m", "align_cli", *command, "method=rm", typo],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            assert run.returncode == 1, run.stderr
+            assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+            lines.append(run.stderr)
+    assert len(set(lines)) == 1 and lines[0].startswith(
+        "align: error: method.mdoe: 'mdoe' is not a key of method=rm"
+    )
+    assert not (tmp_path / "outputs").exists()  # refused before a run folder was made
+
+
+def test_method_defaults_live_in_the_settings_class(monkeypatch):
+    """The yaml holds only `args` sizes; the method's own defaults come from its dataclass."""
+    from align_cli.config import method_settings
+    from align_cli.methods import grpo, ppo
+
+    cfg = compose(["method=ppo"])
+    assert cfg.method.critic_head == "zero" and cfg.method.critic_init == "auto"
+    assert cfg.method.collapse.patience == 2 and cfg.method.stop_on_collapse is False
+    assert set(OmegaConf.load(CONF_DIR / "method" / "ppo.yaml")) == {"defaults", "args"}
+    # rm's dataset type and sample follow its mode (no interpolation in the yaml).
+    assert "oc.select" not in (CONF_DIR / "method" / "rm.yaml").read_text(encoding="utf-8")
+    listwise = method_settings(compose(["method=rm", "method.mode=listwise"]).method)
+    assert (listwise["dataset_type"], listwise["sample"]) == ("listwise", "rm_listwise.jsonl")
+    pairwise = method_settings(compose(["method=rm"]).method)
+    assert (pairwise["dataset_type"], pairwise["sample"]) == ("preference", "dpo.jsonl")
+    # The reward a method picks when none is named is its class's `default_reward`.
+    monkeypatch.setattr(grpo.Settings, "default_reward", "keyword")
+    assert normalize_overrides(["method=grpo"]) == ["reward=keyword", "method=grpo"]
+    assert normalize_overrides(["method=dpo"]) == ["method=dpo"]  # takes no reward
+    assert ppo.Settings().default_reward == "length"
+
+
+def test_a_method_sweep_composes_each_method():
+    from align_cli.compose import compose_checked, probe_sets
+
+    probes = probe_sets(normalize_overrides(["method=dpo,kto", "method.args.max_steps=1"]), multirun=True)
+    assert [compose_checked(p).method.dataset_type for p in probes] == ["preference", "kto"]
 
 
 def test_non_editable_install_finds_conf_and_samples(tmp_path):

@@ -343,8 +343,14 @@ def test_ppo_with_a_reward_model_logs_its_score_of_the_degenerate_probe(tmp_path
 
 
 def test_bad_collapse_settings_fail_before_anything_loads(tmp_path):
-    with pytest.raises(AlignError, match=r"method.collapse.patience='soon' must be a number"):
-        train(compose(["method=ppo", "method.collapse.patience=soon"], tmp_path / "a"))
-    with pytest.raises(AlignError, match=r"method.stop_on_collapse='maybe' must be true or false"):
-        train(compose(["method=grpo", "method.stop_on_collapse=maybe"], tmp_path / "b"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from align_cli.compose import compose_checked
+
+    # Types: refused when the config is composed (RolloutSettings types method.collapse).
+    with pytest.raises(AlignError, match=r"method.collapse.patience=soon: Value 'soon' .* Integer"):
+        compose_checked(["method=ppo", "method.collapse.patience=soon"])
+    with pytest.raises(AlignError, match=r"method.stop_on_collapse=maybe: .*use true or false"):
+        compose_checked(["method=grpo", "method.stop_on_collapse=maybe"])
+    # Values: CollapseSettings' own check, before training reads anything.
+    with pytest.raises(AlignError, match=r"method.collapse.patience=0 must be a whole number, at least 1"):
+        train(compose(["method=ppo", "method.collapse.patience=0"], tmp_path / "a"))
+    assert not (tmp_path / "a").exists()

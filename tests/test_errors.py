@@ -186,7 +186,8 @@ CASES = [
     # Keys added with `+` that nothing would read.
     (
         ["train", "method=rm", "+method.mdoe=listwise"],
-        "method.mdoe is not a method=rm option (did you mean: mode",
+        "method.mdoe: 'mdoe' is not a key of method=rm (trainer settings go under method.args.<key>) "
+        "(did you mean: mode",
         1,
     ),
     (["train", "method=dpo", "+foo=1"], "'foo' is not an align option", 1),
@@ -329,7 +330,7 @@ CASES = [
     ),
     (
         ["data", "validate", "method=rm", "method.mode=foo"],
-        "method=rm has no valid data format: method.mode=foo is not pairwise, pointwise or listwise",
+        "method.mode='foo' is not valid: use one of pairwise, pointwise, listwise",
         1,
     ),
     # Values checked before anything loads (issue 10, section 5).

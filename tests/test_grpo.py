@@ -103,6 +103,8 @@ def test_rank_advantage_hand_made_groups():
 
 def test_rank_trainer_uses_rank_advantages(tmp_path):
     """GRPO with method.advantage=rank hands the trainer's loss the rank advantages, not TRL's z-scores."""
+    import dataclasses
+
     from datasets import Dataset
 
     from align_cli import modeling
@@ -119,7 +121,7 @@ def test_rank_trainer_uses_rank_advantages(tmp_path):
     tokenizer = modeling.load_tokenizer(ModelConfig())
     rows = [{"prompt": [{"role": "user", "content": f"question {i}"}], "answer": str(i)} for i in range(4)]
     ctx = MethodContext(
-        method={"name": "grpo", "format": "prompt", "advantage": "rank"},
+        method=dataclasses.asdict(grpo.Settings(advantage="rank")),
         args={"num_generations": 4, "per_device_train_batch_size": 16, "max_completion_length": 4},
         model_cfg=ModelConfig(),
         quant_cfg=QuantConfig(),

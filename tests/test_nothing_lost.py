@@ -220,7 +220,8 @@ def test_a_checkpoint_of_another_kind_or_run_is_refused(tmp_path, capsys):
 
 
 def test_a_refused_resume_shows_resolved_values(tmp_path, capsys):
-    """kto resuming an rm run: the rm yaml's `format: ${oc.select:...}` is shown as its value."""
+    """kto resuming an rm run: rm's dataset type, which follows its mode (null in the saved config),
+    is shown as its value."""
     from align_cli.cli import main as align
 
     run = tmp_path / "rm"
@@ -241,7 +242,7 @@ def test_a_refused_resume_shows_resolved_values(tmp_path, capsys):
             assert exit_.code == 1
         (run / "summary.json").unlink(missing_ok=True)
     err = capsys.readouterr().err
-    assert "was trained with other settings" in err and "method.format: preference -> kto" in err
+    assert "was trained with other settings" in err and "method.dataset_type: preference -> kto" in err
     assert "${" not in err
 
 

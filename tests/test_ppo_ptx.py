@@ -26,7 +26,8 @@ SHORT = [
 def demos(tmp_path, rows=None):
     path = tmp_path / "demos.jsonl"
     rows = rows or [
-        {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}, clearly."} for i in range(8)
+        {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}, clearly."}
+        for i in range(8)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -36,8 +37,8 @@ def test_demonstrations_are_laid_out_as_rollouts():
     """Left-padded prompt, then the completion; the mask covers the completion's tokens only."""
     from datasets import Dataset
 
-    from align_cli.modeling import load_tokenizer
     from align_cli.config import ModelConfig
+    from align_cli.modeling import load_tokenizer
     from align_cli.ppo.ptx import ptx_batch, tokenize_demonstrations
 
     tok = load_tokenizer(ModelConfig(name_or_path="tiny"))
@@ -71,8 +72,16 @@ def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path):
     """With the PPO loss weighed down (a constant reward: zero advantages), the ptx loss alone moves
     the policy: its loss on the demonstrations falls step after step; with ptx_coef=0 none is logged."""
     path = demos(tmp_path)
-    overrides = ["method=ppo", "reward=length", *SHORT, "method.args.max_steps=6", "method.args.learning_rate=1e-2"]
-    result = train(compose([*overrides, f"data.ptx_path={path}", "method.args.ptx_coef=1.0"], tmp_path / "on"))
+    overrides = [
+        "method=ppo",
+        "reward=length",
+        *SHORT,
+        "method.args.max_steps=6",
+        "method.args.learning_rate=1e-2",
+    ]
+    result = train(
+        compose([*overrides, f"data.ptx_path={path}", "method.args.ptx_coef=1.0"], tmp_path / "on")
+    )
     assert len(result.trainer._ptx_pairs) == 8
     logged = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["ptx_loss"] for r in logged if "ptx_loss" in r]

@@ -247,7 +247,9 @@ def test_non_numeric_score_names_file_and_line(tmp_path):
 
 
 def test_configuration_mistakes_are_named(tmp_path):
-    with pytest.raises(AlignError, match=r"method\.mode=listwize is not pairwise, pointwise or listwise"):
+    with pytest.raises(
+        AlignError, match=r"method\.mode='listwize' is not valid: use one of pairwise, pointwise, listwise"
+    ):
         rm_run(tmp_path / "a", "listwize")
     with pytest.raises(AlignError, match="center_rewards_coefficient"):
         rm_run(tmp_path / "b", "pointwise", "method.args.center_rewards_coefficient=0.01")

@@ -1,6 +1,6 @@
 """Dataset formats: the seed's and TRL's input columns, converted to TRL's standard formats.
 
-Each method takes one *standard* format (a method yaml's `format:`):
+Each method takes one *standard* format, its dataset type (`method.dataset_type`, TRL's term):
 
 | standard     | columns produced                        | methods            |
 |--------------|-----------------------------------------|--------------------|

@@ -1,5 +1,10 @@
 """The method registry: `method=<name>` -> the module whose `build(ctx)` returns a trainer.
 
+Each module declares `Settings`, the dataclass of its own `method.<key>` settings with their
+defaults (a subclass of `config.MethodSettings`); config.register() stores it as Hydra's
+`method/schema/<name>`, which conf/method/<name>.yaml extends. Importing a method module is cheap
+(torch, transformers and TRL are imported inside its functions), so composing reads them.
+
 A module may also define `check(ctx, rows) -> list[str]`: every check of its settings and data
 that needs no model weights (`method_problems` runs it for train and validate alike).
 
@@ -30,6 +35,11 @@ def load_method(name: str) -> ModuleType:
     if name not in REGISTRY:
         raise AlignError(f"unknown method '{name}': choose one of {', '.join(REGISTRY)}")
     return importlib.import_module(REGISTRY[name])
+
+
+def settings_class(name: str) -> type:
+    """The settings dataclass of a method (`Settings` of its module)."""
+    return load_method(name).Settings
 
 
 def prompt_room(module: ModuleType, args: dict, model_cfg) -> PromptRoom | None:

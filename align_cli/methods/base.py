@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import modeling
-from ..config import DataConfig, DistConfig, ModelConfig, PeftConfig, QuantConfig
+from ..config import DataConfig, DistConfig, MethodSettings, ModelConfig, PeftConfig, QuantConfig
+from ..diagnostics import CollapseSettings
 from ..errors import AlignError, nearest
 
 log = logging.getLogger("align")
@@ -59,6 +60,16 @@ def _precision_defaults(model_cfg: ModelConfig, valid: set[str]) -> dict[str, An
         # process trains alone; with it, `torchrun --nproc_per_node N` is real DDP over gloo.
         out["use_cpu"] = True
     return out
+
+
+@dataclass
+class RolloutSettings(MethodSettings):
+    """The keys of the methods that sample completions and score them with a reward (ppo, grpo)."""
+
+    default_reward: str = "length"  # the reward option used when the command line names none
+    # true: stop at the first collapse signature and keep the last checkpoint before it
+    stop_on_collapse: bool = False
+    collapse: CollapseSettings = field(default_factory=CollapseSettings)  # thresholds (diagnostics.py)
 
 
 _SCALARS = (bool, int, float, str)
@@ -142,6 +153,8 @@ def check_arg_ranges(config: Any) -> None:
 class MethodContext:
     """Everything a method needs, as plain values and loaded objects."""
 
+    # The method's checked settings (config.method_settings: its `Settings`, every key present, as a
+    # dict without `args`).
     method: dict[str, Any]
     args: dict[str, Any]
     model_cfg: ModelConfig

@@ -12,6 +12,20 @@ disabled, so no second copy of the weights is held.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config import MethodSettings
+
+
+@dataclass
+class Settings(MethodSettings):
+    """`method=dpo`: no settings of its own beyond `method.args` (DPOConfig's, beta among them)."""
+
+    name: str = "dpo"
+    dataset_type: str | None = "preference"
+    sample: str | None = "dpo.jsonl"
+
+
 SUMMARY_KEYS = ["rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins"]
 
 

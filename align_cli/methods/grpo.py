@@ -33,9 +33,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 
+from ..config import one_of
 from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
 from ..rewards import message_text, rewards_for
+from .base import RolloutSettings
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
 # The collapse watch's metrics (align_cli/diagnostics.py), plotted in diagnostics.svg; TRL logs
@@ -55,11 +58,21 @@ ADVANTAGES = ("zscore", "rank")
 ZSCORE_ONLY_ARGS = ("scale_rewards", "multi_objective_aggregation")
 
 
-def check_settings(method: dict) -> None:
-    """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
-    from ..callbacks import collapse_settings
+@dataclass
+class Settings(RolloutSettings):
+    """`method=grpo`: the advantage, plus the rollout methods' reward and collapse keys."""
 
-    collapse_settings(method)
+    name: str = "grpo"
+    dataset_type: str | None = "prompt"
+    # instruction/input/answer, English and Chinese (grpo_prompts_plain.jsonl: prompt/answer)
+    sample: str | None = "grpo_prompts.jsonl"
+    advantage: str = (
+        "zscore"  # zscore: TRL's group z-score of the rewards | rank: the seed's (rank - mean) / std
+    )
+
+    def __post_init__(self):
+        one_of("advantage", self.advantage, ADVANTAGES, "zscore (TRL's) or rank (the seed's)")
+        super().__post_init__()
 
 
 def config_class():
@@ -129,11 +142,7 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
     from ..rewards import reward_problems
 
     problems = []
-    advantage = ctx.method.get("advantage", "zscore")
-    if advantage not in ADVANTAGES:
-        problems.append(
-            f"method.advantage={advantage!r} is not valid: use zscore (TRL's) or rank (the seed's)"
-        )
+    advantage = ctx.method["advantage"]  # `Settings` has checked it
     if "reward_weights" in ctx.args:
         problems.append(
             "method.args.reward_weights: set each reward's weight in the reward config instead "
@@ -165,7 +174,7 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
 
 def build(ctx):
     # `check` (run by train.py before any model loads) has vetted the settings and rewards.
-    advantage = ctx.method.get("advantage", "zscore")
+    advantage = ctx.method["advantage"]
     funcs, weights = rewards_for("grpo", ctx.reward, ctx.train_dataset.column_names)
     from trl import GRPOTrainer
 

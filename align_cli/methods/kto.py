@@ -13,6 +13,20 @@ shuffled once with `seed` before training, and that order is kept for every epoc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config import MethodSettings
+
+
+@dataclass
+class Settings(MethodSettings):
+    """`method=kto`: no settings of its own beyond `method.args` (KTOConfig's)."""
+
+    name: str = "kto"
+    dataset_type: str | None = "kto"
+    sample: str | None = "kto.jsonl"
+
+
 SUMMARY_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "eval_rewards/margins"]
 
 

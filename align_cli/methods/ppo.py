@@ -46,13 +46,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
+from ..config import one_of
 from ..data.fit import PromptRoom
 from ..diagnostics import PPO_KEYS, Probe
 from ..errors import AlignError
 from ..modeling import quiet_transformers
 from ..rewards import rewards_for
 from ..rewards.model import ModelReward
+from .base import RolloutSettings
 
 log = logging.getLogger("align")
 
@@ -80,11 +83,21 @@ CRITIC_INITS = ("auto", "reward", "policy")
 CRITIC_HEADS = ("zero", "keep")
 
 
-def check_settings(method: dict) -> None:
-    """Checks `method.stop_on_collapse` and `method.collapse` before anything loads."""
-    from ..callbacks import collapse_settings
+@dataclass
+class Settings(RolloutSettings):
+    """`method=ppo`: where the critic starts, plus the rollout methods' reward and collapse keys."""
 
-    collapse_settings(method)
+    name: str = "ppo"
+    dataset_type: str | None = "prompt"
+    sample: str | None = "prompts.jsonl"  # instruction/input prompts, English and Chinese
+    # auto | reward | policy | <reward-model entry>: where the value model starts (`critic_source`);
+    # checked against the rewards in `check`
+    critic_init: str = "auto"
+    critic_head: str = "zero"  # zero: V = 0 at the start, on the reward model's body | keep: its head too
+
+    def __post_init__(self):
+        one_of("critic_head", self.critic_head, CRITIC_HEADS, "zero (V = 0 at the start) or keep")
+        super().__post_init__()
 
 
 def config_class():
@@ -124,10 +137,7 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
 
     columns = sorted({k for r in rows for k in r}) if rows is not None else None
     problems = reward_problems("ppo", ctx.reward, columns) + ptx_problems(ctx)
-    head = str(ctx.method.get("critic_head", "zero"))
-    if head not in CRITIC_HEADS:
-        problems.append(f"method.critic_head={head!r} is not valid: use zero (V = 0 at the start) or keep")
-    choice, models = str(ctx.method.get("critic_init", "auto")), reward_model_names(ctx.reward)
+    choice, models = ctx.method["critic_init"], reward_model_names(ctx.reward)
     critic = critic_problem(choice, models)
     if critic:
         return [*problems, critic]
@@ -271,8 +281,8 @@ def build(ctx):
 
     funcs, weights = rewards_for("ppo", ctx.reward, ctx.train_dataset.column_names)
     args = ctx.trl_config(config_class())
-    source = critic_source(str(ctx.method.get("critic_init", "auto")), funcs, ctx.tokenizer)
-    head_choice = str(ctx.method.get("critic_head", "zero"))
+    source = critic_source(ctx.method["critic_init"], funcs, ctx.tokenizer)
+    head_choice = ctx.method["critic_head"]
     if head_choice not in CRITIC_HEADS:
         raise AlignError(
             f"method.critic_head={head_choice!r} is not valid: use zero (V = 0 at the start) or keep"

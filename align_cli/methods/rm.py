@@ -4,7 +4,7 @@
     align train method=rm method.mode=pointwise [method.normalize=zscore]   # 打分式
     align train method=rm method.mode=listwise [peft=lora]                  # 排序式
 
-Data, by mode (`method.format` follows `method.mode`, see conf/method/rm.yaml):
+Data, by mode (`method.dataset_type` follows `method.mode`, see `Settings`):
 
 - pairwise (`preference`): the seed's `instruction`/`input`/`chosen`/`rejected` or TRL's
   `prompt`/`chosen`/`rejected`, with an optional `margin` column (a row without one has 0).
@@ -37,8 +37,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 
-from ..errors import AlignError, nearest
+from ..config import MethodSettings, one_of
+from ..errors import AlignError
 
 log = logging.getLogger("align")
 
@@ -53,8 +55,45 @@ SUMMARY_KEYS = [
     "accuracy",
     "margin",
 ]
-# mode -> the data layer's standard format it reads.
+# mode -> the dataset type it reads (data/formats.py), and the sample file read without data.path.
 MODES = {"pairwise": "preference", "pointwise": "pointwise", "listwise": "listwise"}
+SAMPLES = {
+    "pairwise": "dpo.jsonl",  # instruction/input/chosen/rejected, English and Chinese
+    # prompt/completion/score (the seed's style); rm_pointwise_alpaca.jsonl: instruction/input/output/score
+    "pointwise": "rm_pointwise.jsonl",
+    # instruction/input/responses best first, K = 2..4; rm_listwise_trl.jsonl: prompt/completions/ranking
+    "listwise": "rm_listwise.jsonl",
+}
+NORMALIZATIONS = ("none", "minmax", "zscore")  # of pointwise score targets (rm_losses.fit_normalizer)
+
+
+@dataclass
+class Settings(MethodSettings):
+    """`method=rm`: the mode, the pointwise normalisation; the dataset type and sample follow the mode."""
+
+    name: str = "rm"
+    # pairwise: chosen/rejected (+margin) | pointwise: a score per response | listwise: K responses best first
+    mode: str = "pairwise"
+    normalize: str = (
+        "none"  # pointwise targets: none | minmax (to [0, 1]) | zscore; fitted on the train split
+    )
+    dataset_type: str | None = None  # null: the mode's (pairwise: preference, pointwise, listwise)
+    sample: str | None = None  # null: the mode's sample file (SAMPLES)
+
+    def __post_init__(self):
+        one_of("mode", self.mode, MODES)
+        one_of("normalize", self.normalize, NORMALIZATIONS)
+        wanted = MODES[self.mode]
+        if self.dataset_type is None:
+            self.dataset_type = wanted
+        elif self.dataset_type != wanted:
+            raise AlignError(
+                f"method.mode={self.mode} reads {wanted} data, but method.dataset_type={self.dataset_type!r}: "
+                "leave method.dataset_type unset (it follows the mode)"
+            )
+        if self.sample is None:
+            self.sample = SAMPLES[self.mode]
+        super().__post_init__()
 
 
 def config_class():
@@ -64,42 +103,15 @@ def config_class():
     return RewardConfig
 
 
-def check_mode(method: dict) -> str:
-    """The validated `method.mode`, which must agree with `method.format`.
-
-    Raises:
-        AlignError: an unknown mode, or a format that is not the mode's.
-    """
-    mode = method.get("mode", "pairwise")
-    if mode not in MODES:
-        raise AlignError(
-            f"method.mode={mode!r} is not valid: use one of {', '.join(MODES)}{nearest(mode, MODES)}"
-        )
-    if method.get("format") != MODES[mode]:
-        raise AlignError(
-            f"method.mode={mode} reads {MODES[mode]} data, but method.format={method.get('format')!r}: "
-            "leave method.format unset (conf/method/rm.yaml derives it from the mode)"
-        )
-    return mode
-
-
 def check(ctx, rows: list[dict] | None) -> list[str]:
     """What is wrong with the mode's settings, and (given the training rows) with the data they
     need: every check of this method that needs no weights (`align data validate` runs it too)."""
-    from .rm_losses import NORMALIZATIONS, fit_normalizer
+    from .rm_losses import fit_normalizer
 
-    try:
-        mode = check_mode(ctx.method)
-    except AlignError as err:
-        return [str(err)]
+    # `Settings` has checked the mode and the normalisation's name when the config was composed.
+    mode, normalize = ctx.method["mode"], ctx.method["normalize"]
     problems = []
-    normalize = str(ctx.method.get("normalize", "none"))
-    if normalize not in NORMALIZATIONS:
-        problems.append(
-            f"method.normalize={normalize!r} is not valid: use one of {', '.join(NORMALIZATIONS)}"
-            f"{nearest(normalize, NORMALIZATIONS)}"
-        )
-    elif mode != "pointwise" and normalize != "none":
+    if mode != "pointwise" and normalize != "none":
         problems.append(
             f"method.normalize={normalize} rescales pointwise scores; method.mode={mode} has none "
             "(use method.mode=pointwise or drop method.normalize)"
@@ -152,7 +164,7 @@ def _normalized_scores(ctx, train, evaluation):
     """Fits `method.normalize` on the train scores and maps both splits; writes the fit down."""
     from .rm_losses import fit_normalizer
 
-    normalizer = fit_normalizer(train["score"], str(ctx.method.get("normalize", "none")))
+    normalizer = fit_normalizer(train["score"], ctx.method["normalize"])
     if normalizer.method != "none":
         log.info("rm: scores normalised with %s", normalizer.as_dict())
         train = train.map(lambda row: {"score": normalizer(row["score"])})
@@ -169,8 +181,8 @@ def _normalized_scores(ctx, train, evaluation):
 def build(ctx):
     from .rm_trainer import ListwiseRewardTrainer, PairwiseRewardTrainer, PointwiseRewardTrainer
 
-    # `check` (run by train.py before any model loads) has vetted the settings and the data.
-    mode = check_mode(ctx.method)
+    # `Settings` and `check` (run by train.py before any model loads) have vetted the settings and the data.
+    mode = ctx.method["mode"]
     args = ctx.trl_config(config_class())
     train, evaluation = ctx.train_dataset, ctx.eval_dataset
     if mode == "pairwise":

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AlignError
-
-NORMALIZATIONS = ("none", "minmax", "zscore")
+from .rm import NORMALIZATIONS  # the names live with the settings that check them
 
 
 def pointwise_loss(rewards: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

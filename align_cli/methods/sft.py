@@ -9,6 +9,20 @@ only for prompt/completion rows (TRL's completion-only loss).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config import MethodSettings
+
+
+@dataclass
+class Settings(MethodSettings):
+    """`method=sft`: no settings of its own beyond `method.args` (SFTConfig's)."""
+
+    name: str = "sft"
+    dataset_type: str | None = "sft"
+    sample: str | None = "sft_alpaca.jsonl"
+
+
 SUMMARY_KEYS = ["mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"]
 
 
