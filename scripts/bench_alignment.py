@@ -48,6 +48,15 @@ def recipe_stage(recipe: str, stage: str) -> list[str]:
     return [f"method={found.method}", *cfg.shared, *found.overrides]
 
 
+def recipe_inputs(recipe: str, stage: str) -> dict[str, str]:
+    """The stage's `inputs` (what `align pipeline` wires in from earlier stages)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "recipe" / f"{recipe}.yaml")
+    (found,) = [s for s in cfg.stages if s.name == stage]
+    return dict(found.get("inputs") or {})
+
+
 SFT = recipe_stage("rlhf", "sft")
 RM = recipe_stage("rlhf", "rm")
 PPO = recipe_stage("rlhf", "ppo")
@@ -99,8 +108,10 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
     policy = [f"model.name_or_path={sft}"]
     prompts = [f"data.path={data['prompts']}", f"data.eval_path={data['heldout']}"]
     if road == "rlhf":
+        # The recipe's ptx input: the SFT stage's demonstrations for PPO-ptx's language-model loss.
+        ptx = [f"data.ptx_path={data['sft']}"] if "ptx" in recipe_inputs("rlhf", "ppo") else []
         final, metrics, seconds = stage(
-            "ppo", [*PPO, *policy, f"reward.model.path={rm}", *prompts], work, seed
+            "ppo", [*PPO, *policy, f"reward.model.path={rm}", *prompts, *ptx], work, seed
         )
         kl, episodes = last_logged(final, "kl"), last_logged(final, "episode")
     elif road == "rlhf_grpo":
