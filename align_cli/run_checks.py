@@ -169,9 +169,12 @@ def checked_config(cfg: DictConfig):
         dist=typed(cfg, "dist", schema.DistConfig),
         data_cfg=data_cfg,
     )
-    if data_cfg.ptx_path is not None and method["name"] != "ppo":
+    from .methods.ptx_data import PTX_METHODS
+
+    if data_cfg.ptx_path is not None and method["name"] not in PTX_METHODS:
         raise AlignError(
-            f"data.ptx_path is the PPO-ptx loss's data: method={method['name']} reads none (drop data.ptx_path)"
+            f"data.ptx_path is the ptx loss's data (ppo and grpo): method={method['name']} reads none "
+            "(drop data.ptx_path)"
         )
     from .dist import config_problem
 

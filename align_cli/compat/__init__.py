@@ -91,6 +91,7 @@ INTERNALS: tuple[Internal, ...] = (
     # TRL: what the trainers log (`trl_logged_metrics`).
     Internal("trl:DPOTrainer", "_metrics", None, "evaluation means over rows, not over batches"),
     Internal(_REWARD, "_metrics", None, "pointwise/listwise training metrics; exact evaluation metrics"),
+    Internal(_GRPO, "_metrics", None, "the ptx loss (methods/grpo.py) logged beside TRL's own metrics"),
     # TRL: the reward trainer's data layout (`reward_trainer_base`).
     Internal(
         _REWARD, "_prepare_dataset", ("dataset", "processing_class", "args", "dataset_name"), "our layouts"

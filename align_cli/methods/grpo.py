@@ -39,6 +39,7 @@ from ..config import one_of
 from ..diagnostics import GRPO_KEYS, Probe, batch_metrics
 from ..rewards import message_text, rewards_for
 from .base import RolloutSettings
+from .ptx_data import ptx_dataset, ptx_problems
 
 SUMMARY_KEYS = ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "eval_reward"]
 # The collapse watch's metrics (align_cli/diagnostics.py), plotted in diagnostics.svg; TRL logs
@@ -76,10 +77,51 @@ class Settings(RolloutSettings):
 
 
 def config_class():
-    """The TRL config dataclass that `method.args` fills."""
-    from trl import GRPOConfig
+    """The config dataclass that `method.args` fills: TRL's GRPOConfig plus the ptx loss's keys."""
+    from .grpo_config import GRPOConfig
 
     return GRPOConfig
+
+
+@functools.cache
+def ptx_trainer(base: type) -> type:
+    """`base` (a GRPOTrainer) whose training loss adds ptx_coef x the policy's language-model loss
+    on a batch of demonstrations (`ptx_pairs`, see align_cli/ppo/ptx.py), logged as `ptx_loss`."""
+    import torch
+
+    from ..compat import trl_logged_metrics
+    from ..ppo.ptx import demonstration_nll
+
+    class PtxGRPOTrainer(base):
+        ptx_pairs: list | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not self.ptx_pairs or not model.training:
+                return loss
+            step = self.state.global_step
+            if (
+                getattr(self, "_ptx_step", None) != step
+            ):  # reseeded per step: a resumed run draws the same rows
+                rank = self.accelerator.process_index
+                self._ptx_step = step
+                self._ptx_shuffle = torch.Generator().manual_seed(
+                    self.args.seed * 1_000_033 + 7919 * step + rank
+                )
+            size = self.args.ptx_batch_size or self.args.per_device_train_batch_size
+            rows = torch.randint(len(self.ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
+            nll = demonstration_nll(
+                self.accelerator.unwrap_model(model),
+                self.ptx_pairs,
+                rows,
+                self.processing_class.pad_token_id,
+                None,
+                self.accelerator.device,
+            )
+            trl_logged_metrics(self, "train")["ptx_loss"].append(float(nll.detach()))
+            return loss + self.args.ptx_coef * nll
+
+    return PtxGRPOTrainer
 
 
 @functools.cache
@@ -169,7 +211,7 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
             "per prompt (e.g. 0.7 to 1.0)"
         )
     columns = sorted({k for r in rows for k in r}) if rows is not None else None
-    return problems + reward_problems("grpo", ctx.reward, columns)
+    return problems + reward_problems("grpo", ctx.reward, columns) + ptx_problems(ctx)
 
 
 def build(ctx):
@@ -181,6 +223,10 @@ def build(ctx):
     from ..callbacks import collapse_watch
 
     trainer_cls = rank_advantage_trainer() if advantage == "rank" else GRPOTrainer
+    args = ctx.trl_config(config_class(), reward_weights=weights)
+    demonstrations = ptx_dataset(ctx, args)
+    if demonstrations is not None:
+        trainer_cls = ptx_trainer(trainer_cls)
     policy = ctx.load_model()
     probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
     keys = GRPO_KEYS if probe is None else dataclasses.replace(GRPO_KEYS, reward=probe.reward_key)
@@ -188,13 +234,17 @@ def build(ctx):
     trainer = trainer_cls(
         model=policy,
         reward_funcs=[WatchedReward(funcs[0], probe), *funcs[1:]],
-        args=ctx.trl_config(config_class(), reward_weights=weights),
+        args=args,
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
         processing_class=ctx.tokenizer,
         peft_config=ctx.lora(),
         callbacks=[*ctx.callbacks, watch],
     )
+    if demonstrations is not None:
+        from ..ppo.ptx import tokenize_demonstrations
+
+        trainer.ptx_pairs = tokenize_demonstrations(ctx.tokenizer, demonstrations)
     # Reward models are our callables, not modules TRL would place: put them beside the policy.
     for func in funcs:
         if hasattr(func, "to"):

@@ -127,14 +127,12 @@ class PolicyAndCritic(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         response_length: int,
-        with_values: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Policy logits (B, R, V) and critic values (B, R) at the response positions (None
-        without `with_values`: the ptx loss reads the policy only)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits (B, R, V) and critic values (B, R) at the response positions."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         # logits_to_keep: the LM head (often the largest matmul) runs on response positions only.
         logits = self.policy(**inputs, logits_to_keep=response_length, use_cache=False).logits
-        return logits, critic_values(self.critic, inputs, response_length) if with_values else None
+        return logits, critic_values(self.critic, inputs, response_length)
 
 
 def with_lora(model: nn.Module, peft_config: Any, args: PPOConfig) -> nn.Module:

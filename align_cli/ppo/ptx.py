@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import AlignError
+from .core import token_logprobs
+from .models import forward_inputs
 
 
 def tokenize_demonstrations(tokenizer: Any, dataset: Any) -> list[tuple[list[int], list[int]]]:
@@ -77,3 +79,22 @@ def ptx_batch(
         seq[i, width_p : width_p + len(c)] = torch.tensor(c)
         mask[i, width_p - len(p) : width_p + len(c)] = 1
     return {"sequences": seq, "attention_mask": mask, "completion_mask": mask[:, width_p:]}
+
+
+def demonstration_nll(
+    policy: Any,
+    pairs: list[tuple[list[int], list[int]]],
+    rows: list[int],
+    pad_id: int,
+    max_length: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The policy's mean negative log-likelihood of the completion tokens of `rows` (with grad)."""
+    batch = {k: v.to(device) for k, v in ptx_batch(pairs, rows, pad_id, max_length).items()}
+    width = batch["completion_mask"].shape[1]
+    inputs = forward_inputs(batch["sequences"], batch["attention_mask"])
+    # logits_to_keep: the LM head runs on the completion positions only.
+    logits = policy(**inputs, logits_to_keep=width, use_cache=False).logits
+    logprobs = token_logprobs(logits.float(), batch["sequences"][:, -width:])
+    mask = batch["completion_mask"].float()
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)

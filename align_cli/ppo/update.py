@@ -17,7 +17,7 @@ from .core import token_logprobs
 from .experience import Experience
 from .losses import entropy_bonus, policy_loss, value_loss
 from .models import forward_inputs, sampling_logits
-from .ptx import ptx_batch
+from .ptx import demonstration_nll
 
 
 def split_critic_groups(optimizer: torch.optim.Optimizer, critic: nn.Module, critic_lr: float) -> None:
@@ -67,24 +67,17 @@ class PPOUpdate:
         return loss, {**metrics, **v_metrics, "loss": loss.detach()}
 
     def ptx_step(self, model: nn.Module) -> None:
-        """ptx_coef x the policy's language-model loss on a batch of ptx rows (see ptx.py), backward."""
+        """ptx_coef x the policy's language-model loss on a batch of ptx rows (see ptx.py), backward.
+
+        Run under `no_sync`: its gradients join the mini-batch's and are all-reduced with them.
+        """
         args = self.args
         size = args.ptx_batch_size or args.mini_batch_size
         rows = torch.randint(len(self._ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
-        device = self.accelerator.device
-        batch = {
-            k: v.to(device)
-            for k, v in ptx_batch(self._ptx_pairs, rows, self._pad_id, args.max_length).items()
-        }
-        width = batch["completion_mask"].shape[1]
-        logits, _ = model(
-            **forward_inputs(batch["sequences"], batch["attention_mask"]),
-            response_length=width,
-            with_values=False,
+        policy = self.accelerator.unwrap_model(model).policy
+        nll = demonstration_nll(
+            policy, self._ptx_pairs, rows, self._pad_id, args.max_length, self.accelerator.device
         )
-        logprobs = token_logprobs(logits.float(), batch["sequences"][:, -width:])
-        mask = batch["completion_mask"].float()
-        nll = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
         self.accelerator.backward(args.ptx_coef * nll)
         self._micro_metrics_ptx.append(nll.detach())
 

@@ -68,24 +68,35 @@ def test_demonstrations_are_laid_out_as_rollouts():
     assert int(cut["attention_mask"].sum()) <= 6
 
 
-def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path):
-    """With the PPO loss weighed down (a constant reward: zero advantages), the ptx loss alone moves
-    the policy: its loss on the demonstrations falls step after step; with ptx_coef=0 none is logged."""
+GRPO_SHORT = [
+    "method.args.per_device_train_batch_size=4",
+    "method.args.num_generations=2",
+    "method.args.max_completion_length=8",
+    "data.eval_ratio=0",
+    "plot=false",
+]
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path, method):
+    """The policy's loss on the demonstrations, logged every step, falls fast at a high learning
+    rate (the RL loss on a length reward moves it little); with ptx_coef=0 none is computed."""
     path = demos(tmp_path)
     overrides = [
-        "method=ppo",
+        f"method={method}",
         "reward=length",
-        *SHORT,
+        *(SHORT if method == "ppo" else GRPO_SHORT),
         "method.args.max_steps=6",
         "method.args.learning_rate=1e-2",
     ]
     result = train(
         compose([*overrides, f"data.ptx_path={path}", "method.args.ptx_coef=1.0"], tmp_path / "on")
     )
-    assert len(result.trainer._ptx_pairs) == 8
+    pairs = result.trainer._ptx_pairs if method == "ppo" else result.trainer.ptx_pairs
+    assert len(pairs) == 8
     logged = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["ptx_loss"] for r in logged if "ptx_loss" in r]
-    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0], losses
+    assert len(losses) == 6 and losses[-1] < 0.75 * losses[0], losses
     train(compose(overrides, tmp_path / "off"))
     logged = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
     assert not any("ptx_loss" in r for r in logged)
@@ -102,7 +113,9 @@ def test_ptx_settings_are_checked_before_loading(tmp_path, caplog):
         check("method.args.ptx_coef=1.0")
     with pytest.raises(AlignError, match=r"ptx_coef=-1 must not be negative"):
         check("method.args.ptx_coef=-1", f"data.ptx_path={path}")
-    with pytest.raises(AlignError, match=r"data\.ptx_path is the PPO-ptx loss's data: method=dpo reads none"):
+    with pytest.raises(
+        AlignError, match=r"data\.ptx_path is the ptx loss.s data \(ppo and grpo\): method=dpo reads none"
+    ):
         train(compose(["method=dpo", f"data.ptx_path={path}", "method.args.max_steps=1"], tmp_path / "dpo"))
     bad = demos(tmp_path, [{"instruction": "ok", "output": "fine"}, {"instruction": "", "output": 3}])
     with pytest.raises(AlignError, match=r"data\.ptx_path: .*demos\.jsonl:2"):

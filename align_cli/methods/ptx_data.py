@@ -1,0 +1,82 @@
+"""The demonstrations of the PPO-ptx loss (`data.ptx_path`, weighted by `method.args.ptx_coef`).
+
+PPO (align_cli/ppo/ptx.py) and GRPO (methods/grpo.py) add ptx_coef x the policy's language-model
+loss on them to every optimiser step (InstructGPT's pretraining mix). They are read like
+`data.path` (any SFT layout: instruction/output, messages, prompt/completion, ...; a file,
+folder, hub id or a list), all of them, with no held-out part, and checked with the rest
+of the run before anything loads (`align data validate` reports their bad rows too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..errors import AlignError
+
+log = logging.getLogger("align")
+
+# The methods whose trainer adds the ptx loss.
+PTX_METHODS = ("ppo", "grpo")
+
+
+def ptx_data_config(data_cfg):
+    """The `data` config that reads `data.ptx_path`: all of it, with no held-out part."""
+    return dataclasses.replace(
+        data_cfg,
+        path=data_cfg.ptx_path,
+        eval_path=None,
+        eval_split=None,
+        eval_ratio=0.0,
+        max_samples=None,
+        columns={},
+        format="auto",
+        ptx_path=None,
+    )
+
+
+def read_ptx(data_cfg, conversational: bool, problems=None):
+    """The ptx demonstrations in the SFT standard (prompt/completion), every bad row named by file:line."""
+    from ..data.convert import read_and_convert
+
+    return read_and_convert(ptx_data_config(data_cfg), "sft", conversational, problems=problems)
+
+
+def ptx_problems(ctx) -> list[str]:
+    """What is wrong with the PPO-ptx settings (method.args.ptx_coef, data.ptx_path), reading the data."""
+    coef = float(getattr(ctx.config, "ptx_coef", 0.0) or 0.0)
+    path = ctx.data_cfg.ptx_path if ctx.data_cfg is not None else None
+    if coef > 0 and path is None:
+        return [
+            f"method.args.ptx_coef={coef} weighs a language-model loss on demonstrations: give them with "
+            "data.ptx_path=<sft data> (or set method.args.ptx_coef=0)"
+        ]
+    if path is None:
+        return []
+    if coef == 0:
+        log.warning("data.ptx_path is set but method.args.ptx_coef is 0: the ptx data is not used")
+        return []
+    from ..data.problems import Problems
+
+    found = Problems()
+    try:
+        loaded = read_ptx(ctx.data_cfg, conversational=False, problems=found)
+    except AlignError as err:
+        return [f"data.ptx_path: {err}"]
+    out = [f"data.ptx_path: {line}" for line in found.items]
+    if not out and not [r for r in loaded.rows if "completion" in r]:
+        out.append(
+            f"data.ptx_path: {loaded.source} holds no prompt/completion demonstrations (e.g. instruction/output)"
+        )
+    return out
+
+
+def ptx_dataset(ctx, args):
+    """The ptx demonstrations as a dataset, or None when the ptx loss is off."""
+    if not args.ptx_coef or ctx.data_cfg is None or ctx.data_cfg.ptx_path is None:
+        return None
+    from ..data import _to_dataset
+
+    loaded = read_ptx(ctx.data_cfg, ctx.tokenizer.chat_template is not None)
+    log.info("ptx: %d demonstrations from %s, ptx_coef %s", len(loaded.rows), loaded.source, args.ptx_coef)
+    return _to_dataset(loaded.rows)
