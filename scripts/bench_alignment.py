@@ -64,6 +64,8 @@ GRPO = recipe_stage("rlhf_grpo", "grpo")
 GRPO_BATCH = int(
     next(o.split("=")[1] for o in GRPO if "per_device_train_batch_size" in o)
 )  # completions/step
+# Optimiser steps per generation batch: each step's completions are sampled once per this many steps.
+GRPO_ITERATIONS = int(next((o.split("=")[1] for o in GRPO if "num_iterations" in o), 1))
 DPO = recipe_stage("dpo", "dpo")
 RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
 
@@ -115,11 +117,12 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
         )
         kl, episodes = last_logged(final, "kl"), last_logged(final, "episode")
     elif road == "rlhf_grpo":
+        ptx = [f"data.ptx_path={data['sft']}"] if "ptx" in recipe_inputs("rlhf_grpo", "grpo") else []
         final, metrics, seconds = stage(
-            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts], work, seed
+            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts, *ptx], work, seed
         )
         kl = last_logged(final, "kl")
-        episodes = (metrics.get("global_step") or 0) * GRPO_BATCH
+        episodes = (metrics.get("global_step") or 0) * GRPO_BATCH / GRPO_ITERATIONS
     else:
         final, metrics, seconds = stage(
             "dpo",
