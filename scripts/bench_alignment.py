@@ -119,11 +119,13 @@ def ppo_budget() -> dict:
     return args
 
 
-def _number(value: str) -> int | float:
-    try:
-        return int(value)
-    except ValueError:
-        return float(value)
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def trl_ppo(sft: Path, rm: Path, prompts_path: Path, work: Path, seed: int) -> tuple[Path, float, dict]:
