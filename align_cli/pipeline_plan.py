@@ -212,8 +212,8 @@ def _check_recipe(recipe: dict) -> list[dict]:
                 raise AlignError(f"{where}: inputs.ptx={source} must be an sft stage (its demonstrations)")
         if "critic" in (stage.get("inputs") or {}) and method != "ppo":
             raise AlignError(f"{where}: only a ppo stage has a critic")
-        if "ptx" in (stage.get("inputs") or {}) and method != "ppo":
-            raise AlignError(f"{where}: only a ppo stage has a ptx loss")
+        if "ptx" in (stage.get("inputs") or {}) and method not in ("ppo", "grpo"):
+            raise AlignError(f"{where}: only a ppo or grpo stage has a ptx loss")
         seen[sname] = stage
     return stages
 

@@ -74,6 +74,8 @@ GRPO = recipe_stage("rlhf_grpo", "grpo")
 GRPO_BATCH = int(
     next(o.split("=")[1] for o in GRPO if "per_device_train_batch_size" in o)
 )  # completions/step
+# Optimiser steps per generation batch: each step's completions are sampled once per this many steps.
+GRPO_ITERATIONS = int(next((o.split("=")[1] for o in GRPO if "num_iterations" in o), 1))
 DPO = recipe_stage("dpo", "dpo")
 RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
 ROADS = [*RECIPES, "trl_ppo"]
@@ -223,11 +225,12 @@ def one_road(
         # objective/kl is TRL's mean over the batch of the summed per-token log-ratio: per response, as ours.
         episodes, train_seconds = result["episodes"], result["seconds"]  # between on_train_begin/_end
     elif road == "rlhf_grpo":
+        ptx = [f"data.ptx_path={data['sft']}"] if "ptx" in recipe_inputs("rlhf_grpo", "grpo") else []
         final, metrics, seconds = stage(
-            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts], work, seed
+            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts, *ptx], work, seed
         )
         kl = last_logged(final, "kl")
-        episodes = (metrics.get("global_step") or 0) * GRPO_BATCH
+        episodes = (metrics.get("global_step") or 0) * GRPO_BATCH / GRPO_ITERATIONS
         train_seconds = last_logged(final, "train_runtime")
     else:
         final, metrics, seconds = stage(

@@ -202,6 +202,7 @@ def test_the_gate_stops_before_rl_when_the_reward_model_ranks_held_out_pairs_wro
         ),
         ("gate.min_accuracy=2", r"gate\.min_accuracy=2 must be a number in \[-1, 1\]"),
         ("ppo.reward=nope", r"stage ppo: .*nope"),
+        ("ppo.method.args.ptx_coef=-1", r"stage ppo: .*ptx_coef=-1 must not be negative"),
     ],
 )
 def test_a_mistake_in_a_later_stage_is_found_before_the_first_stage_trains(tmp_path, override, message):
@@ -271,6 +272,16 @@ def test_a_sweep_over_whole_pipelines_through_the_real_entry_point(tmp_path):
     job = [a for a in argv[3:] if not a.startswith(("hydra.sweep.dir", "dpo.method.args.beta"))]
     again = plan([*job, "dpo.method.args.beta=0.5"], tmp_path / "sweep" / "1")
     assert [s.status for s in again.stages] == ["finished", "finished"]
+
+
+def test_ptx_data_is_the_sft_stages_data_unless_the_ppo_stage_names_its_own(tmp_path):
+    demos = [str(SAMPLES_DIR / "sft_alpaca.jsonl"), str(SAMPLES_DIR / "harmless_sft.jsonl")]
+    p = plan([f"sft.data.path=[{demos[0]},{demos[1]}]"], None)
+    (ppo,) = [s for s in p.stages if s.name == "ppo"]
+    assert list(ppo.cfg.data.ptx_path) == demos and ppo.cfg.method.args.ptx_coef > 0
+    own = str(SAMPLES_DIR / "sft_alpaca.jsonl")
+    p = plan([f"ppo.data.ptx_path={own}"], None)
+    assert [s for s in p.stages if s.name == "ppo"][0].cfg.data.ptx_path == own
 
 
 def test_stage_keys_reach_hydra_and_come_back_as_typed():

@@ -31,6 +31,14 @@ advantage then had the sign of right/wrong for 77% of responses (45% with
 `method.args.score_norm=init`, whose scale the head does not share), against 94% with V = 0,
 and PPO did not learn the task. A critic from the policy always gets a new zeroed head.
 
+`method.args.ptx_coef` with `data.ptx_path=<demonstrations>` adds InstructGPT's pretraining
+mix (PPO-ptx): every optimiser step also minimises ptx_coef x the policy's language-model loss
+on a batch of the demonstrations (any SFT layout; align_cli/ppo/ptx.py). The KL penalty's pull
+back to pi_ref fades as an answer's probability nears 0; the ptx loss pulls hardest there, so
+the policy keeps sampling every answer its demonstrations hold until the reward has told them
+apart. `align pipeline recipe=rlhf` wires the SFT stage's data in (docs/benchmarks.md, round 3:
+without it PPO settled on one answer per language on half the seeds).
+
 `method.args` fills `align_cli.ppo.config.PPOConfig` (TrainingArguments plus PPO's knobs:
 batching, sampling, KL, clipping, GAE). Besides the model, the run folder holds
 `samples.jsonl`: the prompt, completion and score of every eval prompt at each evaluation.
