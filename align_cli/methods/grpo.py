@@ -21,6 +21,10 @@ advantage says how it compares with its group; no value model (critic) is traine
 The policy then follows TRL's clipped objective, with a KL penalty to the starting model
 when `method.args.beta` > 0 (with `peft=lora` the reference is the model with adapters off).
 
+`method.args.ptx_coef` with `data.ptx_path=<demonstrations>` adds the ptx loss of
+InstructGPT's PPO-ptx to every training step (the policy's language-model loss on a batch of
+them, logged as `ptx_loss`; align_cli/ppo/ptx.py), as for PPO.
+
 Beside TRL's metrics (`entropy`, `kl` when beta > 0, `clip_ratio/*`, completion lengths),
 every step logs the collapse watch's `distinct_1`/`distinct_2`, `identical_share`,
 `top_completion_share` and, with a reward model, `probe/<text>` and `probe_reward`
