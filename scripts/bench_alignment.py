@@ -12,13 +12,23 @@ settings of RECIPES (docs/recipe_defaults.md holds the same):
     rlhf       SFT -> RM (pairwise) -> PPO  (policy <- SFT, reward model and critic <- RM, reference = SFT)
     rlhf_grpo  SFT -> RM (pairwise) -> GRPO (reward=model)
     dpo        SFT -> DPO
+    trl_ppo    SFT -> RM as rlhf's, then TRL 1.12's `trl.experimental.ppo.PPOTrainer` (policy <- SFT,
+               reward model and value model <- RM) with the rlhf recipe's PPO budget (not a default road)
+
+Roads of one seed share its SFT policy and RM (trained once, by the first road that needs them;
+every road trains them with the same settings). trl_ppo runs TRL in scripts/bench_ppo.py's
+virtual environment (`.bench/trl112-venv`, made on first use) through its `run_trl`; what TRL
+1.12 has no setting for (score_norm, ptx_coef, critic_head, reward_model_input=text,
+max_grad_norm) stays as TRL does it, see docs/benchmarks.md.
 
 For each seed it reports the SFT policy's and the final policy's held-out greedy right-rate
 per prompt kind (refused when harmful, helped when benign; `align_cli.rewards.rules.behaviour_of`
 classifies a completion by how it opens), the reward model's mean score of the greedy
 held-out completions before and after RL (for dpo: of the RM of the same seed, trained for
 the measurement only), the final KL to the reference (PPO/GRPO, per response, as logged),
-and RL episodes per second. Needs about 2 minutes per road and seed on 2 free CPU cores.
+and RL episodes per second (over the RL stage's wall time, model loading included, and over its
+training loop alone: the trainer's train_runtime, for TRL between its on_train_begin and
+on_train_end). Needs about 2 minutes per road and seed on 2 free CPU cores.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ GRPO_BATCH = int(
 GRPO_ITERATIONS = int(next((o.split("=")[1] for o in GRPO if "num_iterations" in o), 1))
 DPO = recipe_stage("dpo", "dpo")
 RECIPES = {"rlhf": ("sft", "rm", "ppo"), "rlhf_grpo": ("sft", "rm", "grpo"), "dpo": ("sft", "rm", "dpo")}
+ROADS = [*RECIPES, "trl_ppo"]
 
 
 def files(data: Path, prefix: str) -> dict[str, Path]:
@@ -98,14 +109,105 @@ def last_logged(folder: Path, key: str) -> float | None:
     return values[-1] if values else None
 
 
-def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Path) -> dict:
-    """Runs one road for one seed; returns its row of figures."""
+def ppo_budget() -> dict:
+    """The rlhf recipe's PPO stage settings as TRL's knobs: its overrides over conf/method/ppo.yaml."""
+    from omegaconf import OmegaConf
+
+    args = dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / "ppo.yaml"))["args"])
+    for o in PPO:
+        if o.startswith("method.args."):
+            key, value = o.removeprefix("method.args.").split("=", 1)
+            args[key] = _number(value)
+    return args
+
+
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def trl_ppo(sft: Path, rm: Path, prompts_path: Path, work: Path, seed: int) -> tuple[Path, float, dict]:
+    """TRL 1.12's PPO from the SFT policy, the RM as reward and value model, the rlhf recipe's budget.
+
+    Returns the saved policy folder (with the SFT tokenizer beside it), the run's wall seconds
+    (process start to end, loading included, as the align stages' are) and run_trl's result.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from align_cli.testing import load_script
+
+    bench_ppo = load_script("bench_ppo")
+    python = bench_ppo.ensure_trl_venv()
+    budget = ppo_budget()
+    rows = [json.loads(line) for line in prompts_path.read_text(encoding="utf-8").splitlines() if line]
+    # The user turn as align lays out an instruction/input row; run_trl applies the chat template.
+    messages = [
+        [
+            {
+                "role": "user",
+                "content": f"{r['instruction']}\n{r['input']}" if r.get("input") else r["instruction"],
+            }
+        ]
+        for r in rows
+    ]
+    work.mkdir(parents=True, exist_ok=True)
+    prompts_file = work / "trl_prompts.jsonl"
+    prompts_file.write_text(
+        "".join(json.dumps({"prompt": m}, ensure_ascii=False) + "\n" for m in messages), "utf-8"
+    )
+    micro = budget["per_device_train_batch_size"]
+    minis = budget["num_mini_batches"]
+    spec = {
+        "policy": str(sft),
+        "reward": str(rm),
+        "prompts": str(prompts_file),
+        "micro_batch": micro,
+        "rollout_batch": micro * budget["gradient_accumulation_steps"] * minis,
+        "num_mini_batches": minis,
+        "episodes": int(budget["num_train_epochs"] * len(rows)),
+        "response_length": budget["max_new_tokens"],
+        "ppo_epochs": budget["num_ppo_epochs"],
+        "learning_rate": budget["learning_rate"],
+        "kl_coef": budget["kl_coef"],
+        "temperature": budget["temperature"],
+        "missing_eos_penalty": budget.get("missing_eos_penalty"),
+        "seed": seed,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),  # as many as the in-process align stages use
+    }
+    out = work / "trl"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.time()
+    result = bench_ppo.run_side("trl", str(python), spec, out)
+    seconds = time.time() - started
+    AutoTokenizer.from_pretrained(str(sft)).save_pretrained(str(out))  # greedy_behaviour reads it there
+    (work / "trl_result.json").write_text(json.dumps({"spec": spec, "result": result}, indent=1))
+    return out, seconds, result
+
+
+def one_road(
+    road: str, seed: int, data: dict[str, Path], marks: dict, work: Path, trained: dict | None = None
+) -> dict:
+    """Runs one road for one seed; returns its row of figures.
+
+    `trained`: seed -> (SFT folder, RM folder, RM metrics) of roads run before in this process,
+    reused so the roads of one seed start from the same SFT policy and RM; filled when empty.
+    """
     from align_cli.testing import greedy_behaviour
 
+    trained = {} if trained is None else trained
     work.mkdir(parents=True, exist_ok=True)
-    sft, _, _ = stage("sft", [*SFT, f"data.path={data['sft']}"], work, seed)
-    rm_data = [f"data.path={data['pairs']}", f"data.eval_path={data['heldout_pairs']}"]
-    rm, rm_metrics, _ = stage("rm", [*RM, *rm_data], work, seed)
+    if seed not in trained:
+        sft, _, _ = stage("sft", [*SFT, f"data.path={data['sft']}"], work, seed)
+        rm_data = [f"data.path={data['pairs']}", f"data.eval_path={data['heldout_pairs']}"]
+        rm, rm_metrics, _ = stage("rm", [*RM, *rm_data], work, seed)
+        trained[seed] = (sft, rm, rm_metrics)
+    sft, rm, rm_metrics = trained[seed]
     before = greedy_behaviour(sft, data["heldout"], marks, reward_model=rm)
     policy = [f"model.name_or_path={sft}"]
     prompts = [f"data.path={data['prompts']}", f"data.eval_path={data['heldout']}"]
@@ -116,6 +218,12 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
             "ppo", [*PPO, *policy, f"reward.model.path={rm}", *prompts, *ptx], work, seed
         )
         kl, episodes = last_logged(final, "kl"), last_logged(final, "episode")
+        train_seconds = last_logged(final, "train_runtime")
+    elif road == "trl_ppo":
+        final, seconds, result = trl_ppo(sft, rm, data["prompts"], work, seed)
+        kl = result["logged_kl"][-1] if result["logged_kl"] else None
+        # objective/kl is TRL's mean over the batch of the summed per-token log-ratio: per response, as ours.
+        episodes, train_seconds = result["episodes"], result["seconds"]  # between on_train_begin/_end
     elif road == "rlhf_grpo":
         ptx = [f"data.ptx_path={data['sft']}"] if "ptx" in recipe_inputs("rlhf_grpo", "grpo") else []
         final, metrics, seconds = stage(
@@ -123,6 +231,7 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
         )
         kl = last_logged(final, "kl")
         episodes = (metrics.get("global_step") or 0) * GRPO_BATCH / GRPO_ITERATIONS
+        train_seconds = last_logged(final, "train_runtime")
     else:
         final, metrics, seconds = stage(
             "dpo",
@@ -130,7 +239,7 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
             work,
             seed,
         )
-        kl, episodes = None, None
+        kl, episodes, train_seconds = None, None, None
     after = greedy_behaviour(final, data["heldout"], marks, reward_model=rm)
     return {
         "road": road,
@@ -144,6 +253,7 @@ def one_road(road: str, seed: int, data: dict[str, Path], marks: dict, work: Pat
         "rm_gain": after["score"] - before["score"],
         "kl": kl,
         "episodes_per_s": (episodes / seconds) if episodes else None,
+        "train_episodes_per_s": (episodes / train_seconds) if episodes and train_seconds else None,
         "seconds": seconds,
     }
 
@@ -154,21 +264,22 @@ def table(rows: list[dict]) -> str:
 
     lines = [
         "| road | seed | RM held-out acc | SFT refuse / help | final refuse / help | no behaviour "
-        "| RM score gain | final KL | episodes/s | RL seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| RM score gain | final KL | episodes/s | in training | RL seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['road']} | {r['seed']} | {f(r['rm_heldout_acc'])} | {f(r['sft_refuse'])} / {f(r['sft_help'])} "
             f"| {f(r['final_refuse'])} / {f(r['final_help'])} | {f(r['final_other'])} | {f(r['rm_gain'])} "
-            f"| {f(r['kl'])} | {f(r['episodes_per_s'], 1)} | {f(r['seconds'], 0)} |"
+            f"| {f(r['kl'])} | {f(r['episodes_per_s'], 1)} | {f(r.get('train_episodes_per_s'), 1)} "
+            f"| {f(r['seconds'], 0)} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--roads", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--roads", nargs="+", default=list(RECIPES), choices=ROADS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument(
         "--variant", default="a", help="a: data_samples/harmless_*; b: other words (generated)"
@@ -196,14 +307,14 @@ def main() -> None:
         )
         data = files(folder, f"harmless_{args.variant}_")
     marks = phrases(args.variant)
-    rows = []
-    for road in args.roads:
-        for seed in args.seeds:
-            row = one_road(road, seed, data, marks, work / f"{road}-{seed}")
+    rows, trained = [], {}
+    for seed in args.seeds:  # a seed's roads one after the other, so they share its SFT and RM
+        for road in args.roads:
+            row = one_road(road, seed, data, marks, work / f"{road}-{seed}", trained)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print(table(rows))
+    print(table(sorted(rows, key=lambda r: (args.roads.index(r["road"]), r["seed"]))))
 
 
 if __name__ == "__main__":

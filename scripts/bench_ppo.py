@@ -234,8 +234,12 @@ def run_trl(spec: dict) -> dict:
     args = PPOConfig(
         output_dir=spec["out"],
         per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=spec["rollout_batch"] // spec["micro_batch"],
-        num_mini_batches=1,
+        # Optional spec keys (bench_alignment's trl_ppo road); their defaults are this benchmark's own.
+        gradient_accumulation_steps=spec["rollout_batch"]
+        // spec["micro_batch"]
+        // spec.get("num_mini_batches", 1),
+        num_mini_batches=spec.get("num_mini_batches", 1),
+        missing_eos_penalty=spec.get("missing_eos_penalty"),
         total_episodes=spec["episodes"],
         response_length=spec["response_length"],
         num_ppo_epochs=spec["ppo_epochs"],
@@ -269,8 +273,15 @@ def run_trl(spec: dict) -> dict:
     )
     trainer.train()
     trainer.model.policy.save_pretrained(spec["out"])
-    scores = logged(trainer.state.log_history, "objective/scores")
-    return {"version": trl.__version__, **meter.result, "logged_scores": scores, "split": split.result()}
+    history = trainer.state.log_history
+    return {
+        "version": trl.__version__,
+        **meter.result,
+        "logged_scores": logged(history, "objective/scores"),
+        "logged_kl": logged(history, "objective/kl"),
+        "episodes": trainer.state.episode,
+        "split": split.result(),
+    }
 
 
 # --- ours -------------------------------------------------------------------------------------
@@ -308,8 +319,12 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
     args = PPOConfig(
         output_dir=spec["out"],
         per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=spec["rollout_batch"] // spec["micro_batch"],
-        num_mini_batches=1,
+        # Optional spec keys (bench_alignment's trl_ppo road); their defaults are this benchmark's own.
+        gradient_accumulation_steps=spec["rollout_batch"]
+        // spec["micro_batch"]
+        // spec.get("num_mini_batches", 1),
+        num_mini_batches=spec.get("num_mini_batches", 1),
+        missing_eos_penalty=spec.get("missing_eos_penalty"),
         total_episodes=spec["episodes"],
         max_new_tokens=spec["response_length"],
         num_ppo_epochs=spec["ppo_epochs"],
