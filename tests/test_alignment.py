@@ -84,9 +84,10 @@ def test_the_dpo_pipeline_aligns_the_tiny_model_on_held_out_prompts(pipeline_fol
 
 def test_the_rlhf_pipeline_aligns_the_tiny_model_with_ppo(pipeline_folder):
     """SFT -> RM -> PPO (with PPO-ptx on the SFT data) from the same SFT policy. Without the ptx
-    loss PPO settled on one answer per language on half the seeds (0.50 / 0.50); the bench's
-    seeds reach >= 0.83 on each kind (docs/benchmarks.md, round 3), so the bar here is 0.75,
-    with the reward model's score of the greedy answers rising."""
+    loss PPO settled on one answer per language on half the seeds (0.50 / 0.50); with the recipe
+    the bench's seeds 1-4 reach >= 0.92 on each kind (docs/benchmarks.md, round 3). The bar here
+    leaves room for another CPU's numerics: >= 0.8 on each kind, the RM's score of the greedy
+    answers up by at least 1."""
     folder = pipeline_folder
     summary = run_pipeline(
         folder,
@@ -101,6 +102,6 @@ def test_the_rlhf_pipeline_aligns_the_tiny_model_with_ppo(pipeline_folder):
     held_out = DATA / "harmless_heldout.jsonl"
     sft = greedy_behaviour(folder / "sft", held_out, phrases, reward_model=folder / "rm")
     final = greedy_behaviour(folder / "ppo", held_out, phrases, reward_model=folder / "rm")
-    assert final["right"]["refuse"] >= 0.75 and final["right"]["help"] >= 0.75, final["right"]
+    assert final["right"]["refuse"] >= 0.8 and final["right"]["help"] >= 0.8, final["right"]
     assert final["other"] <= 0.05
     assert final["score"] - sft["score"] >= 1.0, (sft["score"], final["score"])
