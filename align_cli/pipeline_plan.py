@@ -16,6 +16,7 @@ from typing import Any
 
 from . import config as schema
 from .errors import AlignError
+from .methods.ptx_data import ptx_override
 
 log = logging.getLogger("align")
 
@@ -44,27 +45,8 @@ WIRES = {
     "policy": lambda folder: [f"model.name_or_path={quote_value(folder)}"],
     "reward_model": lambda folder: [f"++reward.model.path={quote_value(folder)}"],
     "critic": lambda folder: ["method.critic_init=reward"],
-    "ptx": None,  # data.ptx_path=<the sft stage's data>: see ptx_wire
+    "ptx": None,  # data.ptx_path=<the sft stage's data>: methods/ptx_data.ptx_override
 }
-
-
-def ptx_wire(source: Stage) -> list[str]:
-    """`data.ptx_path` set to the data an sft stage trains on (its data.path, or its sample)."""
-    from omegaconf import OmegaConf
-
-    from .config import DataConfig
-    from .data.convert import data_path
-
-    data = OmegaConf.to_container(source.cfg.data, resolve=True)
-    path = data_path(DataConfig(path=data["path"]), source.cfg.method.get("sample"))
-    if isinstance(path, str):
-        return [f"++data.ptx_path={quote_value(path)}"]
-    if isinstance(path, list) and all(isinstance(p, str) for p in path):
-        return [f"++data.ptx_path=[{','.join(quote_value(p) for p in path)}]"]
-    raise AlignError(
-        f"stage {source.name}'s data.path is not a path or a list of paths, so it cannot be wired in as ptx "
-        "data: give the ptx stage's data.ptx_path yourself"
-    )
 
 
 # The methods whose run folder is a policy (a causal LM), for the evaluation hook.
@@ -397,7 +379,11 @@ def plan(overrides: list[str], folder: str | os.PathLike | None) -> Plan:
         wired = [
             o
             for wire, source in inputs.items()
-            for o in (ptx_wire(by_name[source]) if wire == "ptx" else WIRES[wire](os.path.join(root, source)))
+            for o in (
+                ptx_override(by_name[source].cfg, source)
+                if wire == "ptx"
+                else WIRES[wire](os.path.join(root, source))
+            )
         ]
         stage_folder = os.path.join(root, name)
         overrides_ = [

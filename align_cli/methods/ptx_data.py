@@ -80,3 +80,24 @@ def ptx_dataset(ctx, args):
     loaded = read_ptx(ctx.data_cfg, ctx.tokenizer.chat_template is not None)
     log.info("ptx: %d demonstrations from %s, ptx_coef %s", len(loaded.rows), loaded.source, args.ptx_coef)
     return _to_dataset(loaded.rows)
+
+
+def ptx_override(sft_cfg, stage: str) -> list[str]:
+    """`++data.ptx_path=...` for a pipeline stage wired to an sft stage's data (`inputs: {ptx: <stage>}`):
+    that stage's data.path, or its method's sample file when it has none."""
+    from omegaconf import OmegaConf
+
+    from ..compose import quote_value
+    from ..config import DataConfig
+    from ..data.convert import data_path
+
+    data = OmegaConf.to_container(sft_cfg.data, resolve=True)
+    path = data_path(DataConfig(path=data["path"]), sft_cfg.method.get("sample"))
+    if isinstance(path, str):
+        return [f"++data.ptx_path={quote_value(path)}"]
+    if isinstance(path, list) and all(isinstance(p, str) for p in path):
+        return [f"++data.ptx_path=[{','.join(quote_value(p) for p in path)}]"]
+    raise AlignError(
+        f"stage {stage}'s data.path is not a path or a list of paths, so it cannot be wired in as ptx "
+        "data: give the ptx stage's data.ptx_path yourself"
+    )
