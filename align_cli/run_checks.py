@@ -216,3 +216,20 @@ def read_run_data(module, ctx, data_cfg, tokenizer, problems=None):
         row_check=row_check(ctx.reward),  # values a reward cannot use, named by file:line
         problems=problems,
     )
+
+
+def checked_run_data(module, ctx, data_cfg, problems=None):
+    """The tokenizer, both splits and the method's own problems: the part of the run plan that
+    reads data, shared by `align train` (train.plan_run: it stops on the first problem) and
+    `align data validate` (it collects them all, `problems` = (train, eval) collectors).
+
+    Returns:
+        (tokenizer, `data.Splits`, the method's problems as one-line strings).
+    """
+    from . import modeling
+    from .methods import method_problems
+
+    tokenizer = modeling.load_tokenizer(ctx.model_cfg)
+    splits = read_run_data(module, ctx, data_cfg, tokenizer, problems=problems)
+    rows = splits.train.rows if splits.train is not None else None
+    return tokenizer, splits, method_problems(module, ctx, rows)

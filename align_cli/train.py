@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from . import config as schema
 from .errors import AlignError, TrainingInterrupted
-from .run_checks import checked_config, preflight_quant, read_run_data
+from .run_checks import checked_config, checked_run_data, preflight_quant
 from .run_folder import (
     check_free_space,
     check_run_folder,
@@ -138,7 +138,6 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     with the method's own checks, before anything heavy loads.
     """
     from . import dist, modeling
-    from .methods import method_problems
     from .terminal import check_trackers
     from .terminal import prepare as prepare_terminal
 
@@ -156,10 +155,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
     check_free_space(output_dir, modeling.resolve_model_path(ctx.model_cfg), ctx.peft_cfg.method == "none")
 
-    tokenizer = modeling.load_tokenizer(ctx.model_cfg)
-    splits = read_run_data(module, ctx, data_cfg, tokenizer)
-    # The method's own checks (settings, rewards, the columns they read): as validate runs them.
-    problems = method_problems(module, ctx, splits.train.rows)
+    # The method's own checks (settings, rewards, the columns they read) too: as validate runs them.
+    tokenizer, splits, problems = checked_run_data(module, ctx, data_cfg)
     if problems:
         more = (
             f" (and {len(problems) - 1} more: `align data validate` lists them)" if len(problems) > 1 else ""

@@ -186,21 +186,17 @@ def validate(cfg: DictConfig) -> Report:
     Raises:
         AlignError: the config itself is wrong (no method, a model whose tokenizer cannot load).
     """
-    from . import modeling
     from .data.convert import data_path
     from .data.holdout import has_eval_source
     from .data.problems import Problems
-    from .methods import method_problems
-    from .run_checks import checked_config, read_run_data
+    from .run_checks import checked_config, checked_run_data
 
     # The same checks as `align train`: what validate calls ready, train accepts.
     module, ctx, data_cfg = checked_config(cfg)
     method, model_cfg = ctx.method, ctx.model_cfg
-    tokenizer = modeling.load_tokenizer(model_cfg)
     report = Report(method["name"], method["dataset_type"], model_cfg.name_or_path, model_cfg.max_length)
     found = (Problems(), Problems())
-    splits = read_run_data(module, ctx, data_cfg, tokenizer, problems=found)
-    report.settings = method_problems(module, ctx, splits.train.rows if splits.train is not None else None)
+    tokenizer, splits, report.settings = checked_run_data(module, ctx, data_cfg, problems=found)
     try:
         source = data_path(data_cfg, method.get("sample"))
     except AlignError:
