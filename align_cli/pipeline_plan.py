@@ -41,11 +41,12 @@ NOT_COMPARED = ("output_dir", "resume", "debug", "plot")
 
 
 # What `inputs` can wire, and the overrides each adds to the consuming stage.
+# Each takes the earlier stage it is wired to (a `Stage`).
 WIRES = {
-    "policy": lambda folder: [f"model.name_or_path={quote_value(folder)}"],
-    "reward_model": lambda folder: [f"++reward.model.path={quote_value(folder)}"],
-    "critic": lambda folder: ["method.critic_init=reward"],
-    "ptx": None,  # data.ptx_path=<the sft stage's data>: methods/ptx_data.ptx_override
+    "policy": lambda source: [f"model.name_or_path={quote_value(source.folder)}"],
+    "reward_model": lambda source: [f"++reward.model.path={quote_value(source.folder)}"],
+    "critic": lambda source: ["method.critic_init=reward"],
+    "ptx": lambda source: ptx_override(source.cfg, source.name),  # data.ptx_path=<its data>
 }
 
 
@@ -376,15 +377,7 @@ def plan(overrides: list[str], folder: str | os.PathLike | None) -> Plan:
         name, method = str(spec["name"]), str(spec["method"])
         inputs = {k: str(v) for k, v in (spec.get("inputs") or {}).items()}
         by_name = {s.name: s for s in stages}
-        wired = [
-            o
-            for wire, source in inputs.items()
-            for o in (
-                ptx_override(by_name[source].cfg, source)
-                if wire == "ptx"
-                else WIRES[wire](os.path.join(root, source))
-            )
-        ]
+        wired = [o for wire, source in inputs.items() for o in WIRES[wire](by_name[source])]
         stage_folder = os.path.join(root, name)
         overrides_ = [
             f"method={method}",

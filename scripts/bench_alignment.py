@@ -50,21 +50,23 @@ sys.path.insert(0, str(ROOT))
 # so the figures are those of the recipe defaults; the data paths are added per run.
 
 
-def recipe_stage(recipe: str, stage: str) -> list[str]:
+def recipe_entry(recipe: str, stage: str):
+    """(the recipe, its stage named `stage`) from conf/recipe/<recipe>.yaml."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(ROOT / "conf" / "recipe" / f"{recipe}.yaml")
     (found,) = [s for s in cfg.stages if s.name == stage]
+    return cfg, found
+
+
+def recipe_stage(recipe: str, stage: str) -> list[str]:
+    cfg, found = recipe_entry(recipe, stage)
     return [f"method={found.method}", *cfg.shared, *found.overrides]
 
 
 def recipe_inputs(recipe: str, stage: str) -> dict[str, str]:
     """The stage's `inputs` (what `align pipeline` wires in from earlier stages)."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(ROOT / "conf" / "recipe" / f"{recipe}.yaml")
-    (found,) = [s for s in cfg.stages if s.name == stage]
-    return dict(found.get("inputs") or {})
+    return dict(recipe_entry(recipe, stage)[1].get("inputs") or {})
 
 
 SFT = recipe_stage("rlhf", "sft")

@@ -111,7 +111,7 @@ def test_the_ppo_stage_starts_from_sft_and_is_scored_and_criticised_by_rm(finish
     assert cfg.data.ptx_path == sft_data and cfg.method.args.ptx_coef > 0
     trainer = result.stage("ppo").run.trainer
     with open(sft_data, encoding="utf-8") as f:
-        assert len(trainer._ptx_pairs) == sum(1 for line in f if line.strip())
+        assert len(trainer.ptx_pairs) == sum(1 for line in f if line.strip())
     logged = [json.loads(line) for line in (folder / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["ptx_loss"] > 0 for r in logged if "policy_loss" in r)
     assert [str(f.path) for f in trainer.reward_funcs] == [str(folder / "rm")]

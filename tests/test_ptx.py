@@ -92,8 +92,7 @@ def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path, method):
     result = train(
         compose([*overrides, f"data.ptx_path={path}", "method.args.ptx_coef=1.0"], tmp_path / "on")
     )
-    pairs = result.trainer._ptx_pairs if method == "ppo" else result.trainer.ptx_pairs
-    assert len(pairs) == 8
+    assert len(result.trainer.ptx_pairs) == 8
     logged = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["ptx_loss"] for r in logged if "ptx_loss" in r]
     assert len(losses) == 6 and losses[-1] < 0.75 * losses[0], losses

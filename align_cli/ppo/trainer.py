@@ -154,14 +154,13 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         self._permutations: dict[int, list[int]] = {}
         self._shuffle = torch.Generator().manual_seed(args.seed)
         self._log_buffer: dict[str, list[float]] = defaultdict(list)
-        self._ptx_pairs = None
+        # (prompt ids, completion ids) of the ptx demonstrations, or None: no ptx loss.
+        self.ptx_pairs = None
         if ptx_dataset is not None and args.ptx_coef > 0:
-            self._ptx_pairs = tokenize_demonstrations(processing_class, ptx_dataset)
-        # Its own stream, so turning ptx on does not change which rollout rows are shuffled how.
-        self._ptx_shuffle = torch.Generator().manual_seed(
-            args.seed + 7919 * (1 + self.accelerator.process_index)
-        )
-        self._pad_id = processing_class.pad_token_id
+            self.ptx_pairs = tokenize_demonstrations(processing_class, ptx_dataset)
+        # Its own stream (seeded per step in `ppo_update`), so turning ptx on does not change
+        # which rollout rows are shuffled how.
+        self._ptx_shuffle = torch.Generator()
 
     # --- placement, data --------------------------------------------------------------------
 

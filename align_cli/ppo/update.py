@@ -73,10 +73,15 @@ class PPOUpdate:
         """
         args = self.args
         size = args.ptx_batch_size or args.mini_batch_size
-        rows = torch.randint(len(self._ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
+        rows = torch.randint(len(self.ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
         policy = self.accelerator.unwrap_model(model).policy
         nll = demonstration_nll(
-            policy, self._ptx_pairs, rows, self._pad_id, args.max_length, self.accelerator.device
+            policy,
+            self.ptx_pairs,
+            rows,
+            self.processing_class.pad_token_id,
+            args.max_length,
+            self.accelerator.device,
         )
         self.accelerator.backward(args.ptx_coef * nll)
         self._micro_metrics_ptx.append(nll.detach())
@@ -123,7 +128,7 @@ class PPOUpdate:
                 mini = order[m * args.mini_batch_size : (m + 1) * args.mini_batch_size]
                 mini = mini[torch.argsort(lengths[mini], stable=True)]
                 tokens = experience.response_mask[mini].sum().clamp(min=1)
-                if self._ptx_pairs:
+                if self.ptx_pairs:
                     with self.accelerator.no_sync(model):  # synced with the last micro-batch below
                         self.ptx_step(model)
                 for a in range(accumulation):
