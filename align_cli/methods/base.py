@@ -222,8 +222,15 @@ class MethodContext:
             out["gradient_checkpointing"] = out.pop("activation_checkpointing")
         return {k: v for k, v in out.items() if k in valid}
 
-    def load_model(self, kind: str = "causal_lm", path: str | None = None, quantize: bool = True):
-        """Loads the configured model (or `path`) with the run's quantization.
+    def load_model(
+        self,
+        kind: str = "causal_lm",
+        path: str | None = None,
+        quantize: bool = True,
+        quant_cfg: QuantConfig | None = None,
+    ):
+        """Loads the configured model (or `path`) with the run's quantization, or with `quant_cfg`
+        (a frozen role's, e.g. PPO's 4-bit reference: it trains nothing, so it needs no LoRA).
 
         An adapter-only folder (a `peft=lora` run) merges into its base in memory when it is
         loaded the way it was trained. It is written merged to disk first when it is loaded
@@ -232,10 +239,13 @@ class MethodContext:
         adapter names it as its base, so loading the result with peft gives the weights that
         were trained on, not the raw base.
         """
-        if self.quant_cfg.bits and self.peft_cfg.method == "none" and quantize:
+        if quant_cfg is None and self.quant_cfg.bits and self.peft_cfg.method == "none" and quantize:
             raise AlignError(
                 f"quant={self.quant_cfg.bits}bit needs peft=lora: quantized weights cannot be trained directly"
             )
+        if quant_cfg is None:
+            quant_cfg = self.quant_cfg if quantize else None
+        quantized = bool(quant_cfg is not None and quant_cfg.bits)
         resolved = modeling.resolve_model_path(self.model_cfg, path)
         task = modeling.adapter_task(resolved)
         is_start = path is None or path == self.model_cfg.name_or_path
@@ -243,7 +253,7 @@ class MethodContext:
         merge = task is not None and (
             (is_start and lora_run)
             or {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[kind] != task
-            or bool(quantize and self.quant_cfg.bits)
+            or quantized
         )
         scratch = None
         if merge and is_start and lora_run:
@@ -259,7 +269,7 @@ class MethodContext:
         try:
             return modeling.load_model(
                 self.model_cfg,
-                self.quant_cfg if quantize else None,
+                quant_cfg,
                 kind=kind,
                 path=path,
                 pad_token_id=self.tokenizer.pad_token_id,

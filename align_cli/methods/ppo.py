@@ -90,6 +90,8 @@ DIAGNOSTIC_KEYS = [
 ]
 CRITIC_INITS = ("auto", "reward", "policy")
 CRITIC_HEADS = ("zero", "keep")
+CRITICS = ("separate", "shared")
+FROZEN_QUANTS = ("none", "4bit")
 
 
 @dataclass
@@ -103,9 +105,16 @@ class Settings(RolloutSettings):
     # checked against the rewards in `check`
     critic_init: str = "auto"
     critic_head: str = "zero"  # zero: V = 0 at the start, on the reward model's body | keep: its head too
+    # separate: the critic is its own model | shared: its LoRA adapter and value head sit on the
+    # policy's own base weights (peft=lora; no second copy of the base)
+    critic: str = "separate"
+    # none | 4bit: the frozen roles (reward models; the reference when the policy trains whole) in NF4
+    frozen_quant: str = "none"
 
     def __post_init__(self):
         one_of("critic_head", self.critic_head, CRITIC_HEADS, "zero (V = 0 at the start) or keep")
+        one_of("critic", self.critic, CRITICS, "separate (its own model) or shared (on the policy's base)")
+        one_of("frozen_quant", self.frozen_quant, FROZEN_QUANTS, "none or 4bit")
         super().__post_init__()
 
 
@@ -145,7 +154,7 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
     from ..rewards import reward_model_names, reward_problems
 
     columns = sorted({k for r in rows for k in r}) if rows is not None else None
-    problems = reward_problems("ppo", ctx.reward, columns) + ptx_problems(ctx)
+    problems = reward_problems("ppo", ctx.reward, columns) + ptx_problems(ctx) + memory_problems(ctx)
     choice, models = ctx.method["critic_init"], reward_model_names(ctx.reward)
     critic = critic_problem(choice, models)
     if critic:
@@ -163,6 +172,31 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
         policy = load_tokenizer(ctx.model_cfg).get_vocab()
         if load_tokenizer(ModelConfig(name_or_path=path)).get_vocab() != policy:
             problems.append(_other_tokenizer(choice, path))
+    return problems
+
+
+def memory_problems(ctx) -> list[str]:
+    """What is wrong with the memory options (`method.critic`, `method.frozen_quant`)."""
+    problems = []
+    if ctx.method["critic"] == "shared":
+        if ctx.peft_cfg.method == "none":
+            problems.append(
+                "method.critic=shared needs peft=lora: the critic shares the policy's base weights, which "
+                "only stay the policy's own when they are frozen (each role trains its own adapter)"
+            )
+        if ctx.method["critic_init"] not in ("auto", "policy"):
+            problems.append(
+                f"method.critic=shared reads values from the policy's base, so it cannot start from a reward "
+                f"model (method.critic_init={ctx.method['critic_init']}): use method.critic_init=policy, or "
+                "method.critic=separate"
+            )
+    if ctx.method["frozen_quant"] == "4bit":
+        from ..modeling import check_bitsandbytes
+
+        try:
+            check_bitsandbytes()
+        except AlignError as err:
+            problems.append(f"method.frozen_quant=4bit: {err}")
     return problems
 
 
@@ -207,6 +241,34 @@ def zero_head(critic) -> None:
                 head.bias.zero_()
 
 
+def frozen_reference(ctx):
+    """The reference policy in 4 bit for `method.frozen_quant=4bit`, or None where it needs no copy.
+
+    A policy that trains whole needs a frozen copy of its start: loaded in NF4, it takes about a
+    quarter of the memory. Under LoRA the reference is the policy with its adapter off (no copy).
+    """
+    from ..config import QuantConfig
+
+    if ctx.peft_cfg.method != "none":
+        log.info(
+            "method.frozen_quant=4bit: the reference is the policy with its LoRA adapter off (no copy to "
+            "quantize%s); the reward models load in 4 bit",
+            ", and in 4 bit already with quant=4bit" if ctx.quant_cfg.bits else "",
+        )
+        return None
+    log.info("method.frozen_quant=4bit: the reference policy and the reward models load in 4 bit (NF4)")
+    return ctx.load_model(quant_cfg=QuantConfig(bits=4))
+
+
+def with_model_option(reward_cfg, key: str, value):
+    """A copy of the `reward` config with `key: value` set on every reward-model entry."""
+    from ..rewards import reward_model_names, set_entry_option
+
+    for name in reward_model_names(reward_cfg):
+        reward_cfg = set_entry_option(reward_cfg, name, key, value)
+    return reward_cfg
+
+
 def prompt_room(args: dict, model_cfg) -> PromptRoom | None:
     """Prompts are sampled from with max_new_tokens of room: longer ones would have to be cut."""
     import dataclasses
@@ -226,15 +288,30 @@ def build(ctx):
     from ..callbacks import collapse_watch
     from ..ppo.trainer import PPOTrainer
 
-    funcs, weights = rewards_for("ppo", ctx.reward, ctx.train_dataset.column_names)
+    problems = memory_problems(ctx)
+    if problems:
+        raise AlignError(problems[0])
+    frozen_4bit = ctx.method["frozen_quant"] == "4bit"
+    reward_cfg = with_model_option(ctx.reward, "quant", "4bit") if frozen_4bit else ctx.reward
+    funcs, weights = rewards_for("ppo", reward_cfg, ctx.train_dataset.column_names)
     args = ctx.trl_config(config_class())
-    source = critic_source(ctx.method["critic_init"], funcs, ctx.tokenizer)
+    shared = ctx.method["critic"] == "shared"
+    source = None if shared else critic_source(ctx.method["critic_init"], funcs, ctx.tokenizer)
     head_choice = ctx.method["critic_head"]
     if head_choice not in CRITIC_HEADS:
         raise AlignError(
             f"method.critic_head={head_choice!r} is not valid: use zero (V = 0 at the start) or keep"
         )
-    if source is None:
+    if shared:
+        from ..ppo.models import shared_base_critic
+
+        policy = ctx.load_model()
+        log.info(
+            "critic: a LoRA adapter and a new value head on the policy's own base weights "
+            "(method.critic=shared: no second copy of the base; V = 0 at the start)"
+        )
+        critic = shared_base_critic(policy, ctx.tokenizer.pad_token_id)
+    elif source is None:
         log.info("critic: the policy's weights with a new value head (V = 0 at the start)")
         with quiet_transformers():
             critic = ctx.load_model(kind="seq_cls")
@@ -245,7 +322,9 @@ def build(ctx):
             # The reward model's body (its features of the prompt), not its prefix scores (see the docstring).
             log.info("critic: the reward model's body with its head zeroed (V = 0 at the start)")
             zero_head(critic)
-    policy = ctx.load_model()
+    if not shared:
+        policy = ctx.load_model()
+    ref_model = frozen_reference(ctx) if frozen_4bit else None
     probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
     keys = PPO_KEYS if probe is None else dataclasses.replace(PPO_KEYS, reward=probe.reward_key)
     watch = collapse_watch(ctx.method, policy.config.vocab_size, keys)
@@ -257,6 +336,7 @@ def build(ctx):
         processing_class=ctx.tokenizer,
         train_dataset=ctx.train_dataset,
         eval_dataset=ctx.eval_dataset,
+        ref_model=ref_model,
         reward_funcs=funcs,
         reward_weights=weights,
         peft_config=ctx.lora("CAUSAL_LM"),

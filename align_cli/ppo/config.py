@@ -87,6 +87,13 @@ class PPOConfig(TrainingArguments):
             "as TRL's PPO fed it; needs the policy's tokenizer)."
         ),
     )
+    offload_reward_model: bool = field(
+        default=False,
+        metadata=_help(
+            "Keep the reward models in CPU memory between rollouts and move them to the accelerator only "
+            "while they score (frees their accelerator memory for generation and the update; a no-op on a CPU)."
+        ),
+    )
     total_episodes: int | None = field(
         default=None,
         metadata=_help(

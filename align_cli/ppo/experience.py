@@ -12,8 +12,10 @@ Shapes use B = rollout rows, P = prompt columns (left-padded), R = response colu
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,6 +46,13 @@ from .models import (
     sampling_logits,
     sampling_only,
 )
+
+log = logging.getLogger("align")
+
+
+def can_offload(device: torch.device) -> bool:
+    """Whether moving a model to CPU memory frees anything: only when the run computes elsewhere."""
+    return device.type != "cpu"
 
 
 @dataclass
@@ -159,9 +168,16 @@ class ExperienceMaker:
         self.probe, self.trainer_state = probe, trainer_state
         device = accelerator.device
         self.reward_funcs = list(reward_funcs)
+        # offload_reward_model: the reward models wait in CPU memory and visit the device to score.
+        self.offload = bool(args.offload_reward_model) and can_offload(device)
+        if args.offload_reward_model and not self.offload:
+            log.info(
+                "method.args.offload_reward_model: the run computes on the CPU, so the reward models stay in "
+                "CPU memory anyway (nothing to offload)"
+            )
         for func in self.reward_funcs:
             if hasattr(func, "to"):
-                func.to(device)
+                func.to("cpu" if self.offload else device)
         weights = reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs)
         self.reward_weights = torch.tensor(list(weights), dtype=torch.float32)
         self.reward_names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(self.reward_funcs)]
@@ -278,6 +294,19 @@ class ExperienceMaker:
             local = {name: sum(v) / len(v) for name, v in merged.items()}
         return local
 
+    @contextmanager
+    def reward_models_on_device(self):
+        """Where the reward models score: on the device; with `offload_reward_model`, moved there
+        for the duration and back to CPU memory after (a no-op otherwise)."""
+        movable = [f for f in self.reward_funcs if hasattr(f, "to")] if self.offload else []
+        for func in movable:
+            func.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for func in movable:
+                func.to("cpu")
+
     @torch.no_grad()
     def score(
         self,
@@ -303,6 +332,19 @@ class ExperienceMaker:
         columns = {k: v for k, v in batch.items() if k != "prompt"}
         last = sequences.shape[1] - width + last_token_index(response_mask)
         per_func = torch.full((len(rows), len(self.reward_funcs)), float("nan"))
+        with self.reward_models_on_device():
+            self._score_each(
+                per_func, sequences, attention_mask, last, prompts, completions, response_ids, columns
+            )
+            if self.offload and self.probe is not None:
+                self.probe.metrics()  # computed once (a frozen model): while the model is on the device
+        scores = (per_func * self.reward_weights).nansum(dim=1)  # an abstaining function adds 0
+        return scores.to(sequences.device), per_func, texts
+
+    def _score_each(
+        self, per_func, sequences, attention_mask, last, prompts, completions, response_ids, columns
+    ):
+        """Fills per_func (B, F) with each reward function's scores (nan where one abstained)."""
         for i, func in enumerate(self.reward_funcs):
             if i in self.token_reward_models:
                 with self.accelerator.autocast():
@@ -325,8 +367,6 @@ class ExperienceMaker:
                     **columns,
                 )
                 per_func[:, i] = torch.tensor([float("nan") if v is None else float(v) for v in out])
-        scores = (per_func * self.reward_weights).nansum(dim=1)  # an abstaining function adds 0
-        return scores.to(sequences.device), per_func, texts
 
     def penalize_missing_eos(
         self, scores: torch.Tensor, sequences: torch.Tensor, width: int

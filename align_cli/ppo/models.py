@@ -135,6 +135,68 @@ class PolicyAndCritic(nn.Module):
         return logits, critic_values(self.critic, inputs, response_length)
 
 
+# What transformers and peft read off a quantized model (QLoRA); a shared-base critic carries them too.
+QUANT_ATTRS = ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method", "hf_quantizer")
+
+
+def shared_base_critic(policy: nn.Module, pad_token_id: int | None = None) -> nn.Module:
+    """A critic whose body is the policy's own base weights, with a new zeroed value head.
+
+    For `method.critic=shared` under LoRA (the base stays frozen, so no role changes it): the
+    critic is a sequence-classification model of the policy's config whose backbone modules
+    are copies of the policy's, each holding the very same parameter and buffer tensors (no
+    second copy of the base in memory). LoRA then wraps the two sets of modules separately, so
+    the critic's adapter and head train on their own and the policy's forward never sees them.
+
+    Args:
+        policy: the causal LM, before its LoRA adapter is added.
+        pad_token_id: written into the critic's config.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    # The shell only: its body is replaced below, so nothing is allocated for it.
+    with torch.device("meta"):
+        critic = AutoModelForSequenceClassification.from_config(config)
+    body = backbone(policy)
+    shared = {id(t): t for t in [*body.parameters(), *body.buffers()]}
+    setattr(critic, critic.base_model_prefix, copy.deepcopy(body, shared))  # new modules, same tensors
+    old_head = value_head(critic)
+    weight = next(p for p in body.parameters() if p.is_floating_point())  # not a packed 4-bit one
+    head = nn.Linear(old_head.in_features, 1, bias=old_head.bias is not None)
+    head.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        head.weight.zero_()  # V = 0 at the start
+        if head.bias is not None:
+            head.bias.zero_()
+    name = next(n for n, m in critic.named_children() if m is old_head)
+    setattr(critic, name, head)
+    left = [n for n, t in [*critic.named_parameters(), *critic.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{type(critic).__name__}: {left[0]} is not part of the policy's base to share")
+    for attr in QUANT_ATTRS:
+        if hasattr(policy, attr):
+            setattr(critic, attr, getattr(policy, attr))
+    return critic
+
+
+def shared_storage(*modules: nn.Module) -> tuple[int, int]:
+    """(bytes of all the modules' parameters counted per module, bytes of the distinct tensors among them).
+
+    The two differ by what the modules share: for a shared-base critic beside its policy, the base.
+    """
+    total, seen = 0, {}
+    for module in modules:
+        for param in module.parameters():
+            size = param.numel() * param.element_size()
+            total += size
+            seen[param.data_ptr()] = max(seen.get(param.data_ptr(), 0), size)
+    return total, sum(seen.values())
+
+
 def with_lora(model: nn.Module, peft_config: Any, args: PPOConfig) -> nn.Module:
     from peft import get_peft_model, prepare_model_for_kbit_training
 

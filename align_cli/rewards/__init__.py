@@ -211,6 +211,16 @@ def reward_model_path(reward_cfg: dict | None, name: str) -> str | None:
     return str(options["path"]) if options.get("path") not in (None, "???") else None
 
 
+def set_entry_option(reward_cfg: dict | None, name: str, key: str, value: Any) -> dict:
+    """A copy of the `reward` config whose entry `name` has option `key` set to `value`."""
+    import copy
+
+    reward_cfg = copy.deepcopy(_plain(reward_cfg) or {})
+    cls, options = _resolve(name, reward_cfg[name])
+    reward_cfg[name] = {"type": cls.type, **options, key: value}
+    return reward_cfg
+
+
 def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], list[float]]:
     """Builds the reward functions and their weights from the `reward` config.
 

@@ -242,6 +242,7 @@ def check_entry(name: str, options: dict[str, Any]) -> None:
 
     probe = Reward.__new__(ModelReward)
     Reward.__init__(probe, name, **options)  # the option checks only
+    quant_bits(name, probe.quant)
     key = f"reward.{name}.path"
     check_path(str(probe.path), key)
     try:
@@ -254,32 +255,66 @@ def check_entry(name: str, options: dict[str, Any]) -> None:
         raise AlignError(f"{key}: {err}") from None
 
 
+def _load(model_cfg, path: str, quant_cfg, tokenizer):
+    """The reward model; an adapter folder (a `peft=lora` rm run) is merged into a scratch folder
+    first when it is loaded quantized (bitsandbytes quantizes a full model as it loads)."""
+    import shutil
+    import tempfile
+
+    from ..modeling import adapter_base, load_model, merge_adapter_folder
+
+    scratch = None
+    if quant_cfg is not None and adapter_base(path) is not None:
+        scratch = tempfile.mkdtemp(prefix="align-rm-")
+        path = merge_adapter_folder(model_cfg, path, os.path.join(scratch, "model"))
+    try:
+        return load_model(
+            model_cfg, quant_cfg, kind="seq_cls", path=path, num_labels=1, pad_token_id=tokenizer.pad_token_id
+        )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+QUANTS = {"none": None, "4bit": 4}  # reward.<name>.quant -> bits
+
+
+def quant_bits(name: str, quant: Any) -> int | None:
+    """The bits of `reward.<name>.quant` (None: full precision); raises a one-line AlignError for a bad value."""
+    key = "none" if quant is None else str(quant)
+    if key not in QUANTS:
+        raise AlignError(
+            f"reward.{name}.quant={quant!r} is not valid: use none (full precision) or 4bit (NF4, bitsandbytes)"
+        )
+    return QUANTS[key]
+
+
 class ModelReward(Reward):
     """Scores (prompt, completion) pairs with a reward model's single logit.
 
     The model is loaded when the reward is built (a bad path fails before training) and
-    runs on CPU until `to(device)` moves it beside the policy.
+    runs on CPU until `to(device)` moves it beside the policy. `quant=4bit` loads it in NF4
+    (bitsandbytes; a frozen model loses little to it), e.g. PPO's `method.frozen_quant=4bit`.
     """
 
     type = "model"
     main = "path"
-    options = {"path": ..., "batch_size": 16, "max_length": None, "dtype": "auto"}
+    options = {"path": ..., "batch_size": 16, "max_length": None, "dtype": "auto", "quant": "none"}
 
     def __init__(self, name: str, **options: Any) -> None:
         super().__init__(name, **options)
-        from ..config import ModelConfig
-        from ..modeling import load_model, load_tokenizer, resolve_model_path
+        from ..config import ModelConfig, QuantConfig
+        from ..modeling import load_tokenizer, resolve_model_path
 
         key = f"reward.{name}.path"
+        bits = quant_bits(name, self.quant)
         check_path(str(self.path), key)
         model_cfg = ModelConfig(name_or_path=str(self.path), dtype=str(self.dtype))
         try:
             path = resolve_model_path(model_cfg)
             check_checkpoint(path, key, str(self.path))
             self.tokenizer = load_tokenizer(model_cfg)
-            self.model = load_model(
-                model_cfg, kind="seq_cls", num_labels=1, pad_token_id=self.tokenizer.pad_token_id
-            )
+            self.model = _load(model_cfg, path, QuantConfig(bits=bits) if bits else None, self.tokenizer)
         except AlignError as err:
             if str(err).startswith(key):
                 raise
