@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "thin adapter: `align train` vs the same training on TRL directly",
     ),
     "ppo": ("scripts/bench_ppo.py", "PPO"),
+    "ppo-memory": ("scripts/bench_ppo_memory.py", "PPO memory: the four roles and the cheap options"),
 }
 
 DOC_HEADER = """# Benchmarks

@@ -105,6 +105,17 @@ def test_shared_critic_trains_its_own_adapter_on_the_policys_base_weights(tmp_pa
     assert trainer.ref_model is None  # the reference is still the policy with its adapter off
 
 
+def test_shared_critic_under_qlora_shares_the_4bit_base(tmp_path):
+    """quant=4bit peft=lora method.critic=shared: the critic's 4-bit layers hold the policy's packed weights."""
+    trainer = ppo(tmp_path, *LORA, "quant=4bit", "method.critic=shared", *SHORT)
+    policy, critic = trainer.policy, trainer.critic
+    assert linear4bit_count(critic) == linear4bit_count(policy) > 0
+    policy_ptrs = {p.data_ptr() for p in policy.parameters()}
+    packed = [p for n, p in critic.named_parameters() if p.dtype == torch.uint8]
+    assert packed and all(p.data_ptr() in policy_ptrs for p in packed)
+    assert any(p.abs().sum() > 0 for n, p in critic.named_parameters() if "lora_B" in n)
+
+
 def test_shared_critic_values_match_a_separate_critic_with_the_same_weights():
     """The shared critic reads V(s_t) exactly as a separate seq-cls copy of the policy with the same head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -255,3 +266,30 @@ def test_a_4bit_reward_model_scores_close_to_full_precision(rm_run_folder):
     assert spread > 0
     assert (a - b).abs().max() < 0.4 * spread, (a, b)  # measured: 0.28 x spread
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.98  # measured: 0.999
+
+
+# --- the benchmark's accounting (scripts/bench_ppo_memory.py) -----------------------------------
+
+
+def test_the_memory_benchmark_counts_each_roles_bytes(tmp_path, rm_run_folder):
+    """role_bytes on real runs: full fine-tuning holds four full copies; LoRA + shared critic + 4-bit
+    reward model holds one base, two adapters and a 4-bit reward model; the table renders both."""
+    from align_cli.testing import load_script
+
+    bench = load_script("bench_ppo_memory")
+    reward = ["reward=model", f"reward.model.path={rm_run_folder}"]
+    full = bench.role_bytes(ppo(tmp_path, *reward, *SHORT, name="full"))
+    cheap_overrides = [*LORA, *reward, "method.critic=shared", "method.frozen_quant=4bit", *SHORT]
+    cheap = bench.role_bytes(ppo(tmp_path, *cheap_overrides, name="cheap"))
+    # Policy and reference: the causal LM (tied LM head); critic and reward model: the same body + a value head.
+    assert full["policy"] == full["reference"] > 0 and full["critic"] == full["reward"]
+    assert abs(full["critic"] - full["policy"]) < full["policy"] / 100
+    assert full["trainable"] == full["policy"] + full["critic"]
+    assert cheap["reference"] == 0 and 0 < cheap["critic"] < full["critic"] / 4
+    assert 0 < cheap["reward"] < full["reward"] / 2 and cheap["policy"] > full["policy"]  # + its adapter
+    entry = {"params": 1e6, "steps": 2, "machine": "test"}
+    runs = {"full": {"roles": full, "rss_start_mb": 1, "peak_rss_mb": 2, "process_peak_rss_mb": 3}}
+    runs["lora-shared-4bit-frozen"] = {**runs["full"], "roles": cheap}
+    text = bench.markdown({"5m": {**entry, "results": runs}})
+    assert text.startswith("## PPO memory: the four roles and the cheap options")
+    assert "`method.critic=shared` `method.frozen_quant=4bit`" in text and "Machine: test." in text

@@ -31,6 +31,16 @@ advantage then had the sign of right/wrong for 77% of responses (45% with
 `method.args.score_norm=init`, whose scale the head does not share), against 94% with V = 0,
 and PPO did not learn the task. A critic from the policy always gets a new zeroed head.
 
+Memory on one GPU (the four roles; all off by default, measured in docs/benchmarks.md):
+
+- `method.critic=shared` (peft=lora): the critic's LoRA adapter and a new zeroed value head sit on
+  the policy's own base weights, the same tensors (`ppo.models.shared_base_critic`), so the base is
+  held once; it starts from the policy. `separate` (default): the critic is its own model.
+- `method.frozen_quant=4bit`: every reward model loads in NF4 (`reward.<name>.quant=4bit`), and so
+  does the reference when the policy trains whole (under LoRA it is the policy with its adapter off).
+- `method.args.offload_reward_model=true`: the reward models wait in CPU memory and visit the
+  accelerator only while they score (a no-op on a CPU).
+
 `method.args.ptx_coef` with `data.ptx_path=<demonstrations>` adds InstructGPT's pretraining
 mix (PPO-ptx): every optimiser step also minimises ptx_coef x the policy's language-model loss
 on a batch of the demonstrations (any SFT layout; align_cli/ppo/ptx.py). The KL penalty's pull
