@@ -243,11 +243,15 @@ def markdown(saved: dict) -> str:
         "",
         "Columns: the four roles, MB of parameters each (the critic and the reference count only tensors the "
         "policy does not already hold; a 4-bit tensor counts its packed bytes and its quantization constants); "
-        "the trainable MB (AdamW keeps 2 x that beside them); the process's resident memory when training "
-        "starts (models loaded; glibc's freed loading buffers returned with malloc_trim first), its peak "
-        "(VmHWM) over the training loop alone (reset when training starts) and over the whole run (imports "
-        "and loading included: a 4-bit model is quantized from a full-precision load, so its loading peak "
-        "stays).",
+        "the trainable MB (AdamW keeps 2 x that beside them); then the process's memory. Anonymous resident "
+        "memory (RssAnon: what the process allocated) when training starts (models loaded; glibc's freed "
+        "loading buffers returned first, and a fixed mmap threshold so it returns large blocks at once) and its "
+        "peak over the training loop (sampled every 5 ms): the figure that follows the options. File-backed "
+        "resident memory at the start: transformers maps each float32 safetensors file and uses its pages as a "
+        "frozen model's weights (no private copy on a CPU), and a 4-bit load reads the whole file through that "
+        "map, so these pages (the page cache's, shared and reclaimable) grow with the 4-bit options here, where "
+        "a GPU would hold the weights in its own memory. Last, the total peak (VmHWM, file pages included) over "
+        "the training loop and over the whole run (imports and loading included).",
     ]
     for size, entry in saved.items():
         results = entry["results"]

@@ -288,7 +288,8 @@ def test_the_memory_benchmark_counts_each_roles_bytes(tmp_path, rm_run_folder):
     assert cheap["reference"] == 0 and 0 < cheap["critic"] < full["critic"] / 4
     assert 0 < cheap["reward"] < full["reward"] / 2 and cheap["policy"] > full["policy"]  # + its adapter
     entry = {"params": 1e6, "steps": 2, "machine": "test"}
-    runs = {"full": {"roles": full, "rss_start_mb": 1, "peak_rss_mb": 2, "process_peak_rss_mb": 3}}
+    measured = dict.fromkeys(("anon_start_mb", "anon_peak_mb", "file_start_mb", "peak_rss_mb"), 1.0)
+    runs = {"full": {"roles": full, **measured, "process_peak_rss_mb": 3.0}}
     runs["lora-shared-4bit-frozen"] = {**runs["full"], "roles": cheap}
     text = bench.markdown({"5m": {**entry, "results": runs}})
     assert text.startswith("## PPO memory: the four roles and the cheap options")
