@@ -194,6 +194,11 @@ def memory_problems(ctx) -> list[str]:
                 "method.critic=shared needs peft=lora: the critic shares the policy's base weights, which "
                 "only stay the policy's own when they are frozen (each role trains its own adapter)"
             )
+        if ctx.dist.name != "ddp":
+            problems.append(
+                f"method.critic=shared is not supported with dist={ctx.dist.name}: the policy and the critic share "
+                "base tensors, which sharding each of them would split; use dist=ddp or method.critic=separate"
+            )
         if ctx.method["critic_init"] not in ("auto", "policy"):
             problems.append(
                 f"method.critic=shared reads values from the policy's base, so it cannot start from a reward "
