@@ -14,8 +14,9 @@ policy's shape (a trained head is not what this measures). Per run:
   weights and any adapter), the critic (only what it does not share with the policy), the
   reference (0 when it is the policy with its adapter off) and the reward model; a 4-bit
   tensor counts its packed bytes and its quantization constants (absmax);
-- peak resident memory (Linux VmHWM): of the whole process (loading included) and of the
-  training loop alone (VmHWM reset when training starts, as bench_ppo.py's Meter does).
+- resident memory: anonymous (RssAnon) at the start of training and its peak over the loop
+  (sampled), file-backed (RssFile: mapped checkpoints) at the start, and the total peak (Linux
+  VmHWM) of the training loop (reset when it starts, as bench_ppo.py's Meter does) and of the run.
 
 `method.args.offload_reward_model` is a no-op on a CPU (the reward model is already in CPU
 memory), so it has no row here; scripts/bench_gpu.py is where it would show.
@@ -268,7 +269,7 @@ def markdown(saved: dict) -> str:
         "## PPO memory: the four roles and the cheap options",
         "",
         "Reproduce: `python3 scripts/bench_ppo_memory.py` (5m: about 2 minutes on one core; part of `make bench`; "
-        "`--size 50m` adds the larger model's table). One short `align train method=ppo` run per configuration, "
+        "`--size 50m` adds the ~50M model's table: some 15 minutes). One short `align train method=ppo` run per configuration, "
         "each its own process, on bench_ppo.py's random-init Qwen2 grid policy (float32, 1,024-token "
         "vocabulary) with a random-init reward model of the same shape (`reward=model`; the critic starts from "
         "it unless it is shared), 16 prompts per rollout, 32 new tokens, 2 PPO epochs of 2 mini-batches, LoRA "
@@ -297,13 +298,14 @@ def markdown(saved: dict) -> str:
         "Reading the figures. The roles' MB are what an accelerator holds (each role's weights in device "
         "memory); that is where these options are for. On this CPU the resident memory says less, for three "
         "reasons: (1) a frozen float32 model loaded from safetensors is not copied: its weights are pages of the "
-        "mapped file (file RSS: the page cache's, shared and dropped under pressure), and a LoRA base is frozen "
-        "too, so sharing the critic's base shows in the file pages and in VmHWM, not in anonymous memory; "
+        "mapped file (file RSS: the page cache's, shared and dropped under pressure), faulted in when first "
+        "read, so mostly after the start and counted by VmHWM; a LoRA base is frozen too, so sharing the "
+        "critic's base shows in VmHWM (by the critic's whole base), not in anonymous memory; "
         "(2) a 4-bit role is a private (anonymous) copy, and its load reads the whole file through the map, so "
         "4-bit frozen roles save anonymous memory only where the full-precision role was a private copy (the "
         "reference of a full fine-tuning run: a deep copy of the policy); (3) the process's fixed cost (the "
         "interpreter, torch, transformers, bitsandbytes) and the training loop's own growth (activations, "
-        "gradients, AdamW state: it follows the trainable MB) dwarf 5M-parameter roles. "
+        "gradients, AdamW state: it follows the trainable MB) come on top, and at 5M parameters dwarf the roles. "
         "`method.args.offload_reward_model=true` keeps the reward model in CPU memory and moves it to the "
         "accelerator only while it scores; on a CPU it is a no-op (said in the log), so it has no row here.",
     ]
