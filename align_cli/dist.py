@@ -76,10 +76,10 @@ def config_problem(
         )
     if dist.name == "ddp":
         return None
-    if method_name == "ppo":
+    if method_name == "ppo" and dist.name != "fsdp":
         return (
-            f"dist={dist.name} does not apply to method=ppo: align's PPO loop trains policy and critic as "
-            "one DDP module (dist=ddp); for sharded RL training use method=grpo with dist=fsdp, zero2 or zero3"
+            f"dist={dist.name} does not apply to method=ppo: align's PPO loop shards with dist=fsdp (FSDP2) "
+            "or runs dist=ddp; for DeepSpeed ZeRO use method=grpo"
         )
     if quant_bits:
         return f"quant={quant_bits}bit with dist={dist.name} is not supported: use dist=ddp for QLoRA runs"

@@ -179,7 +179,10 @@ def prepare_roles(
             disable_dropout(module)
     if ref_model is not None:
         ref_model.requires_grad_(False).eval()
-    if args.activation_checkpointing:
+    # dist=fsdp moves the setting into FSDP's config (dist.training_args); our loop shards the
+    # roles itself (sharding.py), so it is applied here either way.
+    fsdp_checkpointing = (getattr(args, "fsdp_plugin_args", None) or {}).get("activation_checkpointing")
+    if args.activation_checkpointing or fsdp_checkpointing:
         for module in (policy, critic):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, critic, ref_model

@@ -19,6 +19,7 @@ reference and how each role is read is `models.py`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -48,7 +49,10 @@ from .models import (  # noqa: F401  (forward_inputs, reward_model_scores, sampl
     value_head,
 )
 from .ptx import tokenize_demonstrations
+from .sharding import local_and_total_numel, shard_roles
 from .update import PPOUpdate
+
+log = logging.getLogger("align")
 
 
 def tokenize_prompts(tokenizer: Any, dataset: Any, args: PPOConfig) -> list[list[int]]:
@@ -235,8 +239,30 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         world = self.accelerator.num_processes
         episodes_per_step = args.rollout_batch_size * world
 
-        self.create_optimizer()
-        model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.is_fsdp_enabled:
+            # FSDP2 per role (sharding.py), then the optimiser over the sharded parameters.
+            shard_roles(
+                self.accelerator,
+                self.policy,
+                self.critic,
+                self.ref_model,
+                list(args.fsdp_config.get("transformer_layer_cls_to_wrap") or []),
+            )
+            held, total = local_and_total_numel(self.policy)
+            log.info(
+                "dist=fsdp: policy, critic%s sharded over %d processes (this one holds %d of the policy's %d "
+                "parameters)",
+                " and reference" if self.ref_model is not None else "",
+                self.accelerator.num_processes,
+                held,
+                total,
+            )
+            self.create_optimizer()
+            # (accelerate's `prepare` would shard the whole module once more, as one root.)
+            model, self.optimizer = self.model, self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self.create_optimizer()
+            model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped = model
         self.create_scheduler(num_training_steps=max_steps * args.num_ppo_epochs * args.num_mini_batches)
 
