@@ -160,6 +160,14 @@ info = {"rank": rank, "fsdp": t.is_fsdp_enabled, "forwards": forwards[0],
         "held": {name: local_and_total_numel(m) for name, m in
                  (("policy", t.policy), ("critic", t.critic), ("reference", t.ref_model)) if m is not None},
         "checksum": float(sum(p.detach().double().sum() for p in full))}
+earlier = os.path.join(sys.argv[1], "checkpoint-2")
+if t.state.global_step > 2 and os.path.isdir(earlier):
+    # What a stop on collapse does after training: an earlier checkpoint loaded into the shards.
+    from align_cli.compat import load_checkpoint
+
+    load_checkpoint(t, earlier)
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in t.policy.parameters()]
+    info["restored"] = float(sum(p.detach().double().sum() for p in full))
 with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
     json.dump(info, f)
 """
@@ -171,6 +179,10 @@ PPO_SHORT = [
     "method.args.max_new_tokens=8",
     "plot=false",
 ]
+
+
+def checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
 def ppo_sharded_on_two_ranks(infos: list[dict], roles: tuple[str, ...]) -> None:
@@ -210,7 +222,7 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     # moved from the start; the checkpoint's critic loads as the value model it is.
     start = AutoModelForCausalLM.from_pretrained(build_tiny_model())
     saved = AutoModelForCausalLM.from_pretrained(run)
-    assert float(sum(p.double().sum() for p in saved.parameters())) == pytest.approx(infos[0]["checksum"], rel=1e-6)
+    assert checksum(saved) == pytest.approx(infos[0]["checksum"], rel=1e-6)
     moved = [not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters(), strict=True)]
     assert sum(moved) > len(moved) // 2
     checkpoint = run / "checkpoint-2"
@@ -225,8 +237,12 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted({s for s in steps if s is not None}) == [1, 2, 3]
     resumed = AutoModelForCausalLM.from_pretrained(run)
-    assert float(sum(p.double().sum() for p in resumed.parameters())) == pytest.approx(infos[0]["checksum"], rel=1e-6)
+    assert checksum(resumed) == pytest.approx(infos[0]["checksum"], rel=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), saved.parameters(), strict=True))
+    # checkpoint-2 loaded back into the sharded policy after training: its weights on both ranks.
+    at_step_2 = checksum(AutoModelForCausalLM.from_pretrained(checkpoint))
+    assert infos[0]["restored"] == pytest.approx(at_step_2, rel=1e-6)
+    assert infos[1]["restored"] == pytest.approx(at_step_2, rel=1e-6)
 
 
 def test_fsdp_ppo_with_lora_on_two_cpu_processes_trains_and_saves_the_adapter(tmp_path):

@@ -53,7 +53,9 @@ def load_saved_weights(module: nn.Module, folder: str) -> None:
     if sharded:  # full tensors from the file(s), each rank keeping its shard
         import glob
 
-        files = [path] if os.path.exists(path) else sorted(glob.glob(os.path.join(folder, "model-*.safetensors")))
+        files = (
+            [path] if os.path.exists(path) else sorted(glob.glob(os.path.join(folder, "model-*.safetensors")))
+        )
         state: dict[str, torch.Tensor] = {}
         for file in files:
             state.update(load_file(file))

@@ -46,10 +46,10 @@ class PPOEvaluation:
             rows = mine[s : s + size]
             if lockstep:
                 filler = [0] * (min(size, most - s) - len(rows))
-                sequences, attention_mask, mask = maker.sample([prompt_ids[r] for r in rows + filler])
-                sequences, attention_mask, mask = sequences[: len(rows)], attention_mask[: len(rows)], mask[: len(rows)]
+                sampled = maker.sample([prompt_ids[r] for r in rows + filler])
                 if not rows:
                     continue
+                sequences, attention_mask, mask = (t[: len(rows)] for t in sampled)
             else:
                 sequences, attention_mask, mask = maker.sample([prompt_ids[r] for r in rows])
             score, per_func, texts = maker.score(rows, dataset, sequences, attention_mask, mask)

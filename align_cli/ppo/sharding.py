@@ -63,7 +63,11 @@ def _shard(model: nn.Module, roots: list[nn.Module], layers: set[str], kwargs: d
 
 
 def shard_roles(
-    accelerator: Any, policy: nn.Module, critic: nn.Module, ref_model: nn.Module | None, layer_classes: list[str]
+    accelerator: Any,
+    policy: nn.Module,
+    critic: nn.Module,
+    ref_model: nn.Module | None,
+    layer_classes: list[str],
 ) -> None:
     """Shards policy, critic and reference in place (their parameters become DTensors).
 
