@@ -114,7 +114,8 @@ def sampling_only(model: nn.Module, config: GenerationConfig):
 
 
 class PolicyAndCritic(nn.Module):
-    """The two trained networks as one module: one optimiser, one `accelerator.prepare`, one DDP wrapper."""
+    """The two trained networks as one module: one optimiser, one `accelerator.prepare`, one DDP wrapper
+    (under dist=fsdp, no wrapper: each network's parts are FSDP2 roots of their own, sharding.py)."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module):
         super().__init__()

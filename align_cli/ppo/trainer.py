@@ -14,7 +14,8 @@ Each step (one `global_step`):
 
 The policy and the critic train as one module (`models.PolicyAndCritic`) with one optimiser
 (the critic in its own param groups with `critic_learning_rate`). Which module plays the
-reference and how each role is read is `models.py`.
+reference and how each role is read is `models.py`; under `dist=fsdp`, how each is sharded is
+`sharding.py`.
 """
 
 from __future__ import annotations
