@@ -39,7 +39,8 @@ GRPO, PPO). Our PPO loop takes `ddp` and `fsdp`:
   batches. `peft=lora` works: the reference is then the sharded policy with its adapter off.
   Saves gather the full weights on rank 0 (`model.safetensors` or the adapter, the critic in
   `critic/`), which resuming reads as under ddp; the optimizer goes through accelerate's FSDP
-  files (`optimizer.bin`).
+  file (`optimizer.bin`), without transformers' second copy of the weights
+  (`pytorch_model_fsdp.bin`, see compat.loop_trainer_base).
 - `zero2`/`zero3` are refused for PPO: the loop samples from its policy between updates, and
   under ZeRO-3 that needs DeepSpeed's own parameter gathering, which it does not have (and
   which cannot be tested without DeepSpeed and a GPU); `dist=fsdp` is the sharded choice, or

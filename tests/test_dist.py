@@ -227,6 +227,8 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     assert sum(moved) > len(moved) // 2
     checkpoint = run / "checkpoint-2"
     assert checkpoint_problem(checkpoint) is None
+    # The optimizer in accelerate's FSDP file; the weights once (not again in pytorch_model_fsdp.bin).
+    assert (checkpoint / "optimizer.bin").is_file() and not list(checkpoint.glob("pytorch_model_fsdp*"))
     critic = AutoModelForSequenceClassification.from_pretrained(checkpoint / "critic")
     assert critic.config.num_labels == 1 and float(critic.score.weight.abs().sum()) > 0  # trained from V = 0
     # As if killed after its checkpoint: the finished model and summary gone, then resumed to step 3.
