@@ -73,6 +73,13 @@ class DataConfig:
     # ppo: demonstrations (any SFT layout, a file/folder/hub id/list as data.path) for the PPO-ptx
     # loss, weighted by method.args.ptx_coef; `align pipeline recipe=rlhf` wires in the SFT stage's data.
     ptx_path: Any = None
+    # How data.ptx_path is read, as data.format/columns/subset/split/dataset read data.path (the
+    # pipeline's `ptx: <sft stage>` wire copies that stage's own values).
+    ptx_format: str = "auto"
+    ptx_columns: dict[str, str] = field(default_factory=dict)
+    ptx_subset: str | None = None
+    ptx_split: str = "train"
+    ptx_dataset: str | None = None
 
     def __post_init__(self):
         if not 0 <= self.eval_ratio < 1:
@@ -273,7 +280,7 @@ def register() -> None:
 # their complaint into a one-line error); Hydra would otherwise insist on `+` for every key the
 # method yaml does not list (`method.args` is an open dict in `MethodSettings`). `++` adds or
 # overrides, so the user never needs to know which.
-OPEN_PREFIXES = ("method.args.", "data.columns.", "reward.timeout")
+OPEN_PREFIXES = ("method.args.", "data.columns.", "data.ptx_columns.", "reward.timeout")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:

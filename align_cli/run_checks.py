@@ -169,12 +169,13 @@ def checked_config(cfg: DictConfig):
         dist=typed(cfg, "dist", schema.DistConfig),
         data_cfg=data_cfg,
     )
-    from .methods.ptx_data import PTX_METHODS
+    from .methods.ptx_data import PTX_METHODS, ptx_read_keys_set
 
-    if data_cfg.ptx_path is not None and method["name"] not in PTX_METHODS:
+    ptx_keys = (["data.ptx_path"] if data_cfg.ptx_path is not None else []) + ptx_read_keys_set(data_cfg)
+    if ptx_keys and method["name"] not in PTX_METHODS:
         raise AlignError(
-            f"data.ptx_path is the ptx loss's data (ppo and grpo): method={method['name']} reads none "
-            "(drop data.ptx_path)"
+            f"{ptx_keys[0]} belongs to the ptx loss's data (ppo and grpo): method={method['name']} reads none "
+            f"(drop {', '.join(ptx_keys)})"
         )
     from .dist import config_problem
 

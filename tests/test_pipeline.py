@@ -284,6 +284,28 @@ def test_ptx_data_is_the_sft_stages_data_unless_the_ppo_stage_names_its_own(tmp_
     assert [s for s in p.stages if s.name == "ppo"][0].cfg.data.ptx_path == own
 
 
+def test_the_ptx_wire_reads_the_sft_data_as_the_sft_stage_reads_it(tmp_path):
+    from align_cli.config import DataConfig
+    from align_cli.methods.ptx_data import read_ptx
+    from align_cli.run_checks import typed
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": f"Name colour {i}.", "reply": f"Colour {i} is blue."} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    p = plan(
+        [f"sft.data.path={path}", "sft.data.columns.prompt=question", "sft.data.columns.completion=reply"],
+        None,
+    )
+    (ppo,) = [s for s in p.stages if s.name == "ppo"]
+    assert ppo.cfg.data.ptx_path == str(path)
+    assert dict(ppo.cfg.data.ptx_columns) == {"prompt": "question", "completion": "reply"}
+    assert dict(ppo.cfg.data.columns) == {}  # the PPO stage's own prompt file keeps its own reading
+    loaded = read_ptx(typed(ppo.cfg, "data", DataConfig), conversational=False)
+    assert [(r["prompt"], r["completion"]) for r in loaded.rows] == [
+        (r["question"], r["reply"]) for r in rows
+    ]
+
+
 def test_stage_keys_reach_hydra_and_come_back_as_typed():
     from align_cli.pipeline_plan import decode, encode
 

@@ -113,7 +113,8 @@ def test_ptx_settings_are_checked_before_loading(tmp_path, caplog):
     with pytest.raises(AlignError, match=r"ptx_coef=-1 must not be negative"):
         check("method.args.ptx_coef=-1", f"data.ptx_path={path}")
     with pytest.raises(
-        AlignError, match=r"data\.ptx_path is the ptx loss.s data \(ppo and grpo\): method=dpo reads none"
+        AlignError,
+        match=r"data\.ptx_path belongs to the ptx loss.s data \(ppo and grpo\): method=dpo reads none",
     ):
         train(compose(["method=dpo", f"data.ptx_path={path}", "method.args.max_steps=1"], tmp_path / "dpo"))
     bad = demos(tmp_path, [{"instruction": "ok", "output": "fine"}, {"instruction": "", "output": 3}])
@@ -124,3 +125,47 @@ def test_ptx_settings_are_checked_before_loading(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="align"):
         check(f"data.ptx_path={path}")
     assert "data.ptx_path is set but method.args.ptx_coef is 0" in caplog.text
+    with pytest.raises(
+        AlignError, match=r"data\.ptx_columns says how data\.ptx_path is read, but data\.ptx_path is not set"
+    ):
+        check("data.ptx_columns.prompt=question")
+    with pytest.raises(AlignError, match=r"data\.ptx_format belongs to the ptx loss.s data .*method=dpo"):
+        train(compose(["method=dpo", "data.ptx_format=alpaca", "method.args.max_steps=1"], tmp_path / "dpo2"))
+
+
+def test_ptx_data_in_its_own_layout_is_read_with_data_ptx_columns(tmp_path):
+    from align_cli.methods.ptx_data import read_ptx
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": f"What is {i} plus one?", "reply": f"It is {i + 1}."} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = compose(
+        [
+            "method=ppo",
+            f"data.ptx_path={path}",
+            "data.ptx_columns.prompt=question",
+            "data.ptx_columns.completion=reply",
+        ],
+        tmp_path / "r",
+    )
+    from align_cli.config import DataConfig
+    from align_cli.run_checks import typed
+
+    loaded = read_ptx(typed(cfg, "data", DataConfig), conversational=False)
+    assert [(r["prompt"], r["completion"]) for r in loaded.rows] == [
+        (r["question"], r["reply"]) for r in rows
+    ]
+    with pytest.raises(AlignError, match=r"data\.ptx_columns\.completion=replyy: .*has no column 'replyy'"):
+        train(
+            compose(
+                [
+                    "method=ppo",
+                    "reward=length",
+                    "method.args.ptx_coef=1",
+                    f"data.ptx_path={path}",
+                    "data.ptx_columns.prompt=question",
+                    "data.ptx_columns.completion=replyy",
+                ],
+                tmp_path / "bad",
+            )
+        )
