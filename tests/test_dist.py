@@ -209,7 +209,11 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     demos.write_text(
         "".join(json.dumps({"instruction": f"Say {i}.", "output": f"It is {i}."}) + "\n" for i in range(6))
     )
+    # One eval prompt: rank 1 has none, yet must sample beside rank 0 (the sharded policy).
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")
     args = [*PPO_SHORT, "method.args.save_steps=2", f"data.ptx_path={demos}", "method.args.ptx_coef=0.5"]
+    args.append(f"data.eval_path={eval_file}")
     infos = fsdp_on_two_ranks(tmp_path, [*args, "method.args.max_steps=2"], PPO_PROBE)
     ppo_sharded_on_two_ranks(infos, ("policy", "critic", "reference"))
     run = tmp_path / "run"
@@ -218,6 +222,9 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     assert [r["step"] for r in train_rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["ptx_loss"]) for r in train_rows)
     assert any("eval_score" in r for r in logged)  # evaluation sampled from the sharded policy too
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(row["prompt"] == "Say something kind." for row in samples)
+    assert len({row["step"] for row in samples}) == len(samples)  # one row per evaluation, written once
     # The run folder: a plain model that transformers loads, the same weights as the ranks held,
     # moved from the start; the checkpoint's critic loads as the value model it is.
     start = AutoModelForCausalLM.from_pretrained(build_tiny_model())

@@ -36,6 +36,8 @@ from .models import backbone, unwrap_peft, value_head
 
 def fsdp_units(module: nn.Module) -> list[nn.Module]:
     """The FSDP2 modules (`fully_shard` applied) in `module`, itself included."""
+    if not torch.distributed.is_available():  # a torch build without it shards nothing
+        return []
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
@@ -112,7 +114,8 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[None]:
     """The sharded policy's full weights on every rank for the length of a `generate` call.
 
     Without it each decoding step would all-gather every layer again (reshard after forward).
-    A no-op for an unsharded policy.
+    A no-op for an unsharded policy. Resharding after forward is switched back on after, as
+    dist=fsdp always sets it (full shard).
     """
     units = fsdp_units(policy)
     if not units:
@@ -127,11 +130,6 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
-
-
-def set_requires_gradient_sync(module: nn.Module, requires: bool) -> None:
-    for unit in fsdp_units(module):
-        unit.set_requires_gradient_sync(requires, recurse=False)
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

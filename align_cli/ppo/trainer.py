@@ -137,7 +137,9 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
             callbacks=callbacks,
         )
         self.ref_model = ref_model
-        if ref_model is not None and not is_quantized(ref_model):
+        # Under FSDP, fully_shard moves each layer to the device as it shards it (train()), as
+        # transformers leaves policy and critic where they are: no whole copy on the device first.
+        if ref_model is not None and not is_quantized(ref_model) and not self.is_fsdp_enabled:
             ref_model.to(self.accelerator.device)
         self.experience_maker = ExperienceMaker(
             policy,

@@ -141,7 +141,7 @@ class PPOUpdate:
                         self.ptx_step(model)
                 for a in range(accumulation):
                     part = experience.select(mini[a * micro : (a + 1) * micro])
-                    # Gradients are all-reduced once per optimiser step, not per micro-batch.
+                    # DDP: gradients are all-reduced once per optimiser step, not per micro-batch.
                     sync = a == accumulation - 1
                     with nullcontext() if sync else self._unsynced(model):
                         self.training_step(model, part, tokens)
