@@ -198,7 +198,7 @@ def ppo_sharded_on_two_ranks(infos: list[dict], roles: tuple[str, ...]) -> None:
     assert infos[0]["forwards"] == infos[1]["forwards"] > 0
 
 
-def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_and_resumes(tmp_path):
+def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_and_resumes_exactly(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -212,14 +212,20 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     # One eval prompt: rank 1 has none, yet must sample beside rank 0 (the sharded policy).
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")
-    args = [*PPO_SHORT, "method.args.save_steps=2", f"data.ptx_path={demos}", "method.args.ptx_coef=0.5"]
-    args.append(f"data.eval_path={eval_file}")
-    infos = fsdp_on_two_ranks(tmp_path, [*args, "method.args.max_steps=2"], PPO_PROBE)
+    # A constant learning rate: a run resumed at step 2 must then end where the whole run ended.
+    args = [
+        *PPO_SHORT,
+        "method.args.max_steps=3",
+        "method.args.save_steps=2",
+        "method.args.lr_scheduler_type=constant",
+    ]
+    args += [f"data.ptx_path={demos}", "method.args.ptx_coef=0.5", f"data.eval_path={eval_file}"]
+    infos = fsdp_on_two_ranks(tmp_path, args, PPO_PROBE)
     ppo_sharded_on_two_ranks(infos, ("policy", "critic", "reference"))
     run = tmp_path / "run"
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in logged if "policy_loss" in r]
-    assert [r["step"] for r in train_rows] == [1, 2]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["ptx_loss"]) for r in train_rows)
     assert any("eval_score" in r for r in logged)  # evaluation sampled from the sharded policy too
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
@@ -238,20 +244,22 @@ def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_an
     assert (checkpoint / "optimizer.bin").is_file() and not list(checkpoint.glob("pytorch_model_fsdp*"))
     critic = AutoModelForSequenceClassification.from_pretrained(checkpoint / "critic")
     assert critic.config.num_labels == 1 and float(critic.score.weight.abs().sum()) > 0  # trained from V = 0
-    # As if killed after its checkpoint: the finished model and summary gone, then resumed to step 3.
-    for name in ("summary.json", "model.safetensors", "config.json"):
-        (run / name).unlink()
-    infos = fsdp_on_two_ranks(tmp_path, [*args, "method.args.max_steps=3", "resume=true"], PPO_PROBE)
-    ppo_sharded_on_two_ranks(infos, ("policy", "critic", "reference"))
-    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({s for s in steps if s is not None}) == [1, 2, 3]
-    resumed = AutoModelForCausalLM.from_pretrained(run)
-    assert checksum(resumed) == pytest.approx(infos[0]["checksum"], rel=1e-6)
-    assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), saved.parameters(), strict=True))
     # checkpoint-2 loaded back into the sharded policy after training: its weights on both ranks.
     at_step_2 = checksum(AutoModelForCausalLM.from_pretrained(checkpoint))
-    assert infos[0]["restored"] == pytest.approx(at_step_2, rel=1e-6)
-    assert infos[1]["restored"] == pytest.approx(at_step_2, rel=1e-6)
+    assert at_step_2 != pytest.approx(infos[0]["checksum"], rel=1e-6)
+    assert [i["restored"] for i in infos] == pytest.approx([at_step_2, at_step_2], rel=1e-6)
+    # As if killed right after checkpoint-2: what came later is gone; resumed, the run ends on the
+    # same weights (optimizer, scheduler, RNG and KL state all restored under FSDP).
+    shutil.rmtree(run / "checkpoint-3")
+    for name in ("summary.json", "model.safetensors", "config.json"):
+        (run / name).unlink()
+    whole_run = infos[0]["forwards"]
+    infos = fsdp_on_two_ranks(tmp_path, [*args, "resume=true"], PPO_PROBE)
+    ppo_sharded_on_two_ranks(infos, ("policy", "critic", "reference"))
+    assert infos[0]["forwards"] < whole_run / 2  # it sampled step 3 only, not the run again
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({s for s in steps if s is not None}) == [1, 2, 3]
+    assert checksum(AutoModelForCausalLM.from_pretrained(run)) == pytest.approx(checksum(saved), rel=1e-9)
 
 
 def test_fsdp_ppo_with_lora_on_two_cpu_processes_trains_and_saves_the_adapter(tmp_path):
