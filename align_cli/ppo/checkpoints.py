@@ -71,11 +71,15 @@ def load_saved_weights(module: nn.Module, folder: str) -> None:
 
 def _gathered(module: nn.Module) -> dict[str, torch.Tensor] | None:
     """A sharded module's full state dict for `save_pretrained` (rank 0; every rank must call it),
-    without the second name of a tied weight, as `save_pretrained` itself writes; None when unsharded."""
+    without the second name of a tied weight, as `save_pretrained` itself writes; None when unsharded.
+
+    With a LoRA adapter, only what trains is gathered: `save_pretrained` writes the adapter alone.
+    """
     if not is_sharded(module):
         return None
     tied = _tied_names(module)
-    return {k: v for k, v in full_state_dict(module).items() if k not in tied}
+    state = full_state_dict(module, trained_only=hasattr(module, "peft_config"))
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 class PPOCheckpoints:

@@ -132,11 +132,17 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module`'s full state dict, gathered on CPU on rank 0 (empty elsewhere); every rank must call it."""
+def full_state_dict(module: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """`module`'s full state dict, gathered on CPU on rank 0 (empty elsewhere); every rank must call it.
+
+    Args:
+        module: a sharded module.
+        trained_only: only the parameters that train (a LoRA adapter's), not the frozen base.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    return get_model_state_dict(module, options=options)
 
 
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> Any:
