@@ -1,6 +1,7 @@
 """How the processes of one `torchrun` launch share a run: `dist=ddp|fsdp|zero2|zero3`.
 
     torchrun --nproc_per_node 8 -m align_cli.cli train method=dpo dist=fsdp
+    torchrun --nproc_per_node 8 -m align_cli.cli train method=ppo dist=fsdp      # our PPO loop too
     torchrun --nproc_per_node 8 -m align_cli.cli train method=sft dist=zero3    # pip install 'align-cli[deepspeed]'
 
 - `ddp` (default): every rank holds the whole model; gradients are all-reduced.
@@ -22,10 +23,31 @@ plugin there: see compat.fsdp_on_cpu); `zero2`/`zero3` need GPUs. Keys checked a
 transformers 5.24 (`TrainingArguments._process_fsdp_args`) and accelerate 1.15.
 
 The trainer settings go into every TrainingArguments-based method config (SFT, RM, DPO, KTO,
-GRPO). Our PPO loop is DDP only and says so: it trains policy and critic as one DDP module and
-samples from the unwrapped policy, which a sharded policy (FSDP, ZeRO-3) cannot do without
-gathering its weights for every rollout. The FSDP/DeepSpeed keys of method.args
-(`fsdp`, `fsdp_config`, `deepspeed`) are refused: `dist=` is the one way to set them.
+GRPO, PPO). Our PPO loop takes `ddp` and `fsdp`:
+
+- under `fsdp` it shards its networks itself (align_cli/ppo/sharding.py) rather than through
+  accelerate's `prepare`, which makes one module the single FSDP root, while PPO reads its
+  networks through several doors (`generate`, the policy's forward, the critic's backbone and
+  value head apart). The policy, the critic's backbone, its value head and the reference are
+  each an FSDP2 root with one unit per decoder layer. The reference is sharded, not replicated:
+  it is as large as the policy and frozen (no optimiser state), so a full copy per rank would
+  cost more memory than the sharded policy itself. Reward models are replicated (a full copy
+  per rank): reward functions call them per rank, on text, as often as they like, which a
+  sharded module (whose every call is a collective) cannot allow. Each rollout gathers the
+  policy's full weights once for `generate` (`synced_gpus=True`, so a rank whose responses all
+  stopped keeps stepping with the others) and evaluation runs every rank through the same
+  batches. `peft=lora` works: the reference is then the sharded policy with its adapter off.
+  Saves gather the full weights on rank 0 (`model.safetensors` or the adapter, the critic in
+  `critic/`), which resuming reads as under ddp; the optimizer goes through accelerate's FSDP
+  file (`optimizer.bin`), without transformers' second copy of the weights
+  (`pytorch_model_fsdp.bin`, see compat.loop_trainer_base).
+- `zero2`/`zero3` are refused for PPO: the loop samples from its policy between updates, and
+  under ZeRO-3 that needs DeepSpeed's own parameter gathering, which it does not have (and
+  which cannot be tested without DeepSpeed and a GPU); `dist=fsdp` is the sharded choice, or
+  `method=grpo` under ZeRO.
+
+The FSDP/DeepSpeed keys of method.args (`fsdp`, `fsdp_config`, `deepspeed`) are refused:
+`dist=` is the one way to set them.
 """
 
 from __future__ import annotations
@@ -76,10 +98,10 @@ def config_problem(
         )
     if dist.name == "ddp":
         return None
-    if method_name == "ppo":
+    if method_name == "ppo" and dist.name != "fsdp":
         return (
-            f"dist={dist.name} does not apply to method=ppo: align's PPO loop trains policy and critic as "
-            "one DDP module (dist=ddp); for sharded RL training use method=grpo with dist=fsdp, zero2 or zero3"
+            f"dist={dist.name} does not apply to method=ppo: align's PPO loop shards with dist=fsdp (FSDP2) "
+            "or runs dist=ddp; for DeepSpeed ZeRO use method=grpo"
         )
     if quant_bits:
         return f"quant={quant_bits}bit with dist={dist.name} is not supported: use dist=ddp for QLoRA runs"

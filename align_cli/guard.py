@@ -293,11 +293,13 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     except AlignError as err:
         return str(err)
     # DeepSpeed and FSDP keep the optimizer in their own layouts (global_step*/, optimizer_0/).
-    # FSDP with a full state dict: pytorch_model_fsdp*.bin and optimizer.bin (accelerate's names).
+    # FSDP with a full state dict: pytorch_model_fsdp*.bin and optimizer.bin (accelerate's names);
+    # our PPO loop keeps its weights in model.safetensors (or the adapter) and critic/ instead.
+    fsdp_model = any(folder.glob("pytorch_model_fsdp*")) or (folder / PPO_CRITIC_DIR).is_dir()
     engine_state = (
         any(folder.glob("global_step*"))
         or any(folder.glob("optimizer_*"))
-        or (any(folder.glob("pytorch_model_fsdp*")) and (folder / "optimizer.bin").is_file())
+        or (fsdp_model and (folder / "optimizer.bin").is_file())
     )
     if not engine_state:
         for name in ("optimizer.pt", "scheduler.pt"):

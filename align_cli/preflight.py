@@ -30,14 +30,40 @@ from .run_folder import (
     unique_dir,
 )
 
+_UNSET = "<unset>"
 
-def config_differences(old, new, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two plain config dicts."""
+
+def _schema_defaults() -> dict:
+    """Every key of the typed groups (model, data, peft, ...) at its default, as plain values."""
+    import dataclasses
+
+    def plain(cls) -> dict:
+        out = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = plain(type(default)) if dataclasses.is_dataclass(default) else default
+        return out
+
+    return plain(schema.AlignConfig)
+
+
+def config_differences(old, new, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """`key: old -> new` for every leaf that differs between two plain config dicts (`old`: the
+    one a run was saved with).
+
+    A key the saved config lacks while the new one holds it at the schema's default is no
+    difference: a later align added that key, and its default reads the run as it was made.
+    """
+    if defaults is None and not prefix:
+        defaults = _schema_defaults()
+    defaults = defaults if isinstance(defaults, dict) else {}
     out = []
     for key in sorted(set(old) | set(new), key=str):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
+            out += config_differences(a, b, f"{prefix}{key}.", defaults.get(key))
+        elif a == _UNSET and key in defaults and b == defaults[key]:
+            continue
         elif a != b:
             out.append(f"{prefix}{key}: {a} -> {b}")
     return out

@@ -4,7 +4,7 @@
 # Runs every dist option (ddp, fsdp, zero2, zero3) for SFT, DPO and PPO under torchrun on a small
 # Qwen2-shaped model built from a config (no hub), and writes a markdown table (the GPU's name,
 # the date, versions, pass/fail and seconds per run) to docs/gpu_check.md. Sized for one GPU in
-# under 8 minutes (9 short runs; PPO's three sharded options are refused in a second each).
+# under 8 minutes (10 short runs; PPO's zero2/zero3 are refused in a second each).
 #
 #   --dry-run   print the commands and run nothing (tests/test_dist.py composes each of them)
 #   --cpu       run them on this CPU: the tiny model, 1 step, 2 processes over gloo
@@ -12,9 +12,10 @@
 #   --only      a comma-separated list of method:dist pairs to run
 #   --out       where the table goes (default docs/gpu_check.md; with --cpu, a temporary folder's)
 #
-# Expected results: "pass" (trained, model saved), "refused (expected)" for method=ppo with a
-# sharded option (align's PPO loop is DDP only), "skipped" for zero2/zero3 without DeepSpeed
-# (pip install 'align-cli[deepspeed]'); anything else is FAIL with the error's last line.
+# Expected results: "pass" (trained, model saved; PPO under fsdp included), "refused (expected)"
+# for method=ppo with zero2/zero3 (align's PPO loop shards with fsdp only), "skipped" for
+# zero2/zero3 without DeepSpeed (pip install 'align-cli[deepspeed]'); anything else is FAIL with
+# the error's last line.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,8 +105,8 @@ for pair in "${PAIRS[@]}"; do
   last="$(grep -v '^\s*$' "$run.err" | grep -v -i warn | tail -1 | tr '|' '/' | cut -c1-200)"
   if [ "$rc" = 0 ] && [ -f "$run/summary.json" ] && [ -f "$run/config.json" ]; then
     result="pass"; note="model saved"
-  elif [ "$method" = ppo ] && [ "$dist" != ddp ] && grep -q "does not apply to method=ppo" "$run.err"; then
-    result="refused (expected)"; note="align's PPO loop is DDP only"
+  elif [ "$method" = ppo ] && [[ "$dist" == zero* ]] && grep -q "does not apply to method=ppo" "$run.err"; then
+    result="refused (expected)"; note="align's PPO loop shards with fsdp, not ZeRO"
   elif [[ "$dist" == zero* ]] && [ "$HAS_DS" = 0 ] && grep -q "needs DeepSpeed" "$run.err"; then
     result="skipped"; note="DeepSpeed not installed"
   elif [ "$CPU" = 1 ] && [[ "$dist" == zero* ]] && grep -q "needs GPUs" "$run.err"; then

@@ -1,10 +1,11 @@
 """dist=ddp|fsdp|zero2|zero3: the composed trainer settings, the refusals, and FSDP2 on two CPU
-processes (torchrun + gloo) for SFT and DPO: sharded training, a saved model that plain
-transformers loads, resuming from an FSDP checkpoint."""
+processes (torchrun + gloo) for SFT, DPO and our PPO loop: sharded training, a saved model that
+plain transformers loads, resuming from an FSDP checkpoint."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,9 +41,9 @@ with open(os.path.join(sys.argv[3], f"rank{info['rank']}.json"), "w") as f:
 """
 
 
-def fsdp_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
+def fsdp_on_two_ranks(tmp_path, overrides: list[str], script: str = PROBE) -> list[dict]:
     probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
+    probe.write_text(script)
     reports = tmp_path / "reports"
     shutil.rmtree(reports, ignore_errors=True)
     reports.mkdir()
@@ -132,6 +133,154 @@ def test_fsdp_dpo_on_two_cpu_processes_and_resume_from_its_checkpoint(tmp_path):
     saved_matches_and_moved(run, infos)
 
 
+# PPO's own loop: each rank reports how much of policy, critic and reference it holds, a checksum
+# of the policy's gathered weights and how many forward passes its policy ran. Rank 0 samples at
+# most 2 new tokens, rank 1 up to 8: rank 0's responses stop first at every rollout.
+PPO_PROBE = """
+import json, os, sys
+import align_cli.ppo.experience as experience
+from align_cli.ppo.models import unwrap_peft
+from align_cli.ppo.sharding import local_and_total_numel
+from align_cli.testing import compose
+from align_cli.train import train
+
+rank, forwards = int(os.environ["RANK"]), [0]
+made = experience.ExperienceMaker.__init__
+
+def init(self, *args, **kwargs):
+    made(self, *args, **kwargs)
+    if rank == 0:
+        self.generation_config.max_new_tokens = 2
+    unwrap_peft(self.policy).register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
+experience.ExperienceMaker.__init__ = init
+t = train(compose(json.loads(sys.argv[2]), sys.argv[1])).trainer
+full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in t.policy.parameters()]
+info = {"rank": rank, "fsdp": t.is_fsdp_enabled, "forwards": forwards[0],
+        "held": {name: local_and_total_numel(m) for name, m in
+                 (("policy", t.policy), ("critic", t.critic), ("reference", t.ref_model)) if m is not None},
+        "checksum": float(sum(p.detach().double().sum() for p in full))}
+earlier = os.path.join(sys.argv[1], "checkpoint-2")
+if t.state.global_step > 2 and os.path.isdir(earlier):
+    # What a stop on collapse does after training: an earlier checkpoint loaded into the shards.
+    from align_cli.compat import load_checkpoint
+
+    load_checkpoint(t, earlier)
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in t.policy.parameters()]
+    info["restored"] = float(sum(p.detach().double().sum() for p in full))
+with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
+    json.dump(info, f)
+"""
+
+PPO_SHORT = [
+    "method=ppo",
+    "method.args.per_device_train_batch_size=4",
+    "method.args.num_mini_batches=1",
+    "method.args.max_new_tokens=8",
+    "plot=false",
+]
+
+
+def checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def ppo_sharded_on_two_ranks(infos: list[dict], roles: tuple[str, ...]) -> None:
+    """Every role sharded (each rank holds part of it), the same full policy on both ranks, and
+    the ranks ran the same forward passes although rank 0's responses always stopped first."""
+    assert all(i["fsdp"] for i in infos)
+    for role in roles:
+        held = [i["held"][role] for i in infos]
+        assert all(local < total for local, total in held), (role, held)
+        assert sum(local for local, _ in held) >= held[0][1]  # together, the whole model
+    assert sorted(infos[0]["held"]) == sorted(roles)
+    assert infos[0]["checksum"] == pytest.approx(infos[1]["checksum"], rel=1e-9)
+    assert infos[0]["forwards"] == infos[1]["forwards"] > 0
+
+
+def test_fsdp_ppo_with_ptx_on_two_cpu_processes_shards_saves_a_loadable_model_and_resumes_exactly(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align_cli.guard import checkpoint_problem
+    from align_cli.modeling import build_tiny_model
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "output": f"It is {i}."}) + "\n" for i in range(6))
+    )
+    # One eval prompt: rank 1 has none, yet must sample beside rank 0 (the sharded policy).
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")
+    # A constant learning rate: a run resumed at step 2 must then end where the whole run ended.
+    args = [
+        *PPO_SHORT,
+        "method.args.max_steps=3",
+        "method.args.save_steps=2",
+        "method.args.lr_scheduler_type=constant",
+    ]
+    args += [f"data.ptx_path={demos}", "method.args.ptx_coef=0.5", f"data.eval_path={eval_file}"]
+    infos = fsdp_on_two_ranks(tmp_path, args, PPO_PROBE)
+    ppo_sharded_on_two_ranks(infos, ("policy", "critic", "reference"))
+    run = tmp_path / "run"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in logged if "policy_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["ptx_loss"]) for r in train_rows)
+    assert any("eval_score" in r for r in logged)  # evaluation sampled from the sharded policy too
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(row["prompt"] == "Say something kind." for row in samples)
+    assert len({row["step"] for row in samples}) == len(samples)  # one row per evaluation, written once
+    # The run folder: a plain model that transformers loads, the same weights as the ranks held,
+    # moved from the start; the checkpoint's critic loads as the value model it is.
+    start = AutoModelForCausalLM.from_pretrained(build_tiny_model())
+    saved = AutoModelForCausalLM.from_pretrained(run)
+    assert checksum(saved) == pytest.approx(infos[0]["checksum"], rel=1e-6)
+    moved = [not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters(), strict=True)]
+    assert sum(moved) > len(moved) // 2
+    checkpoint = run / "checkpoint-2"
+    assert checkpoint_problem(checkpoint) is None
+    # The optimizer in accelerate's FSDP file; the weights once (not again in pytorch_model_fsdp.bin).
+    assert (checkpoint / "optimizer.bin").is_file() and not list(checkpoint.glob("pytorch_model_fsdp*"))
+    critic = AutoModelForSequenceClassification.from_pretrained(checkpoint / "critic")
+    assert critic.config.num_labels == 1 and float(critic.score.weight.abs().sum()) > 0  # trained from V = 0
+    # checkpoint-2 loaded back into the sharded policy after training: its weights on both ranks.
+    at_step_2 = checksum(AutoModelForCausalLM.from_pretrained(checkpoint))
+    assert at_step_2 != pytest.approx(infos[0]["checksum"], rel=1e-6)
+    assert [i["restored"] for i in infos] == pytest.approx([at_step_2, at_step_2], rel=1e-6)
+    # As if killed right after checkpoint-2: what came later is gone; resumed, the run ends on the
+    # same weights (optimizer, scheduler, RNG and KL state all restored under FSDP).
+    shutil.rmtree(run / "checkpoint-3")
+    for name in ("summary.json", "model.safetensors", "config.json"):
+        (run / name).unlink()
+    whole_run = infos[0]["forwards"]
+    infos = fsdp_on_two_ranks(tmp_path, [*args, "resume=true"], PPO_PROBE)
+    ppo_sharded_on_two_ranks(infos, ("policy", "critic", "reference"))
+    assert infos[0]["forwards"] < whole_run / 2  # it sampled step 3 only, not the run again
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({s for s in steps if s is not None}) == [1, 2, 3]
+    assert checksum(AutoModelForCausalLM.from_pretrained(run)) == pytest.approx(checksum(saved), rel=1e-9)
+
+
+def test_fsdp_ppo_with_lora_on_two_cpu_processes_trains_and_saves_the_adapter(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from align_cli.modeling import build_tiny_model
+
+    overrides = [*PPO_SHORT, "peft=lora", "method.args.max_steps=1", "data.eval_ratio=0"]
+    infos = fsdp_on_two_ranks(tmp_path, overrides, PPO_PROBE)
+    # No reference copy: the reference is the sharded policy with its adapter off.
+    ppo_sharded_on_two_ranks(infos, ("policy", "critic"))
+    run = tmp_path / "run"
+    adapter = load_file(run / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in adapter) and not any("lora" not in k for k in adapter)
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # moved from B = 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(build_tiny_model()), run)
+    assert model.peft_config["default"].r > 0
+
+
 @pytest.mark.parametrize("activation", [False, True])
 @pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "grpo"])
 def test_fsdp_trainer_settings_compose_without_a_launch(method, activation):
@@ -193,7 +342,7 @@ def test_zero_without_deepspeed_names_the_extra(name):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method=ppo", "dist=fsdp"], "dist=fsdp does not apply to method=ppo"),
+        (["method=ppo", "dist=zero2"], "dist=zero2 does not apply to method=ppo: align's PPO loop shards"),
         (
             ["method=dpo", "dist=fsdp", "peft=lora", "quant=4bit"],
             "quant=4bit with dist=fsdp is not supported",
@@ -263,7 +412,7 @@ def test_gpu_check_dry_run_lists_every_option_and_each_command_composes():
         # The same overrides on the tiny model, composed and checked as `align train` does.
         kept = [w for w in overrides if "=" in w and not w.startswith(("model.name_or_path=", "output_dir="))]
         refusal = None
-        if values["method"] == "ppo" and values["dist"] != "ddp":
+        if values["method"] == "ppo" and values["dist"].startswith("zero"):
             refusal = "does not apply to method=ppo"
         elif values["dist"].startswith("zero") and not deepspeed_installed():
             refusal = "needs DeepSpeed"

@@ -246,6 +246,37 @@ def test_a_refused_resume_shows_resolved_values(tmp_path, capsys):
     assert "${" not in err
 
 
+def test_a_run_saved_before_a_key_existed_resumes_without_a_difference(tmp_path, capsys):
+    """A key a later align added (here data.ptx_*) is missing from an older run's saved config;
+    at its default it reads the run as it was made, so resume neither refuses nor warns."""
+    from omegaconf import OmegaConf
+
+    from align_cli.cli import main as align
+    from align_cli.preflight import config_differences
+
+    run = tmp_path / "sft"
+    args = ["train", "method=sft", "method.args.max_steps=1", "method.args.save_steps=1", "data.eval_ratio=0"]
+    align([*args, f"output_dir={run}"])
+    saved = run / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(saved)
+    for key in ("ptx_format", "ptx_columns", "ptx_subset", "ptx_split", "ptx_dataset"):
+        del cfg.data[key]
+    OmegaConf.save(cfg, saved)
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    align([*args, "resume=true", f"output_dir={run}"])
+    err = capsys.readouterr().err
+    assert "ptx" not in err and "differ" not in err, err
+    assert (run / "summary.json").exists()
+    # Given another value than its default, the same missing key is a difference.
+    assert config_differences({"data": {"path": "a"}}, {"data": {"path": "a", "ptx_format": "alpaca"}}) == [
+        "data.ptx_format: <unset> -> alpaca"
+    ]
+    assert config_differences({"data": {"path": "a"}}, {"data": {"path": "b", "ptx_format": "auto"}}) == [
+        "data.path: a -> b"
+    ]
+
+
 # --- weights, disks -----------------------------------------------------------------------
 
 

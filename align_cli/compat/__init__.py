@@ -111,6 +111,7 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal("transformers:TrainerState", "save_to_json", ("json_path",), "replaced by an atomic write"),
     Internal(_TRAINER, "_load_rng_state", ("checkpoint",), _PPO),
+    Internal(_TRAINER, "_save_optimizer_and_scheduler", ("output_dir",), f"{_PPO} under dist=fsdp"),
     Internal(_TRAINER, "_load_optimizer_and_scheduler", ("checkpoint",), _PPO),
     Internal(_TRAINER, "_load_callback_state", (), _PPO),
     Internal(_TRAINER, "_get_learning_rate", (), _PPO),

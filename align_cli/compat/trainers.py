@@ -196,7 +196,9 @@ def loop_trainer_base() -> type:
     """transformers' Trainer, for a trainer that runs its own loop (our PPO), with public hooks.
 
     transformers 5.24: `Trainer` calls `_save_checkpoint`, `_load_from_checkpoint` and
-    `_move_model_to_device` from its own code; a loop of our own also needs its private
+    `_move_model_to_device` from its own code (and `_save_optimizer_and_scheduler`, which under
+    FSDP here saves the optimizer without transformers' extra copy of the model); a loop of our
+    own also needs its private
     loaders of callback, optimiser/scheduler and RNG state, `_get_learning_rate` and
     `_get_output_dir`. This base turns them into public names: a subclass overrides
     `checkpoint_saved(folder)`, `load_checkpoint_weights(folder, model)` and
@@ -222,6 +224,24 @@ def loop_trainer_base() -> type:
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             self.load_checkpoint_weights(resume_from_checkpoint, model)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not self.is_fsdp_enabled:
+                super()._save_optimizer_and_scheduler(output_dir)
+                return
+            # Under FSDP transformers writes the model a second time here (pytorch_model_fsdp.bin,
+            # the full base under LoRA too); a loop of its own saves its weights in `save_model`,
+            # and resuming reads them from there. The optimizer in accelerate's layout (every
+            # rank joins its gather), the scheduler as transformers writes it.
+            import torch
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(
+                self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+            )
+            if self.args.should_save:
+                # transformers' name (trainer.SCHEDULER_NAME), which `_load_optimizer_and_scheduler` reads
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
         def load_checkpoint_weights(self, folder: str, model=None) -> None:
             super()._load_from_checkpoint(folder, model)

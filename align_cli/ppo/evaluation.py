@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .sharding import is_sharded
+
 SAMPLES_NAME = "samples.jsonl"  # in the run folder: the eval-time sample table
 
 
@@ -36,9 +38,20 @@ class PPOEvaluation:
         mine = list(range(rank, len(prompt_ids), world))
         size = self.args.per_device_eval_batch_size
         scores, lengths, eos, funcs, table = [], [], [], [], []
-        for s in range(0, len(mine), size):
+        # A sharded policy samples only with every rank at once: each runs the same batches of
+        # the same size, the missing rows filled with the first prompt and dropped after.
+        lockstep = is_sharded(maker.policy) and world > 1
+        most = -(-len(prompt_ids) // world)
+        for s in range(0, most if lockstep else len(mine), size):
             rows = mine[s : s + size]
-            sequences, attention_mask, mask = maker.sample([prompt_ids[r] for r in rows])
+            if lockstep:
+                filler = [0] * (min(size, most - s) - len(rows))
+                sampled = maker.sample([prompt_ids[r] for r in rows + filler])
+                if not rows:
+                    continue
+                sequences, attention_mask, mask = (t[: len(rows)] for t in sampled)
+            else:
+                sequences, attention_mask, mask = maker.sample([prompt_ids[r] for r in rows])
             score, per_func, texts = maker.score(rows, dataset, sequences, attention_mask, mask)
             # The same score as training's, so eval_score and score compare.
             score, has_eos = maker.penalize_missing_eos(score, sequences, mask.shape[1])

@@ -46,6 +46,7 @@ from .models import (
     sampling_logits,
     sampling_only,
 )
+from .sharding import gathered_for_generation, is_sharded
 
 log = logging.getLogger("align")
 
@@ -249,12 +250,20 @@ class ExperienceMaker:
         pieces = []
         was_training = policy.training
         policy.eval()  # also lets generate keep its KV cache under activation checkpointing
-        with self.accelerator.autocast(), sampling_only(policy, self.generation_config):
+        # Sharded (dist=fsdp): the ranks gather the policy together and step together until every
+        # rank's responses have stopped, so each runs the same forward passes (see sharding.py).
+        synced = is_sharded(policy) and self.accelerator.num_processes > 1
+        with (
+            self.accelerator.autocast(),
+            sampling_only(policy, self.generation_config),
+            gathered_for_generation(policy),
+        ):
             for s in range(0, len(prompt_ids), chunk):
                 out = policy.generate(
                     input_ids=prompts[s : s + chunk],
                     attention_mask=prompt_mask[s : s + chunk],
                     generation_config=self.generation_config,
+                    synced_gpus=synced,
                 )
                 pieces.append(out[:, prompts.shape[1] :])
         policy.train(was_training)

@@ -114,7 +114,8 @@ def sampling_only(model: nn.Module, config: GenerationConfig):
 
 
 class PolicyAndCritic(nn.Module):
-    """The two trained networks as one module: one optimiser, one `accelerator.prepare`, one DDP wrapper."""
+    """The two trained networks as one module: one optimiser, one `accelerator.prepare`, one DDP wrapper
+    (under dist=fsdp, no wrapper: each network's parts are FSDP2 roots of their own, sharding.py)."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module):
         super().__init__()
@@ -241,7 +242,10 @@ def prepare_roles(
             disable_dropout(module)
     if ref_model is not None:
         ref_model.requires_grad_(False).eval()
-    if args.activation_checkpointing:
+    # dist=fsdp moves the setting into FSDP's config (dist.training_args); our loop shards the
+    # roles itself (sharding.py), so it is applied here either way.
+    fsdp_checkpointing = (getattr(args, "fsdp_plugin_args", None) or {}).get("activation_checkpointing")
+    if args.activation_checkpointing or fsdp_checkpointing:
         for module in (policy, critic):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, critic, ref_model

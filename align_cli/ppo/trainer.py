@@ -14,11 +14,13 @@ Each step (one `global_step`):
 
 The policy and the critic train as one module (`models.PolicyAndCritic`) with one optimiser
 (the critic in its own param groups with `critic_learning_rate`). Which module plays the
-reference and how each role is read is `models.py`.
+reference and how each role is read is `models.py`; under `dist=fsdp`, how each is sharded is
+`sharding.py`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -48,7 +50,10 @@ from .models import (  # noqa: F401  (forward_inputs, reward_model_scores, sampl
     value_head,
 )
 from .ptx import tokenize_demonstrations
+from .sharding import local_and_total_numel, shard_roles
 from .update import PPOUpdate
+
+log = logging.getLogger("align")
 
 
 def tokenize_prompts(tokenizer: Any, dataset: Any, args: PPOConfig) -> list[list[int]]:
@@ -132,7 +137,9 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
             callbacks=callbacks,
         )
         self.ref_model = ref_model
-        if ref_model is not None and not is_quantized(ref_model):
+        # Under FSDP, fully_shard moves each layer to the device as it shards it (train()), as
+        # transformers leaves policy and critic where they are: no whole copy on the device first.
+        if ref_model is not None and not is_quantized(ref_model) and not self.is_fsdp_enabled:
             ref_model.to(self.accelerator.device)
         self.experience_maker = ExperienceMaker(
             policy,
@@ -235,8 +242,30 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         world = self.accelerator.num_processes
         episodes_per_step = args.rollout_batch_size * world
 
-        self.create_optimizer()
-        model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.is_fsdp_enabled:
+            # FSDP2 per role (sharding.py), then the optimiser over the sharded parameters.
+            shard_roles(
+                self.accelerator,
+                self.policy,
+                self.critic,
+                self.ref_model,
+                list(args.fsdp_config.get("transformer_layer_cls_to_wrap") or []),
+            )
+            held, total = local_and_total_numel(self.policy)
+            log.info(
+                "dist=fsdp: policy, critic%s sharded over %d processes (this one holds %d of the policy's %d "
+                "parameters)",
+                " and reference" if self.ref_model is not None else "",
+                self.accelerator.num_processes,
+                held,
+                total,
+            )
+            self.create_optimizer()
+            # (accelerate's `prepare` would shard the whole module once more, as one root.)
+            model, self.optimizer = self.model, self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self.create_optimizer()
+            model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped = model
         self.create_scheduler(num_training_steps=max_steps * args.num_ppo_epochs * args.num_mini_batches)
 

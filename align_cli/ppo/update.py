@@ -49,6 +49,14 @@ class PPOUpdate:
             split_critic_groups(optimizer, self.critic, self.args.critic_learning_rate)
         return optimizer
 
+    def _unsynced(self, model: nn.Module):
+        """Where gradients accumulate without being synced (DDP's `no_sync`).
+
+        Under FSDP, nothing: each micro-batch's gradients are reduce-scattered into the shards
+        as they come, so a rank never holds a full gradient (the memory FSDP is there to save).
+        """
+        return nullcontext() if getattr(self, "is_fsdp_enabled", False) else self.accelerator.no_sync(model)
+
     def ppo_loss(self, model: nn.Module, part: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss on one micro-batch: policy + vf_coef * value - entropy_coef * entropy."""
         args = self.args
@@ -129,16 +137,18 @@ class PPOUpdate:
                 mini = mini[torch.argsort(lengths[mini], stable=True)]
                 tokens = experience.response_mask[mini].sum().clamp(min=1)
                 if self.ptx_pairs:
-                    with self.accelerator.no_sync(model):  # synced with the last micro-batch below
+                    with self._unsynced(model):  # synced with the last micro-batch below
                         self.ptx_step(model)
                 for a in range(accumulation):
                     part = experience.select(mini[a * micro : (a + 1) * micro])
-                    # Gradients are all-reduced once per optimiser step, not per micro-batch.
+                    # DDP: gradients are all-reduced once per optimiser step, not per micro-batch.
                     sync = a == accumulation - 1
-                    with nullcontext() if sync else self.accelerator.no_sync(model):
+                    with nullcontext() if sync else self._unsynced(model):
                         self.training_step(model, part, tokens)
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+                        norm = norm.full_tensor()
                     grad_norms.append(torch.as_tensor(norm).detach().float())
                 # The loss guard (align_cli/guard.py) checks the gradients here, before they are applied.
                 self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
