@@ -146,6 +146,18 @@ def test_shared_critic_mistakes_are_named(tmp_path, rm_run_folder):
     reward = ["reward=model", f"reward.model.path={rm_run_folder}"]
     with pytest.raises(AlignError, match=r"cannot start from a reward model \(method\.critic_init=reward\)"):
         ppo(tmp_path, *LORA, *reward, "method.critic=shared", "method.critic_init=reward", *SHORT, name="c")
+    # Under dist=fsdp (a torchrun launch, so checked here on the method's own check): refused.
+    from types import SimpleNamespace
+
+    from align_cli.config import DistConfig, PeftConfig
+    from align_cli.methods.ppo import memory_problems
+
+    method = {"critic": "shared", "critic_init": "auto", "frozen_quant": "4bit"}
+    ctx = SimpleNamespace(method=method, peft_cfg=PeftConfig(method="lora"), dist=DistConfig(name="fsdp"))
+    problems = memory_problems(ctx)
+    assert len(problems) == 2 and "method.critic=shared is not supported with dist=fsdp" in problems[0]
+    assert "method.frozen_quant=4bit is not supported with dist=fsdp" in problems[1]
+    assert memory_problems(SimpleNamespace(**{**vars(ctx), "dist": DistConfig()})) == []
     with pytest.raises(AlignError, match=r"method\.frozen_quant='8bit' is not valid: use none or 4bit"):
         ppo(tmp_path, "method.frozen_quant=8bit", *SHORT, name="d")
     with pytest.raises(AlignError, match=r"reward\.model\.quant='2bit' is not valid: use none .* or 4bit"):

@@ -208,6 +208,12 @@ def memory_problems(ctx) -> list[str]:
     if ctx.method["frozen_quant"] == "4bit":
         from ..modeling import check_bitsandbytes
 
+        if ctx.dist.name != "ddp":
+            problems.append(
+                f"method.frozen_quant=4bit is not supported with dist={ctx.dist.name} (4-bit weights are not "
+                "sharded, as for quant=4bit): use dist=ddp or method.frozen_quant=none"
+            )
+
         try:
             check_bitsandbytes()
         except AlignError as err:
