@@ -16,7 +16,7 @@ demo:
 
 # Two workers, one per core; a file's tests stay together (they share module fixtures).
 test:
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint:
 	$(PYTHON) -m ruff check align_cli tests scripts

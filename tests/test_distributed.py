@@ -54,10 +54,20 @@ def trained_on_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
 
 
 def test_torchrun_two_processes_is_real_ddp(tmp_path):
-    infos = trained_on_two_ranks(tmp_path, ["method=dpo", "method.args.max_steps=3", "data.eval_ratio=0"])
-    # Different data shards, same weights afterwards: the gradients were all-reduced.
+    """GRPO-ptx on two ranks: each rank samples its own prompts and draws its own demonstrations
+    (seeded by rank), so the ranks' weights stay identical only if the gradients of both losses,
+    GRPO's and the ptx loss, are all-reduced."""
+    from align_cli.config import SAMPLES_DIR
+
+    overrides = ["method=grpo", "reward=length", "method.args.max_steps=2", "method.args.ptx_coef=1.0",
+                 f"data.ptx_path={SAMPLES_DIR / 'harmless_sft.jsonl'}", "method.args.ptx_batch_size=2",
+                 "method.args.max_completion_length=8", "data.eval_ratio=0"]  # fmt: skip
+    infos = trained_on_two_ranks(tmp_path, overrides)
     assert infos[0]["checksum"] == infos[1]["checksum"]
     assert (tmp_path / "run" / "summary.json").exists()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ptx = [r["ptx_loss"] for r in logged if "ptx_loss" in r]
+    assert ptx and all(v > 0 for v in ptx)
 
 
 def test_torchrun_cli_ranks_share_one_run_folder(tmp_path):
@@ -101,19 +111,3 @@ def test_ppo_under_torchrun_syncs_policy_and_critic_and_evaluates_one_prompt(tmp
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(row["prompt"] == "Say something kind." for row in samples)
     assert len({row["step"] for row in samples}) == len(samples)  # one row per evaluation, written once
-
-
-def test_grpo_ptx_under_torchrun_keeps_the_ranks_identical(tmp_path):
-    """GRPO-ptx on two ranks: each rank draws its own demonstrations (seeded by rank), so the
-    ranks' weights stay identical only if the ptx loss's gradients are all-reduced too."""
-    from align_cli.config import SAMPLES_DIR
-
-    overrides = ["method=grpo", "reward=length", "method.args.max_steps=2", "method.args.ptx_coef=1.0",
-                 f"data.ptx_path={SAMPLES_DIR / 'harmless_sft.jsonl'}", "method.args.ptx_batch_size=2",
-                 "method.args.max_completion_length=8", "data.eval_ratio=0"]  # fmt: skip
-    infos = trained_on_two_ranks(tmp_path, overrides)
-    assert infos[0]["checksum"] == infos[1]["checksum"]
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["ptx_loss"] for r in logged if "ptx_loss" in r] and all(
-        r["ptx_loss"] > 0 for r in logged if "ptx_loss" in r
-    )
