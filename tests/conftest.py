@@ -59,6 +59,18 @@ def _align_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def rm_run_folder(tmp_path_factory):
+    """A reward model as `align train method=rm` leaves it: a run folder (3 pairwise steps)."""
+    from align_cli.testing import compose
+    from align_cli.train import train
+
+    path = tmp_path_factory.mktemp("rm_run")
+    overrides = ["method=rm", "method.args.max_steps=3", "method.args.per_device_train_batch_size=4"]
+    train(compose([*overrides, "data.eval_ratio=0", "plot=false"], path))
+    return path
+
+
 def snapshot(model) -> dict:
     """A detached copy of every parameter, keyed by name."""
     return {n: p.detach().clone().float() for n, p in model.named_parameters()}

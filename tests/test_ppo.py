@@ -60,15 +60,6 @@ def run(tmp_path, overrides: list[str], monkeypatch, name: str = "run"):
     return result, captured, [r for r in records(out) if "score" in r]
 
 
-@pytest.fixture(scope="module")
-def rm_run_folder(tmp_path_factory):
-    """A reward model as `align train method=rm` leaves it: a run folder (3 pairwise steps)."""
-    path = tmp_path_factory.mktemp("rm_run")
-    overrides = ["method=rm", "method.args.max_steps=3", "method.args.per_device_train_batch_size=4"]
-    train(compose([*overrides, "data.eval_ratio=0", "plot=false"], path))
-    return path
-
-
 @pytest.fixture
 def share_reward(tmp_path, monkeypatch):
     """A user reward function: 10 x the share of response tokens whose id is a multiple of 8."""

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from conftest import changed, snapshot
 
 from align_cli.errors import AlignError
 from align_cli.testing import compose
@@ -28,26 +29,8 @@ SHORT = [
 LORA = ["peft=lora", "peft.r=4"]
 
 
-def params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().float() for n, p in model.named_parameters()}
-
-
-def moved(before: dict[str, torch.Tensor], model, part: str = "") -> list[str]:
-    after = dict(model.named_parameters())
-    return [n for n, t in before.items() if part in n and not torch.equal(after[n].detach().float(), t)]
-
-
 def ppo(tmp_path, *overrides: str, name: str = "run"):
     return train(compose(["method=ppo", *overrides], tmp_path / name)).trainer
-
-
-@pytest.fixture(scope="module")
-def rm_run_folder(tmp_path_factory):
-    """A reward model as `align train method=rm` leaves it (3 pairwise steps)."""
-    path = tmp_path_factory.mktemp("rm_run")
-    overrides = ["method=rm", "method.args.max_steps=3", "method.args.per_device_train_batch_size=4"]
-    train(compose([*overrides, "data.eval_ratio=0", "plot=false"], path))
-    return path
 
 
 def linear4bit_count(model) -> int:
@@ -71,7 +54,7 @@ def test_shared_critic_trains_its_own_adapter_on_the_policys_base_weights(tmp_pa
 
     def spy(policy, *args, **kwargs):
         critic = build(policy, *args, **kwargs)
-        captured["critic"], captured["policy"] = params(critic), params(policy)
+        captured["critic"], captured["policy"] = snapshot(critic), snapshot(policy)
         return critic
 
     monkeypatch.setattr(models, "shared_base_critic", spy)
@@ -237,18 +220,18 @@ def test_frozen_roles_in_4bit_while_the_policy_trains_whole(tmp_path, monkeypatc
     loaded = {}
     load = base.MethodContext.load_model
 
-    def snapshot(self, *args, **kwargs):
+    def load_and_snapshot(self, *args, **kwargs):
         model = load(self, *args, **kwargs)
         if kwargs.get("kind", "causal_lm") == "causal_lm" and kwargs.get("quant_cfg") is None:
-            loaded["policy"] = params(model)
+            loaded["policy"] = snapshot(model)
         return model
 
-    monkeypatch.setattr(base.MethodContext, "load_model", snapshot)
+    monkeypatch.setattr(base.MethodContext, "load_model", load_and_snapshot)
     reward = ["reward=model", f"reward.model.path={rm_run_folder}"]
     trainer = ppo(tmp_path, *reward, "method.frozen_quant=4bit", *SHORT)
     assert linear4bit_count(trainer.ref_model) > 0 and linear4bit_count(trainer.reward_funcs[0].model) > 0
     assert linear4bit_count(trainer.policy) == 0 and linear4bit_count(trainer.critic) == 0
-    assert len(moved(loaded["policy"], trainer.policy)) > len(loaded["policy"]) // 2
+    assert len(changed(loaded["policy"], trainer.policy)) > len(loaded["policy"]) // 2
     assert all(not p.requires_grad for p in trainer.ref_model.parameters())
     steps = [r for r in trainer.state.log_history if "score" in r]
     # At the first rollout the policy is its start: the KL is the 4-bit reference's rounding alone, small.
