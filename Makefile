@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(TORCH); fi
-	$(PIP) install -q -e ".[dev,sweep,cluster]"
+	$(PIP) install -q -e ".[dev,sweep,cluster,deepspeed]"
 
 demo:
 	align train method=dpo

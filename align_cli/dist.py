@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 8 -m align_cli.cli train method=dpo dist=fsdp
     torchrun --nproc_per_node 8 -m align_cli.cli train method=ppo dist=fsdp      # our PPO loop too
     torchrun --nproc_per_node 8 -m align_cli.cli train method=sft dist=zero3    # pip install 'align-cli[deepspeed]'
+    torchrun --nproc_per_node 8 -m align_cli.cli train method=ppo dist=zero3
 
 - `ddp` (default): every rank holds the whole model; gradients are all-reduced.
 - `fsdp`: FSDP2 through transformers' own `fsdp`/`fsdp_config` (accelerate's FSDP plugin with
@@ -16,14 +17,18 @@
   it; at the model sizes this tool targets the gathered save is the simpler choice.
 - `zero2` / `zero3`: DeepSpeed ZeRO through transformers' `deepspeed=` with the JSON files in
   `conf/deepspeed/` ("auto" values filled from method.args by transformers); ZeRO-3 saves
-  gather 16-bit weights (`stage3_gather_16bit_weights_on_model_save`).
+  gather 16-bit weights (`stage3_gather_16bit_weights_on_model_save`). Under ZeRO-3 every model
+  loads partitioned (transformers' `deepspeed.zero.Init`), so DeepSpeed's process group is
+  started before the first load (`MethodContext._deepspeed_ready`), and reward models load
+  whole (compat.outside_zero3): reward functions call them per rank.
 
-On a CPU, `fsdp` runs over gloo with 2 or more processes (accelerate 1.15 would drop the
-plugin there: see compat.fsdp_on_cpu); `zero2`/`zero3` need GPUs. Keys checked against
-transformers 5.24 (`TrainingArguments._process_fsdp_args`) and accelerate 1.15.
+On a CPU, `fsdp` and `zero2`/`zero3` run over gloo with 2 or more processes (accelerate 1.15
+would drop the FSDP plugin there: see compat.fsdp_on_cpu; DeepSpeed runs on its CPU
+accelerator). Keys checked against transformers 5.24 (`TrainingArguments._process_fsdp_args`),
+accelerate 1.15 and DeepSpeed 0.19.8.
 
 The trainer settings go into every TrainingArguments-based method config (SFT, RM, DPO, KTO,
-GRPO, PPO). Our PPO loop takes `ddp` and `fsdp`:
+GRPO, PPO). Our PPO loop takes all four:
 
 - under `fsdp` it shards its networks itself (align_cli/ppo/sharding.py) rather than through
   accelerate's `prepare`, which makes one module the single FSDP root, while PPO reads its
@@ -41,10 +46,15 @@ GRPO, PPO). Our PPO loop takes `ddp` and `fsdp`:
   `critic/`), which resuming reads as under ddp; the optimizer goes through accelerate's FSDP
   file (`optimizer.bin`), without transformers' second copy of the weights
   (`pytorch_model_fsdp.bin`, see compat.loop_trainer_base).
-- `zero2`/`zero3` are refused for PPO: the loop samples from its policy between updates, and
-  under ZeRO-3 that needs DeepSpeed's own parameter gathering, which it does not have (and
-  which cannot be tested without DeepSpeed and a GPU); `dist=fsdp` is the sharded choice, or
-  `method=grpo` under ZeRO.
+- under `zero2`/`zero3`, policy and critic (one module) are one DeepSpeed engine, built by
+  accelerate's `prepare` with our optimiser; every backward goes through the engine, told
+  where each mini-batch ends (ppo/update.py), and the engine clips and steps. Under ZeRO-3
+  policy and critic load partitioned; each rollout gathers the policy once for `generate`
+  (`deepspeed.zero.GatheredParameters`, with `synced_gpus` as under fsdp), evaluation runs in
+  lockstep, saves gather the full weights, and the critic's new head is zeroed through a
+  gather. The reference loads whole on each rank (frozen: it has no optimiser state to
+  partition; with LoRA it is the policy with its adapter off), as do the reward models.
+  Checkpoints hold the engine's own (one optimiser partition per rank), which resuming reads.
 
 The FSDP/DeepSpeed keys of method.args (`fsdp`, `fsdp_config`, `deepspeed`) are refused:
 `dist=` is the one way to set them.
@@ -98,11 +108,6 @@ def config_problem(
         )
     if dist.name == "ddp":
         return None
-    if method_name == "ppo" and dist.name != "fsdp":
-        return (
-            f"dist={dist.name} does not apply to method=ppo: align's PPO loop shards with dist=fsdp (FSDP2) "
-            "or runs dist=ddp; for DeepSpeed ZeRO use method=grpo"
-        )
     if quant_bits:
         return f"quant={quant_bits}bit with dist={dist.name} is not supported: use dist=ddp for QLoRA runs"
     if dist.name.startswith("zero") and not deepspeed_installed():
@@ -134,11 +139,11 @@ def launch_problem(dist: DistConfig) -> str | None:
         return None
     if dist.cpu_offload:
         return "dist.cpu_offload moves parameters off the GPU between uses: there is no GPU here; drop it"
-    if dist.name.startswith("zero"):
-        # accelerate 1.15 (AcceleratorState): DeepSpeed is chosen only `if ... and not cpu`.
-        return f"dist={dist.name} needs GPUs: accelerate does not run DeepSpeed on a CPU; use dist=ddp or dist=fsdp here"
     if world_size() < 2:
-        return f"dist=fsdp on a CPU needs 2 or more processes (one CPU process has nothing to shard over): {command}"
+        return (
+            f"dist={dist.name} on a CPU needs 2 or more processes (one CPU process has nothing to shard over): "
+            f"{command}"
+        )
     return None
 
 

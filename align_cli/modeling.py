@@ -79,7 +79,22 @@ def build_tiny_model() -> Path:
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(tmp)
+        # Written file by file: under torchrun, transformers' `save_pretrained` writes weights on
+        # global rank 0 only, and a rank 1 that built the model first would rename a folder
+        # without them into the cache.
+        from safetensors.torch import save_file
+
+        # What save_pretrained records beside the config: the class and the weights' dtype.
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = next(model.parameters()).dtype
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        weights, seen = {}, set()
+        for name, tensor in model.state_dict().items():  # a tied weight once, under its first name
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                weights[name] = tensor.contiguous()
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
     finally:
         if shown:

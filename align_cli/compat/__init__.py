@@ -41,6 +41,7 @@ from .libs import (  # noqa: F401
     fsdp_on_cpu,
     keep_4bit_trainable,
     no_split_modules,
+    outside_zero3,
     quiet_library_noise,
 )
 from .trainers import (  # noqa: F401
@@ -119,6 +120,13 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(_TRAINER, "_move_model_to_device", ("model", "device"), _PPO),
     # transformers' models (`no_split_modules`, for dist=fsdp's auto-wrap).
     Internal("transformers:PreTrainedModel", "_no_split_modules", None, "the decoder layer FSDP wraps"),
+    # transformers' DeepSpeed integration (`outside_zero3`).
+    Internal(
+        "transformers.integrations.deepspeed",
+        "_hf_deepspeed_config_weak_ref",
+        None,
+        "the live ZeRO-3 config, set aside while reward models load whole",
+    ),
     # Hydra (`hydra_args_parser`).
     Internal("hydra._internal.utils", "get_args_parser", (), "align reads Hydra's flags before Hydra starts"),
     # bitsandbytes (`keep_4bit_trainable`).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # bitsandbytes 0.49-0.50, CPU with AVX512-BF16: importing the CPU backend tries to load an optional
 # inference kernel from the `kernels` package and logs a warning when it is missing. align never
@@ -139,6 +141,35 @@ def fsdp_on_cpu() -> None:
 
     __init__._align_fsdp_on_cpu = True
     state.AcceleratorState.__init__ = __init__
+
+
+@contextmanager
+def outside_zero3() -> Iterator[None]:
+    """Models loaded inside this context are whole, even while a ZeRO-3 run is configured.
+
+    transformers 5.24 loads every model inside `deepspeed.zero.Init` (each rank keeping only a
+    partition of each weight) while a ZeRO-3 TrainingArguments is alive: it keeps a weak
+    reference to that config in `transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref`,
+    read by `is_deepspeed_zero3_enabled`. A partitioned module runs only inside a DeepSpeed
+    engine, with every rank calling it together. Reward models are called per rank, on text, as
+    often as a reward function likes, so they load whole; `unset_hf_deepspeed_config` and
+    `set_hf_deepspeed_config` are transformers' own switches, the reference is how to restore.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # no accelerate/deepspeed integration: nothing is ever partitioned
+        yield
+        return
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None or not config.is_zero3():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def no_split_modules(model) -> list[str]:

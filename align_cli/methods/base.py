@@ -262,6 +262,8 @@ class MethodContext:
             os.makedirs(self.output_dir, exist_ok=True)
             scratch = tempfile.mkdtemp(dir=self.output_dir, prefix=".merged-")
             target = os.path.join(scratch, "model")
+        if self.dist.name == "zero3":
+            self._deepspeed_ready()
         if merge:
             if not os.path.exists(os.path.join(target, "config.json")):
                 log.info("merging the LoRA adapter in %s into its base model", resolved)
@@ -277,6 +279,22 @@ class MethodContext:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+    def _deepspeed_ready(self) -> None:
+        """Sets up DeepSpeed's process group before a model loads under ZeRO-3.
+
+        transformers 5.24 builds the model inside `deepspeed.zero.Init` (each rank keeps only its
+        partition) when a ZeRO-3 TrainingArguments exists, and that context needs DeepSpeed's
+        communication initialised; TrainingArguments only does so when its devices are first
+        read (`_setup_devices`), which the trainers do after the model is loaded.
+        """
+        if self.config is not None and getattr(self.config, "deepspeed", None):
+            import deepspeed
+            import torch.distributed
+
+            self.config.device  # noqa: B018 - the property starts the process group
+            if not deepspeed.comm.is_initialized():
+                deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
     def trl_trainer(self, trainer_cls: type, config_cls: type, **kwargs: Any):
         """A TRL trainer built the usual way: our model, config, data, tokenizer, LoRA, callbacks.

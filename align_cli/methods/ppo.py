@@ -253,10 +253,11 @@ def zero_head(critic) -> None:
     import torch
 
     from ..ppo.models import value_head
+    from ..ppo.sharding import gathered_to_modify
 
     head = value_head(critic)
     if type(head) is torch.nn.Linear:
-        with torch.no_grad():
+        with torch.no_grad(), gathered_to_modify(head):
             head.weight.zero_()
             if head.bias is not None:
                 head.bias.zero_()
@@ -279,6 +280,22 @@ def frozen_reference(ctx):
         return None
     log.info("method.frozen_quant=4bit: the reference policy and the reward models load in 4 bit (NF4)")
     return ctx.load_model(quant_cfg=QuantConfig(bits=4))
+
+
+def whole_reference(ctx):
+    """Under dist=zero3 without LoRA, the reference policy loaded whole on every rank; else None.
+
+    The policy loads partitioned (ZeRO-3), so the reference cannot be the usual copy of it
+    taken before training. Whole, its forward is this rank's alone (frozen, it has no optimiser
+    state to partition); with LoRA the reference is the policy with its adapter off.
+    """
+    if ctx.dist.name != "zero3" or ctx.peft_cfg.method != "none":
+        return None
+    from ..compat import outside_zero3
+
+    log.info("dist=zero3: the reference policy loads whole on each rank (frozen: no optimizer state)")
+    with outside_zero3():
+        return ctx.load_model()
 
 
 def with_model_option(reward_cfg, key: str, value):
@@ -345,7 +362,7 @@ def build(ctx):
             zero_head(critic)
     if not shared:
         policy = ctx.load_model()
-    ref_model = frozen_reference(ctx) if frozen_4bit else None
+    ref_model = frozen_reference(ctx) if frozen_4bit else whole_reference(ctx)
     probe = Probe.for_rewards(funcs, ctx.train_dataset["prompt"])
     keys = PPO_KEYS if probe is None else dataclasses.replace(PPO_KEYS, reward=probe.reward_key)
     watch = collapse_watch(ctx.method, policy.config.vocab_size, keys)

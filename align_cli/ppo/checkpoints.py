@@ -122,6 +122,11 @@ class PPOCheckpoints:
 
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         self.resume_training_state(checkpoint)
+        if getattr(self, "is_deepspeed_enabled", False):
+            # The engine's optimizer partitions (transformers reads only the scheduler under DeepSpeed).
+            from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+            deepspeed_load_checkpoint(self.model_wrapped, checkpoint)
         state_file = os.path.join(checkpoint, PPO_STATE_NAME)
         if os.path.exists(state_file):
             with open(state_file, encoding="utf-8") as f:

@@ -128,12 +128,14 @@ class PolicyAndCritic(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         response_length: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy logits (B, R, V) and critic values (B, R) at the response positions."""
+        values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy logits (B, R, V) and critic values (B, R) at the response positions (None
+        with `values=False`: the policy alone, e.g. the ptx loss through a DeepSpeed engine)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         # logits_to_keep: the LM head (often the largest matmul) runs on response positions only.
         logits = self.policy(**inputs, logits_to_keep=response_length, use_cache=False).logits
-        return logits, critic_values(self.critic, inputs, response_length)
+        return logits, critic_values(self.critic, inputs, response_length) if values else None
 
 
 # What transformers and peft read off a quantized model (QLoRA); a shared-base critic carries them too.

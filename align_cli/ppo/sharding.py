@@ -43,8 +43,15 @@ def fsdp_units(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
+def zero3_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `module` that DeepSpeed ZeRO-3 partitioned (dist=zero3)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
 def is_sharded(module: nn.Module | None) -> bool:
-    return module is not None and bool(fsdp_units(module))
+    """Whether `module` is split over the ranks (FSDP2 units or ZeRO-3 partitions): its every
+    forward is then a collective call that all ranks make together."""
+    return module is not None and bool(fsdp_units(module) or zero3_params(module))
 
 
 def _layer_classes(model: nn.Module, fallback: list[str]) -> set[str]:
@@ -117,6 +124,13 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[None]:
     A no-op for an unsharded policy. Resharding after forward is switched back on after, as
     dist=fsdp always sets it (full shard).
     """
+    partitioned = zero3_params(policy)
+    if partitioned:  # ZeRO-3: gathered once, partitioned again after
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            yield
+        return
     units = fsdp_units(policy)
     if not units:
         yield
@@ -132,6 +146,21 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
 
 
+@contextmanager
+def gathered_to_modify(module: nn.Module) -> Iterator[None]:
+    """`module`'s whole parameters, to change in place: under ZeRO-3 (loaded partitioned) each
+    rank holds an empty placeholder, so they are gathered and rank 0's values partitioned back
+    after. Elsewhere, nothing to do."""
+    partitioned = zero3_params(module)
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
 def full_state_dict(module: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
     """`module`'s full state dict, gathered on CPU on rank 0 (empty elsewhere); every rank must call it.
 
@@ -139,6 +168,17 @@ def full_state_dict(module: nn.Module, trained_only: bool = False) -> dict[str, 
         module: a sharded module.
         trained_only: only the parameters that train (a LoRA adapter's), not the frozen base.
     """
+    partitioned = zero3_params(module)
+    if partitioned:
+        import deepspeed
+
+        wanted = [p for p in partitioned if p.requires_grad] if trained_only else partitioned
+        with deepspeed.zero.GatheredParameters(wanted):
+            if torch.distributed.get_rank() != 0:
+                return {}
+            if trained_only:
+                return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+            return {n: t.detach().cpu().clone() for n, t in module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
@@ -147,6 +187,12 @@ def full_state_dict(module: nn.Module, trained_only: bool = False) -> dict[str, 
 
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> Any:
     """Loads full tensors (as saved) into a sharded `module`, each rank keeping its shard (strict=False)."""
+    partitioned = zero3_params(module)
+    if partitioned:  # ZeRO-3: loaded whole, rank 0's copy partitioned to every rank after
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+            return module.load_state_dict(state_dict, strict=False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     return set_model_state_dict(
@@ -174,6 +220,10 @@ def local_and_total_numel(module: nn.Module) -> tuple[int, int]:
     """(parameter elements this rank holds, elements of the full model): what shows a model is sharded."""
     local = total = 0
     for param in module.parameters():
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of it
+            total += param.ds_numel
+            local += param.ds_tensor.numel()
+            continue
         total += param.numel()
         local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
     return local, total

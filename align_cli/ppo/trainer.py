@@ -241,6 +241,7 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
         max_steps = self._max_steps()
         world = self.accelerator.num_processes
         episodes_per_step = args.rollout_batch_size * world
+        optimizer_steps = max_steps * args.num_ppo_epochs * args.num_mini_batches
 
         if self.is_fsdp_enabled:
             # FSDP2 per role (sharding.py), then the optimiser over the sharded parameters.
@@ -264,10 +265,14 @@ class PPOTrainer(PPOUpdate, PPOEvaluation, PPOCheckpoints, loop_trainer_base()):
             # (accelerate's `prepare` would shard the whole module once more, as one root.)
             model, self.optimizer = self.model, self.accelerator.prepare_optimizer(self.optimizer)
         else:
+            if self.is_deepspeed_enabled:
+                # The DeepSpeed config's model-sized "auto" values, from the policy's config (the
+                # two-network module has none; transformers' Trainer does this in deepspeed_init).
+                args.hf_deepspeed_config.trainer_config_finalize(args, self.policy, optimizer_steps)
             self.create_optimizer()
             model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped = model
-        self.create_scheduler(num_training_steps=max_steps * args.num_ppo_epochs * args.num_mini_batches)
+        self.create_scheduler(num_training_steps=optimizer_steps)
 
         self.state = TrainerState(
             stateful_callbacks=[

@@ -9,6 +9,7 @@ own parameter groups when `critic_learning_rate` is set.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -38,6 +39,20 @@ def split_critic_groups(optimizer: torch.optim.Optimizer, critic: nn.Module, cri
     optimizer.param_groups = policy_groups + critic_groups
 
 
+class EngineLogits:
+    """The policy called through the DeepSpeed engine's forward (`PolicyAndCritic` with
+    `values=False`), as `demonstration_nll` calls a causal LM: ZeRO counts the parts of an
+    optimiser step by the engine's forward calls, and a backward it did not count would
+    overwrite the gradients of the parts before it."""
+
+    def __init__(self, engine: nn.Module):
+        self.engine = engine
+
+    def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep: int, use_cache: bool = False):
+        logits, _ = self.engine(input_ids, attention_mask, position_ids, logits_to_keep, values=False)
+        return SimpleNamespace(logits=logits)
+
+
 class PPOUpdate:
     """The update phase of `PPOTrainer` (a mixin: it uses the Trainer's optimiser, scheduler and callbacks)."""
 
@@ -55,7 +70,23 @@ class PPOUpdate:
         Under FSDP, nothing: each micro-batch's gradients are reduce-scattered into the shards
         as they come, so a rank never holds a full gradient (the memory FSDP is there to save).
         """
-        return nullcontext() if getattr(self, "is_fsdp_enabled", False) else self.accelerator.no_sync(model)
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        return nullcontext() if sharded else self.accelerator.no_sync(model)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one part of a mini-batch; `last`: the optimiser steps after this part.
+
+        Under DeepSpeed (dist=zero2|zero3), the engine's own backward, told where the mini-batch
+        ends (ZeRO reduces its partitioned gradients there) and not to divide the loss by its
+        accumulation count: each part's loss is already weighted by its share of the mini-batch's
+        tokens, and the ptx loss is one more part than the engine would count.
+        """
+        if getattr(self, "is_deepspeed_enabled", False):
+            engine = self.model_wrapped
+            engine.set_gradient_accumulation_boundary(last)
+            engine.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
 
     def ppo_loss(self, model: nn.Module, part: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss on one micro-batch: policy + vf_coef * value - entropy_coef * entropy."""
@@ -74,15 +105,21 @@ class PPOUpdate:
             metrics.update(entropy_update=e_metrics["entropy"])
         return loss, {**metrics, **v_metrics, "loss": loss.detach()}
 
-    def ptx_step(self, model: nn.Module) -> None:
+    def ptx_step(self, model: nn.Module, last: bool = False) -> None:
         """ptx_coef x the policy's language-model loss on a batch of ptx rows (see ptx.py), backward.
 
-        Run under `no_sync`: its gradients join the mini-batch's and are all-reduced with them.
+        Run under `no_sync` before the mini-batch's parts: its gradients join theirs and are
+        all-reduced with them. Under DeepSpeed it is the last part instead (`last`), through the
+        engine's forward: ZeRO-3's first backward of an optimiser step overwrites each gradient
+        partition and later ones add to it, so a critic parameter that a first ptx backward
+        does not reach would keep the previous step's gradient.
         """
         args = self.args
         size = args.ptx_batch_size or args.mini_batch_size
         rows = torch.randint(len(self.ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
         policy = self.accelerator.unwrap_model(model).policy
+        if last:  # DeepSpeed: through the engine's forward, which keeps ZeRO's accumulation count
+            policy = EngineLogits(model)
         nll = demonstration_nll(
             policy,
             self.ptx_pairs,
@@ -91,11 +128,15 @@ class PPOUpdate:
             args.max_length,
             self.accelerator.device,
         )
-        self.accelerator.backward(args.ptx_coef * nll)
+        self._backward(args.ptx_coef * nll, last)
         self._micro_metrics_ptx.append(nll.detach())
 
     def training_step(
-        self, model: nn.Module, inputs: Experience, num_items_in_batch: torch.Tensor | None = None
+        self,
+        model: nn.Module,
+        inputs: Experience,
+        num_items_in_batch: torch.Tensor | None = None,
+        last: bool = True,
     ) -> torch.Tensor:
         """One micro-batch: forward, PPO loss, backward; returns the loss (detached).
 
@@ -104,12 +145,29 @@ class PPOUpdate:
             inputs: the micro-batch.
             num_items_in_batch: response tokens in the whole mini-batch; the micro-batch's loss
                 (a mean over its own tokens) is weighted by its share of them.
+            last: the mini-batch's last micro-batch (the optimiser steps after it).
         """
         loss, metrics = self.ppo_loss(model, inputs)
         weight = inputs.response_mask.sum() / num_items_in_batch if num_items_in_batch is not None else 1.0
-        self.accelerator.backward(loss * weight)
+        self._backward(loss * weight, last)
         self._micro_metrics.append(metrics)
         return loss.detach()
+
+    def _deepspeed_step(self, engine: nn.Module) -> list[torch.Tensor]:
+        """The optimiser step of a mini-batch under DeepSpeed; its gradient norm, if clipped.
+
+        The engine clips (its `gradient_clipping` is max_grad_norm), steps and zeroes the
+        gradients; the scheduler is ours, over the engine's optimiser groups.
+        """
+        args = self.args
+        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+        engine.step()
+        self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
+        self.lr_scheduler.step()
+        norm = engine.get_global_grad_norm()
+        if not (args.max_grad_norm and args.max_grad_norm > 0) or norm is None:
+            return []
+        return [torch.as_tensor(float(norm)).float()]
 
     def ppo_update(self, model: nn.Module, experience: Experience) -> dict[str, torch.Tensor]:
         """`num_ppo_epochs` passes over the batch; returns the mean of each metric.
@@ -130,13 +188,15 @@ class PPOUpdate:
             args.seed * 1_000_033 + self.state.global_step * 7 + self.accelerator.process_index
         )
         lengths = experience.attention_mask.sum(1)  # (B,) real tokens per row
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(experience), generator=self._shuffle).to(lengths.device)
             for m in range(args.num_mini_batches):
                 mini = order[m * args.mini_batch_size : (m + 1) * args.mini_batch_size]
                 mini = mini[torch.argsort(lengths[mini], stable=True)]
                 tokens = experience.response_mask[mini].sum().clamp(min=1)
-                if self.ptx_pairs:
+                ptx_last = bool(self.ptx_pairs) and deepspeed
+                if self.ptx_pairs and not ptx_last:
                     with self._unsynced(model):  # synced with the last micro-batch below
                         self.ptx_step(model)
                 for a in range(accumulation):
@@ -144,7 +204,12 @@ class PPOUpdate:
                     # DDP: gradients are all-reduced once per optimiser step, not per micro-batch.
                     sync = a == accumulation - 1
                     with nullcontext() if sync else self._unsynced(model):
-                        self.training_step(model, part, tokens)
+                        self.training_step(model, part, tokens, last=sync and not ptx_last)
+                if ptx_last:
+                    self.ptx_step(model, last=True)
+                if deepspeed:
+                    grad_norms += self._deepspeed_step(model)
+                    continue
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards

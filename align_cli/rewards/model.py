@@ -261,6 +261,7 @@ def _load(model_cfg, path: str, quant_cfg, tokenizer):
     import shutil
     import tempfile
 
+    from ..compat import outside_zero3
     from ..modeling import adapter_base, load_model, merge_adapter_folder
 
     scratch = None
@@ -268,9 +269,16 @@ def _load(model_cfg, path: str, quant_cfg, tokenizer):
         scratch = tempfile.mkdtemp(prefix="align-rm-")
         path = merge_adapter_folder(model_cfg, path, os.path.join(scratch, "model"))
     try:
-        return load_model(
-            model_cfg, quant_cfg, kind="seq_cls", path=path, num_labels=1, pad_token_id=tokenizer.pad_token_id
-        )
+        # Whole on every rank under dist=zero3 too: reward functions call it per rank.
+        with outside_zero3():
+            return load_model(
+                model_cfg,
+                quant_cfg,
+                kind="seq_cls",
+                path=path,
+                num_labels=1,
+                pad_token_id=tokenizer.pad_token_id,
+            )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
