@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SLOW_FILES_FIRST = (
     "test_alignment.py",
     "test_dist.py",
+    "test_deepspeed.py",
     "test_sweep.py",
     "test_distributed.py",
     "test_errors.py",
