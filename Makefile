@@ -7,9 +7,14 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo test lint bench bench-gpu clean
 
+# DeepSpeed compiles its CPU shared-memory op on first use (about 40 s); built here, once, so no
+# run (and no test) pays for it later. Skipped where the accelerator has no such op (GPUs).
+DS_WARM = from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder("ShareMemCommBuilder"); b and b.load(verbose=False)
+
 install:
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(TORCH); fi
 	$(PIP) install -q -e ".[dev,sweep,cluster,deepspeed]"
+	@$(PYTHON) -c '$(DS_WARM)' >/dev/null 2>&1 || echo "make install: DeepSpeed's CPU op did not build now; DeepSpeed will build it on first use"
 
 demo:
 	align train method=dpo

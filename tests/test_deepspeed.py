@@ -12,8 +12,6 @@ import pytest
 from test_dist import PPO_SHORT, checksum, on_two_ranks, saved_matches_and_moved
 
 from align_cli.dist import deepspeed_installed
-from align_cli.testing import compose
-from align_cli.train import train
 
 # Under DeepSpeed each rank reports the ZeRO stage, how many processes accelerate counts, its
 # batches per epoch, the parameter elements it holds (ZeRO-3: its partition) and a checksum of
@@ -58,8 +56,6 @@ def test_zero3_sft_on_two_cpu_processes_partitions_trains_and_saves_a_loadable_m
     # The default config, evaluation on.
     infos = on_two_ranks(tmp_path, ["method=sft", "method.args.max_steps=3", "dist=zero3"], DS_PROBE)
     zero_ran(infos, 3)
-    one_process = train(compose(["method=sft", "method.args.max_steps=1"], tmp_path / "single"))
-    assert infos[0]["batches"] == math.ceil(len(one_process.trainer.get_train_dataloader()) / 2)
     saved_matches_and_moved(tmp_path / "run", infos)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "eval_loss" in summary["metrics"]
