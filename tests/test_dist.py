@@ -21,6 +21,8 @@ from align_cli.testing import compose
 from align_cli.train import train
 
 REPO = Path(__file__).resolve().parents[1]
+# A 2-process torchrun launch on this machine (gloo on a CPU); the script and its arguments follow.
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # Each rank trains with the overrides given as JSON and reports whether FSDP was on, how many
 # parameter elements it holds itself (its shard) and a checksum of the gathered full weights.
@@ -53,17 +55,8 @@ def on_two_ranks(tmp_path, overrides: list[str], script: str) -> list[dict]:
     shutil.rmtree(reports, ignore_errors=True)
     reports.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(probe),
-    ]
     out = subprocess.run(
-        [*command, str(tmp_path / "run"), json.dumps(overrides), str(reports)],
+        [*TORCHRUN_2, str(probe), str(tmp_path / "run"), json.dumps(overrides), str(reports)],
         env=env,
         capture_output=True,
         text=True,
@@ -309,16 +302,7 @@ def test_tiny_model_built_first_by_a_rank_other_than_0_is_complete(tmp_path):
         "PYTHONPATH": str(REPO),
         "ALIGN_CACHE": str(tmp_path / "cache"),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*TORCHRUN_2, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'config.json'" in out.stdout and "'model.safetensors'" in out.stdout, out.stdout
 

@@ -187,11 +187,8 @@ def full_state_dict(module: nn.Module, trained_only: bool = False) -> dict[str, 
 
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> Any:
     """Loads full tensors (as saved) into a sharded `module`, each rank keeping its shard (strict=False)."""
-    partitioned = zero3_params(module)
-    if partitioned:  # ZeRO-3: loaded whole, rank 0's copy partitioned to every rank after
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+    if zero3_params(module):  # ZeRO-3: loaded whole, rank 0's copy partitioned to every rank after
+        with gathered_to_modify(module):
             return module.load_state_dict(state_dict, strict=False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

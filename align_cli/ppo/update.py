@@ -189,13 +189,13 @@ class PPOUpdate:
         )
         lengths = experience.attention_mask.sum(1)  # (B,) real tokens per row
         deepspeed = getattr(self, "is_deepspeed_enabled", False)
+        ptx_last = bool(self.ptx_pairs) and deepspeed  # see ptx_step
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(experience), generator=self._shuffle).to(lengths.device)
             for m in range(args.num_mini_batches):
                 mini = order[m * args.mini_batch_size : (m + 1) * args.mini_batch_size]
                 mini = mini[torch.argsort(lengths[mini], stable=True)]
                 tokens = experience.response_mask[mini].sum().clamp(min=1)
-                ptx_last = bool(self.ptx_pairs) and deepspeed
                 if self.ptx_pairs and not ptx_last:
                     with self._unsynced(model):  # synced with the last micro-batch below
                         self.ptx_step(model)
