@@ -492,8 +492,12 @@ def run_grid(args, pythons: dict) -> dict:
                             flush=True,
                         )
                 cell["spec"] = {k: v for k, v in spec.items() if k not in ("prompts", "policy", "reward")}
+                # Read again before writing: another grid command may have saved cells meanwhile.
+                results = json.loads(saved.read_text()) if saved.exists() else {}
                 results[key] = cell
-                saved.write_text(json.dumps(results, indent=1))
+                tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(results, indent=1))
+                tmp.replace(saved)
     return results
 
 

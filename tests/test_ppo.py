@@ -413,3 +413,30 @@ def test_samples_per_prompt_groups_each_prompt_in_one_rollout(tmp_path, monkeypa
         assert all(len(set(g)) == 1 for g in groups)  # one prompt per group
         assert groups[0][0] != groups[1][0]  # two different prompts
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+
+
+def test_micro_batches_run_longest_rows_first(tmp_path, monkeypatch, share_reward):
+    """Within each optimiser step the micro-batches come longest rows first (each then fits in the
+    memory the one before it freed), and together they hold every row of the mini-batch once."""
+    import align_cli.ppo.update as update
+
+    parts, step = [], update.PPOUpdate.training_step
+
+    def spy(self, model, inputs, num_items_in_batch=None, last=True):
+        parts.append((inputs.attention_mask.sum(1).tolist(), last))
+        return step(self, model, inputs, num_items_in_batch, last)
+
+    monkeypatch.setattr(update.PPOUpdate, "training_step", spy)
+    run(tmp_path, [*share_reward, *SHORT], monkeypatch)
+    steps, current = [], []
+    for lengths, last in parts:
+        current.append(lengths)
+        if last:
+            steps.append(current)
+            current = []
+    assert len(steps) == 2 * 2 and not current  # max_steps 2 x num_ppo_epochs 2, one mini-batch each
+    for micro in steps:
+        assert len(micro) == 2 and all(len(rows) == 4 for rows in micro)
+        flat = [n for rows in micro for n in rows]
+        assert flat == sorted(flat, reverse=True), micro
+    assert any(micro[0][0] > micro[-1][-1] for micro in steps)  # the rows' lengths do differ
