@@ -451,6 +451,10 @@ def run_grid(args, pythons: dict) -> dict:
     saved = GRID_WORK / "results.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
     prompts = prepare()["prompts"]  # the 54 chat prompts of the main benchmark
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import _git_revision
+
+    revision = _git_revision()  # each cell says when and on which code it ran: cells add up over runs
     for size in args.sizes.split(","):
         models = grid_models(size)
         for length in (int(x) for x in args.lengths.split(",")):
@@ -475,6 +479,7 @@ def run_grid(args, pythons: dict) -> dict:
                     "reward": models["reward"],
                 }
                 cell = {"params": models["params"], "runs": {"trl": [], "ours": []}}
+                started = time.time()
                 for i in range(args.repeats):
                     for side in ("trl", "ours") if i % 2 == 0 else ("ours", "trl"):
                         load = os.getloadavg()[0]
@@ -492,6 +497,9 @@ def run_grid(args, pythons: dict) -> dict:
                             flush=True,
                         )
                 cell["spec"] = {k: v for k, v in spec.items() if k not in ("prompts", "policy", "reward")}
+                cell["run_at"] = (
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, align at {revision}"
+                )
                 # Read again before writing: another grid command may have saved cells meanwhile.
                 results = json.loads(saved.read_text()) if saved.exists() else {}
                 results[key] = cell
@@ -531,15 +539,15 @@ def grid_markdown(results: dict, machine: str) -> str:
         "critic forward / update (the PPO epochs and the rest of the step).",
         "",
         "| size (params) | new tokens | mode | align eps/s | TRL eps/s | ratio | align peak RSS MB | TRL peak RSS MB "
-        "| memory ratio | align split ms | TRL split ms | load avg |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "| memory ratio | align split ms | TRL split ms | load avg | episodes | run |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|",
     ]
     for size in GRID_SIZES:
         for length in GRID_LENGTHS:
             for mode in GRID_MODES:
                 cell = results.get(grid_key(size, length, mode))
                 if cell is None:
-                    lines.append(f"| {size} | {length} | {mode} | not run | | | | | | | | |")
+                    lines.append(f"| {size} | {length} | {mode} | not run | | | | | | | | | | |")
                     continue
                 ours, trl = cell["runs"]["ours"], cell["runs"]["trl"]
                 loads = [r["load"] for r in ours + trl]
@@ -548,9 +556,16 @@ def grid_markdown(results: dict, machine: str) -> str:
                     f"{med(trl, 'eps'):.2f} | **{med(ours, 'eps') / med(trl, 'eps'):.2f}x** | "
                     f"{med(ours, 'peak_rss_mb'):.0f} | {med(trl, 'peak_rss_mb'):.0f} | "
                     f"{med(ours, 'peak_rss_mb') / med(trl, 'peak_rss_mb'):.2f}x | {split(ours)} | {split(trl)} | "
-                    f"{min(loads):.1f}-{max(loads):.1f} |"
+                    f"{min(loads):.1f}-{max(loads):.1f} | {cell.get('spec', {}).get('episodes', '')} | "
+                    f"{cell.get('run_at', 'not recorded')}{' (restored)' if 'source' in cell else ''} |"
                 )
-    lines += ["", f"Machine: {machine}."]
+    lines += ["", f"Machine, when this table was written (each cell's own run: column `run`): {machine}."]
+    if any("source" in cell for cell in results.values()):
+        lines += [
+            "",
+            "(restored): the cell's raw results were lost with a helper's work folder; its figures were "
+            "put back into `.bench/ppo-grid/results.json` from this table as it stood (one run per side).",
+        ]
     return "\n".join(lines)
 
 
