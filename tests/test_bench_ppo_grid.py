@@ -40,9 +40,58 @@ def test_grid_table_gives_ratios_and_marks_cells_not_run():
         split = dict.fromkeys(("generation", "reward", "reference", "value", "update"), 10.0)
         return {"eps": eps, "peak_rss_mb": rss, "split": split, "load": 2.0}
 
-    results = {"5m/128/lora": {"params": 4.99e6, "runs": {"ours": [run(3.0, 900)], "trl": [run(1.5, 1000)]}}}
+    results = {
+        "5m/128/lora": {
+            "params": 4.99e6,
+            "runs": {"ours": [run(3.0, 900)], "trl": [run(1.5, 1000)]},
+            "spec": {"episodes": 64},
+            "run_at": "2026-12-02 00:30 UTC, align at abc1234",
+        },
+        "tiny/32/full": {
+            "params": 1.9e5,
+            "runs": {"ours": [run(2.0, 500)], "trl": [run(1.0, 500)]},
+            "source": "restored from the doc",
+        },
+    }
     table = bench.grid_markdown(results, "test machine")
     row = next(line for line in table.splitlines() if line.startswith("| 5m (4.99M) | 128 | lora"))
     assert "**2.00x**" in row and "0.90x" in row
+    # Cells add up over runs on different days and code: each says its episodes and its run.
+    assert row.endswith("| 64 | 2026-12-02 00:30 UTC, align at abc1234 |")
+    restored = next(line for line in table.splitlines() if line.startswith("| tiny (0.19M) | 32 | full"))
+    assert restored.endswith("| not recorded (restored) |") and "\n(restored): " in table
     not_run = [line for line in table.splitlines() if "not run" in line]
-    assert len(not_run) == len(bench.GRID_SIZES) * len(bench.GRID_LENGTHS) * len(bench.GRID_MODES) - 1
+    assert len(not_run) == len(bench.GRID_SIZES) * len(bench.GRID_LENGTHS) * len(bench.GRID_MODES) - 2
+
+
+def test_grid_keeps_the_cells_another_grid_command_saved_meanwhile(tmp_path, monkeypatch):
+    """Two grid commands side by side (one per core) both land in results.json, each cell stamped."""
+    import argparse
+    import json
+
+    bench = load_script()
+    monkeypatch.setattr(bench, "GRID_WORK", tmp_path)
+    monkeypatch.setattr(bench, "prepare", lambda: {"prompts": "prompts.jsonl"})
+    monkeypatch.setattr(bench, "grid_models", lambda size: {"policy": "p", "reward": "r", "params": 1e6})
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps({"tiny/32/full": {"params": 1, "runs": {}}}))
+
+    def run_side(side, python, spec, out):
+        # The other command finishes a cell while this one is still running.
+        other = json.loads(saved.read_text())
+        other["5m/32/lora"] = {"params": 2, "runs": {}}
+        saved.write_text(json.dumps(other))
+        split = dict.fromkeys(("generation", "reward", "reference", "value", "update"), 1.0)
+        return {"seconds": 2.0, "peak_rss_mb": 100.0, "split": split}
+
+    monkeypatch.setattr(bench, "run_side", run_side)
+    args = argparse.Namespace(
+        sizes="5m", lengths="128", modes="full", device="cpu", threads=1, grid_episodes=64, rollout_batch=32,
+        micro_batch=16, ppo_epochs=4, kl_coef=0.05, temperature=1.0, seed=0, repeats=1,
+    )  # fmt: skip
+    bench.run_grid(args, {"trl": "python", "ours": "python"})
+    results = json.loads(saved.read_text())
+    assert set(results) == {"tiny/32/full", "5m/32/lora", "5m/128/full"}
+    cell = results["5m/128/full"]
+    assert cell["runs"]["ours"][0]["eps"] == 32.0 and cell["spec"]["episodes"] == 64
+    assert " UTC, align at " in cell["run_at"]
