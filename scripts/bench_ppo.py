@@ -390,6 +390,8 @@ GRID_SIZES = {
 GRID_LENGTHS = (32, 128, 256)
 GRID_MODES = ("full", "lora")
 GRID_WORK = BENCH / "ppo-grid"
+# The grid's raw results, kept in the repository: the table is rebuilt from every cell saved here.
+GRID_RESULTS = ROOT / "docs" / "results" / "ppo-grid.json"
 
 
 def grid_models(size: str) -> dict:
@@ -446,9 +448,10 @@ def grid_key(size: str, length: int, mode: str) -> str:
 
 
 def run_grid(args, pythons: dict) -> dict:
-    """Runs the chosen cells (both sides, alternating) and merges them into .bench/ppo-grid/results.json."""
+    """Runs the chosen cells (both sides, alternating) and merges them into docs/results/ppo-grid.json."""
     GRID_WORK.mkdir(parents=True, exist_ok=True)
-    saved = GRID_WORK / "results.json"
+    saved = GRID_RESULTS
+    saved.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(saved.read_text()) if saved.exists() else {}
     prompts = prepare()["prompts"]  # the 54 chat prompts of the main benchmark
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -515,6 +518,9 @@ def grid_markdown(results: dict, machine: str) -> str:
     def med(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
+    def eps(x: float) -> str:
+        return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
     def split(runs: list[dict]) -> str:
         phases = ("generation", "reward", "reference", "value", "update")
         return " / ".join(f"{statistics.median(r['split'][p] for r in runs):.0f}" for p in phases)
@@ -522,10 +528,13 @@ def grid_markdown(results: dict, machine: str) -> str:
     lines = [
         "## PPO grid: model size x response length x full/LoRA, ours vs TRL 1.12",
         "",
-        "Reproduce the whole grid (on a quiet machine; the 50m and 256-token cells take 5-30 min per run on 2 cores): "
-        "`python3 scripts/bench_ppo.py --grid`; some cells: `--sizes tiny,5m --lengths 32,128 --modes full,lora`. "
-        "Runs add to `.bench/ppo-grid/results.json` and the table is rebuilt from every cell saved there "
-        "(`--grid --report-only` rebuilds it alone).",
+        "Reproduce the whole grid (on a quiet machine; one run of a 50m cell takes 5 min at 32 new tokens, "
+        "12 at 128 and 15-17 at 256 with 64 episodes, on one core): `python3 scripts/bench_ppo.py --grid`; "
+        "some cells: `--sizes tiny,5m --lengths 32,128 --modes full,lora`. Two commands can run side by side, "
+        "one per core (e.g. `--modes full` and `--modes lora`). Runs add to `docs/results/ppo-grid.json` "
+        "and the table is rebuilt from every cell saved there (`--grid --report-only` rebuilds it alone); "
+        "each cell says over how many episodes (`--grid-episodes`, 96 = 3 rollouts by default) and when and "
+        "on which revision it ran.",
         "",
         "Per cell, both trainers (each its own process, alternating) train the same random-init Qwen2 policy "
         "(tiny = align's ~200k-parameter model; 5m and 50m: wider and deeper, same 1,024-token vocabulary), "
@@ -552,8 +561,8 @@ def grid_markdown(results: dict, machine: str) -> str:
                 ours, trl = cell["runs"]["ours"], cell["runs"]["trl"]
                 loads = [r["load"] for r in ours + trl]
                 lines.append(
-                    f"| {size} ({cell['params'] / 1e6:.2f}M) | {length} | {mode} | {med(ours, 'eps'):.2f} | "
-                    f"{med(trl, 'eps'):.2f} | **{med(ours, 'eps') / med(trl, 'eps'):.2f}x** | "
+                    f"| {size} ({cell['params'] / 1e6:.2f}M) | {length} | {mode} | {eps(med(ours, 'eps'))} | "
+                    f"{eps(med(trl, 'eps'))} | **{med(ours, 'eps') / med(trl, 'eps'):.2f}x** | "
                     f"{med(ours, 'peak_rss_mb'):.0f} | {med(trl, 'peak_rss_mb'):.0f} | "
                     f"{med(ours, 'peak_rss_mb') / med(trl, 'peak_rss_mb'):.2f}x | {split(ours)} | {split(trl)} | "
                     f"{min(loads):.1f}-{max(loads):.1f} | {cell.get('spec', {}).get('episodes', '')} | "
@@ -564,7 +573,7 @@ def grid_markdown(results: dict, machine: str) -> str:
         lines += [
             "",
             "(restored): the cell's raw results were lost with a helper's work folder; its figures were "
-            "put back into `.bench/ppo-grid/results.json` from this table as it stood (one run per side).",
+            "put back into `docs/results/ppo-grid.json` from this table as it stood (one run per side).",
         ]
     return "\n".join(lines)
 
@@ -924,7 +933,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"bench: unknown grid size or mode {bad}: sizes {list(GRID_SIZES)}, modes {list(GRID_MODES)}"
             )
         if args.report_only:
-            results = json.loads((GRID_WORK / "results.json").read_text())
+            results = json.loads(GRID_RESULTS.read_text())
         else:
             args.repeats = 1 if args.repeats == parser.get_default("repeats") else args.repeats
             results = run_grid(args, {"trl": str(ensure_trl_venv()), "ours": sys.executable})

@@ -71,6 +71,7 @@ def test_grid_keeps_the_cells_another_grid_command_saved_meanwhile(tmp_path, mon
 
     bench = load_script()
     monkeypatch.setattr(bench, "GRID_WORK", tmp_path)
+    monkeypatch.setattr(bench, "GRID_RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(bench, "prepare", lambda: {"prompts": "prompts.jsonl"})
     monkeypatch.setattr(bench, "grid_models", lambda size: {"policy": "p", "reward": "r", "params": 1e6})
     saved = tmp_path / "results.json"
