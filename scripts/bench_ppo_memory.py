@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench" / "ppo-memory"
+# The raw results, kept in the repository: the doc section is rebuilt from every size saved here.
+RESULTS = ROOT / "docs" / "results" / "ppo-memory.json"
 
 # name -> (what it is, overrides on top of the common ones)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -264,7 +266,7 @@ def comparisons(results: dict) -> list[str]:
 
 
 def markdown(saved: dict) -> str:
-    """The doc section from every size saved in .bench/ppo-memory/results.json."""
+    """The doc section from every size saved in docs/results/ppo-memory.json."""
     lines = [
         "## PPO memory: the four roles and the cheap options",
         "",
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--no-doc", action="store_true", help="print the tables, leave docs/benchmarks.md alone"
     )
     parser.add_argument(
-        "--report-only", action="store_true", help="rebuild the section from .bench/ppo-memory/results.json"
+        "--report-only", action="store_true", help="rebuild the section from docs/results/ppo-memory.json"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench import machine_info, update_section
     from bench_ppo import grid_models
 
-    path = WORK / "results.json"
+    path = RESULTS
     if args.report_only:
         section = markdown(json.loads(path.read_text()))
         print(section)
@@ -348,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     models = grid_models(args.size)
     WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
         results[name] = r = run_config(name, models, args.steps, args.size)
