@@ -428,18 +428,26 @@ def config_kwargs(training_args_bin: Path, config_name: str) -> dict:
 
 
 def check_same_config(align_dir: Path, trl_dir: Path) -> None:
-    """Both sides' saved configs must be equal field by field, except fields naming their folders."""
+    """Both sides' saved configs must be equal field by field, except fields naming their folders
+    and align's own options (a field TRL's config lacks, e.g. GRPO's ptx_coef) left at their default."""
+    import dataclasses
+
     import torch
 
-    a = torch.load(align_dir / "training_args.bin", weights_only=False).to_dict()
+    saved = torch.load(align_dir / "training_args.bin", weights_only=False)
+    a = saved.to_dict()
     b = torch.load(trl_dir / "training_args.bin", weights_only=False).to_dict()
+    own_defaults = {
+        f.name: f.default for f in dataclasses.fields(type(saved)) if f.default is not dataclasses.MISSING
+    }
     differ = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         names_folder = (
             isinstance(va, str) and str(align_dir) in va and isinstance(vb, str) and str(trl_dir) in vb
         )
-        if va != vb and not names_folder:
+        align_only_off = key not in b and key in own_defaults and va == own_defaults[key]
+        if va != vb and not names_folder and not align_only_off:
             differ.append(f"{key}: align={va!r} trl={vb!r}")
     if differ:
         raise BenchError("the TRL side's config differs from align's:\n  " + "\n  ".join(differ))
