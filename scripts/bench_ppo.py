@@ -452,10 +452,17 @@ def run_grid(args, pythons: dict) -> dict:
     GRID_WORK.mkdir(parents=True, exist_ok=True)
     saved = GRID_RESULTS
     saved.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(saved.read_text()) if saved.exists() else {}
+
+    def saved_cells() -> dict:
+        return json.loads(saved.read_text()) if saved.exists() else {}
+
+    results = saved_cells()
     prompts = prepare()["prompts"]  # the 54 chat prompts of the main benchmark
+    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench import _git_revision
+
+    from align_cli.guard import write_json_atomic
 
     revision = _git_revision()  # each cell says when and on which code it ran: cells add up over runs
     for size in args.sizes.split(","):
@@ -504,11 +511,9 @@ def run_grid(args, pythons: dict) -> dict:
                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, align at {revision}"
                 )
                 # Read again before writing: another grid command may have saved cells meanwhile.
-                results = json.loads(saved.read_text()) if saved.exists() else {}
+                results = saved_cells()
                 results[key] = cell
-                tmp = saved.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                tmp.replace(saved)
+                write_json_atomic(saved, results, indent=1)
     return results
 
 

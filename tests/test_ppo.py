@@ -416,8 +416,8 @@ def test_samples_per_prompt_groups_each_prompt_in_one_rollout(tmp_path, monkeypa
 
 
 def test_micro_batches_run_longest_rows_first(tmp_path, monkeypatch, share_reward):
-    """Within each optimiser step the micro-batches come longest rows first (each then fits in the
-    memory the one before it freed), and together they hold every row of the mini-batch once."""
+    """Within each optimiser step the micro-batches (two of four rows) come longest rows first:
+    each then fits in the memory the one before it freed."""
     import align_cli.ppo.update as update
 
     parts, step = [], update.PPOUpdate.training_step
