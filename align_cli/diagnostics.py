@@ -65,9 +65,12 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
     Example: ["a b a", "a b"] has the bigrams (a b), (b a), (a b): 2 distinct of 3.
     """
+    return _distinct([text_units(t) for t in texts], n)
+
+
+def _distinct(unit_lists: Sequence[list[str]], n: int) -> float:
     total, seen = 0, set()
-    for text in texts:
-        units = text_units(text)
+    for units in unit_lists:
         grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
         total += len(grams)
         seen.update(grams)
@@ -85,6 +88,14 @@ def _pairs(prompts: Sequence[Any], completions: Sequence[str]) -> list[tuple[str
     return [(prompt_id(p), (c or "").strip()) for p, c in zip(prompts, completions, strict=True)]
 
 
+def _prompts_of(pairs: list[tuple[str, str]]) -> dict[str, set[str]]:
+    """Completion text -> the distinct prompts it answered."""
+    prompts_of: dict[str, set[str]] = {}
+    for p, c in pairs:
+        prompts_of.setdefault(c, set()).add(p)
+    return prompts_of
+
+
 def identical_share(prompts: Sequence[Any], completions: Sequence[str]) -> float:
     """The share of completions whose text is also a completion to another prompt.
 
@@ -92,12 +103,7 @@ def identical_share(prompts: Sequence[Any], completions: Sequence[str]) -> float
     whitespace does not count.
     """
     pairs = _pairs(prompts, completions)
-    if len({p for p, _ in pairs}) < 2:
-        return float("nan")
-    prompts_of: dict[str, set[str]] = {}
-    for p, c in pairs:
-        prompts_of.setdefault(c, set()).add(p)
-    return sum(len(prompts_of[c]) > 1 for _, c in pairs) / len(pairs)
+    return _shares(pairs, _prompts_of(pairs))[0]
 
 
 def top_completion_share(prompts: Sequence[Any], completions: Sequence[str]) -> float:
@@ -106,22 +112,29 @@ def top_completion_share(prompts: Sequence[Any], completions: Sequence[str]) -> 
     NaN with fewer than two distinct prompts.
     """
     pairs = _pairs(prompts, completions)
+    return _shares(pairs, _prompts_of(pairs))[1]
+
+
+def _shares(pairs: list[tuple[str, str]], prompts_of: dict[str, set[str]]) -> tuple[float, float]:
+    """(identical_share, top_completion_share) of the (prompt key, completion) pairs."""
     n_prompts = len({p for p, _ in pairs})
     if n_prompts < 2:
-        return float("nan")
-    prompts_of: dict[str, set[str]] = {}
-    for p, c in pairs:
-        prompts_of.setdefault(c, set()).add(p)
-    return max(len(ps) for ps in prompts_of.values()) / n_prompts
+        return float("nan"), float("nan")
+    identical = sum(len(prompts_of[c]) > 1 for _, c in pairs) / len(pairs)
+    return identical, max(len(ps) for ps in prompts_of.values()) / n_prompts
 
 
 def batch_metrics(prompts: Sequence[Any], completions: Sequence[str]) -> dict[str, float]:
-    """distinct-1/2, identical_share and top_completion_share of one batch of completions."""
+    """distinct-1/2, identical_share and top_completion_share of one batch of completions (each
+    text split into units, and each prompt keyed, once for all four)."""
+    units = [text_units(t) for t in completions]
+    pairs = _pairs(prompts, completions)
+    identical, top = _shares(pairs, _prompts_of(pairs))
     return {
-        "distinct_1": distinct_n(completions, 1),
-        "distinct_2": distinct_n(completions, 2),
-        "identical_share": identical_share(prompts, completions),
-        "top_completion_share": top_completion_share(prompts, completions),
+        "distinct_1": _distinct(units, 1),
+        "distinct_2": _distinct(units, 2),
+        "identical_share": identical,
+        "top_completion_share": top,
     }
 
 

@@ -66,6 +66,8 @@ DEFAULT_STEPS = {"sft": 120, "dpo": 50, "kto": 60, "grpo": 30}
 # on the TRL side the same rule written out in DIRECT_SCRIPT.
 GRPO_REWARD = {"type": "length", "target": 40}
 RATIO_TARGET = 0.97
+# Logged per step by the trainers and compared between paired runs (with the training loss).
+TRAJECTORY_KEYS = ("loss", "reward", "completions/mean_length", "grad_norm")
 STARTUP_TARGET_S = 1.0
 
 DIRECT_SCRIPT = '''\
@@ -128,6 +130,7 @@ tokenizer.save_pretrained(spec["output_dir"])
 # import order and cost are untouched.
 TIMER_SCRIPT = """\
 import atexit
+import functools
 import importlib.abc
 import importlib.util
 import json
@@ -136,7 +139,7 @@ import runpy
 import sys
 import time
 
-times = {"calls": 0, "plot_cpu_s": 0.0, "plot_wall_s": 0.0, "own_loop_cpu_s": 0.0}
+times = {"calls": 0, "plot_cpu_s": 0.0, "plot_wall_s": 0.0, "own_loop_cpu_s": 0.0, "step_wall_s": []}
 in_loop = False
 
 
@@ -153,8 +156,14 @@ def timed(fn, sign):
     return call
 
 
-# Counts align's code in the loop: its callbacks' events and its training_step wrapper.
+# Counts align's code in the loop: its callbacks' events, its training_step wrapper and (GRPO)
+# its reward functions (the whole call: align's wrapper, the collapse watch's batch metrics and the
+# rule itself, which the TRL side also computes, in about 10 microseconds).
 def time_align_code(trainer):
+    funcs = getattr(trainer, "reward_funcs", None) or []
+    for i, func in enumerate(funcs):
+        if type(func).__module__.startswith("align_cli"):
+            funcs[i] = functools.wraps(func, updated=())(timed(func, 1))
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__module__.startswith("align_cli"):
             for name in vars(type(callback)):
@@ -176,6 +185,18 @@ def wrap_trainer(module):
     def train(self, *args, **kwargs):
         global in_loop
         time_align_code(self)
+        # Each training_step call's wall time (align's wrapper included; GRPO generates inside it):
+        # its median moves far less than the loop's total when other jobs take the core for a while.
+        step = self.training_step
+
+        def training_step(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                times["step_wall_s"].append(time.perf_counter() - started)
+
+        self.training_step = training_step
         cpu, wall = time.process_time(), time.perf_counter()
         in_loop = True
         output = original(self, *args, **kwargs)
@@ -189,6 +210,9 @@ def wrap_trainer(module):
             * self.args.world_size,
             metrics=output.metrics,
             calls=times["calls"] + 1,
+            log_history=[
+                {k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in self.state.log_history
+            ],
         )
         return output
 
@@ -259,7 +283,15 @@ class Run:
     train_loss: float
     plot_s: float  # align's training-curves plot (part of its start-up); 0 for TRL
     plot_cpu_s: float
-    own_loop_cpu_s: float  # align's code inside the loop (callbacks, loss guard); 0 for TRL
+    own_loop_cpu_s: float  # align's code inside the loop (callbacks, loss guard, GRPO rewards); 0 for TRL
+    step_wall_s: list[float]  # each training_step call, in order
+    log_history: list[dict]  # the trainer's logged entries (numbers only)
+
+    @property
+    def step_median_s(self) -> float:
+        """The median training_step call (the first, which warms up, left out)."""
+        steps = self.step_wall_s[1:] or self.step_wall_s
+        return statistics.median(steps)
 
     @property
     def own_loop_share(self) -> float:
@@ -317,6 +349,8 @@ def run_side(side: str, args: list[str], out: Path, work: Path, env: dict[str, s
         plot_s=times["plot_wall_s"],
         plot_cpu_s=times["plot_cpu_s"],
         own_loop_cpu_s=times["own_loop_cpu_s"],
+        step_wall_s=times["step_wall_s"],
+        log_history=times["log_history"],
     )
 
 
@@ -472,10 +506,27 @@ class Result:
     def extra(self, attr: str = "startup_s") -> float:
         return self.median("align", attr) - self.median("trl", attr)
 
+    def step_ratio(self) -> float:
+        """TRL's median training step over align's (above 1: align's steps are shorter)."""
+        return self.median("trl", "step_median_s") / self.median("align", "step_median_s")
+
     @property
     def loss_gap(self) -> float:
-        pairs = zip(self.side("align"), self.side("trl"), strict=True)
-        return max(abs(a.train_loss - t.train_loss) for a, t in pairs)
+        """The largest gap between paired runs in the training loss and in every logged step's
+        TRAJECTORY_KEYS (GRPO's loss is about 0 by construction; its rewards and completion
+        lengths show whether both sides sampled the same completions)."""
+        pairs = list(zip(self.side("align"), self.side("trl"), strict=True))
+        gaps = [abs(a.train_loss - t.train_loss) for a, t in pairs]
+        for a, t in pairs:
+            logged = [
+                (x, y)
+                for x, y in zip(a.log_history, t.log_history, strict=False)
+                if "loss" in x and "loss" in y
+            ]
+            if len(logged) != sum("loss" in x for x in a.log_history):
+                return float("inf")  # the two sides logged different steps
+            gaps += [abs(x[k] - y[k]) for x, y in logged for k in TRAJECTORY_KEYS if k in x and k in y]
+        return max(gaps)
 
 
 def bench_method(
@@ -518,14 +569,15 @@ def bench_method(
             log(
                 f"{method} {i + 1}/{rounds} {side:<5}: wall {run.wall_s:5.1f} s, loop {run.loop_wall_s:5.2f} s, "
                 f"{run.samples_per_s:6.1f} samples/s, {run.samples_per_cpu_s:6.1f} samples/CPU-s, "
+                f"step {run.step_median_s * 1e3:6.1f} ms, "
                 f"start-up {run.startup_s:5.2f} s ({run.startup_cpu_s:5.2f} CPU-s; plot {run.plot_cpu_s:4.2f}), "
                 f"loss {run.train_loss:.4f}"
             )
     result = Result(method, steps, data["rows"], runs)
     if result.loss_gap > 1e-4:
         raise BenchError(
-            f"{method}: align and TRL reach different training losses (gap {result.loss_gap:.2e}): "
-            "they are not running the same training"
+            f"{method}: align and TRL log different training curves (loss, reward, completion length or "
+            f"gradient norm; gap {result.loss_gap:.2e}): they are not running the same training"
         )
     return result
 
@@ -546,18 +598,41 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
     verdicts = [
         f"- throughput ratio >= {RATIO_TARGET}: "
         f"{_verdict(results, lambda r: r.ratio(), ratio_ok, '.4f')} (wall clock); "
-        f"{_verdict(results, lambda r: r.ratio('samples_per_cpu_s'), ratio_ok, '.4f')} (CPU time).",
+        f"{_verdict(results, lambda r: r.ratio('samples_per_cpu_s'), ratio_ok, '.4f')} (CPU time); "
+        f"{_verdict(results, lambda r: r.step_ratio(), ratio_ok, '.4f')} (median training step).",
         f"- extra start-up <= {STARTUP_TARGET_S:.0f} s: "
         f"{_verdict(results, lambda r: r.extra(), startup_ok, '+.2f')} (wall clock); "
         f"{_verdict(results, lambda r: r.extra('startup_cpu_s'), startup_ok, '+.2f')} (CPU time).",
     ]
+    grpo_only = [r.method for r in results] == ["grpo"]
+    if grpo_only:
+        head = [
+            "## Thin adapter, GRPO: `align train method=grpo` vs the same training on TRL's GRPOTrainer",
+            "",
+            f"Reproduce: `python3 scripts/bench_adapter.py --methods grpo --rounds {rounds} --steps {results[0].steps}`",
+            f"(writes this section only; {threads} thread(s) per process, {elapsed_s / 60:.1f} min in all).",
+            "",
+            "Same setup as the thin-adapter section (ABBA order, same converted rows, configs equal field by",
+            f"field), with the reward: align's `reward={GRPO_REWARD['type']}` (`reward.length.target="
+            f"{GRPO_REWARD['target']}`) on one side, on the other the",
+            f"same rule written out in the TRL script (1 - |characters - {GRPO_REWARD['target']}| / "
+            f"{GRPO_REWARD['target']}) and handed to `GRPOTrainer(reward_funcs=[length])`.",
+            "Advantage: `method.advantage=zscore` (TRL's own, the default). GRPO's loss is about 0 by",
+            "construction, so the check that both sides ran the same training compares every logged step's",
+            "reward, completion length and gradient norm as well (`loss gap`).",
+            "",
+        ]
+    else:
+        head = [
+            "## Thin adapter: `align train` vs the same training on TRL directly",
+            "",
+            "Reproduce: `make bench`, or this benchmark alone: `python3 scripts/bench_adapter.py`",
+            f"(options `--rounds N`, `--methods sft,dpo`, `--steps N`, `--threads N`; this run: {rounds} rounds,",
+            f"{threads} thread(s) per process, {elapsed_s / 60:.1f} min in all).",
+            "",
+        ]
     lines = [
-        "## Thin adapter: `align train` vs the same training on TRL directly",
-        "",
-        "Reproduce: `make bench`, or this benchmark alone: `python3 scripts/bench_adapter.py`",
-        f"(options `--rounds N`, `--methods sft,dpo`, `--steps N`, `--threads N`; this run: {rounds} rounds,",
-        f"{threads} thread(s) per process, {elapsed_s / 60:.1f} min in all).",
-        "",
+        *head,
         "For each method, `python -m align_cli.cli train method=<m>` (the real command) and a",
         "standalone script that calls TRL's trainer directly (it imports nothing from align) train",
         "the same tiny model folder on the same converted rows with the same TRL config values",
@@ -573,20 +648,24 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "",
         "- Training loop: samples per second inside `Trainer.train()` (transformers'",
         "  `train_samples_per_second`), and samples per CPU-second, median per side; ratio = align / TRL.",
+        "- Training step: the median wall time of one `training_step` call (the first left out) per run,",
+        "  median per side; step ratio = TRL / align. A step is short, so a burst of another job on the",
+        "  core spoils few of them: this moves least with the machine's load.",
         "- Start-up: the whole process (wall clock, and CPU time) minus the training loop: interpreter,",
         "  imports, config, data, model loading, final evaluation, saving, exit. Median per side.",
         "",
         "CPU-time figures move less than wall-clock ones when other jobs share the cores, but both",
         "move: the run-by-run figures at the end show by how much. Inside the training loop, align's",
         "own code is its callbacks (metrics.jsonl, the SIGINT/SIGTERM checkpoint, the NaN/inf loss",
-        "and gradient guard) and the guard's `training_step` wrapper; column `align code in loop`",
+        "and gradient guard), the guard's `training_step` wrapper and, under GRPO, its reward functions",
+        "(the collapse watch's batch metrics and the timeout guard); column `align code in loop`",
         "gives their CPU time and share of the loop. The rest of the loop is TRL's trainer with an",
         "identical config on both sides, so a ratio further from 1 than that share",
         "is timing noise.",
         "",
         "| method | steps | align samples/s | TRL samples/s | ratio | align samples/CPU-s "
-        "| TRL samples/CPU-s | CPU ratio | align code in loop | loss gap |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TRL samples/CPU-s | CPU ratio | align step ms | TRL step ms | step ratio | align code in loop | loss gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
@@ -594,6 +673,8 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
             f"| {r.median('trl', 'samples_per_s'):.1f} | {r.ratio():.3f} "
             f"| {r.median('align', 'samples_per_cpu_s'):.1f} | {r.median('trl', 'samples_per_cpu_s'):.1f} "
             f"| {r.ratio('samples_per_cpu_s'):.3f} "
+            f"| {r.median('align', 'step_median_s') * 1e3:.1f} | {r.median('trl', 'step_median_s') * 1e3:.1f} "
+            f"| {r.step_ratio():.3f} "
             f"| {r.median('align', 'own_loop_cpu_s') * 1e3:.1f} ms ({r.median('align', 'own_loop_share'):.2%}) "
             f"| {r.loss_gap:.1e} |"
         )
@@ -626,13 +707,14 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "checks, data conversion, metrics.jsonl, summary.json, and exiting with more modules loaded).",
         "`plot=false` removes the plot's share.",
         "",
-        "Each run, in the order they ran (samples/s, samples/CPU-s, start-up s):",
+        "Each run, in the order they ran (samples/s, samples/CPU-s, median step ms, start-up s):",
         "",
     ]
     for r in results:
         for side, label in (("align", "align"), ("trl", "TRL")):
             runs = "; ".join(
-                f"{x.samples_per_s:.0f}, {x.samples_per_cpu_s:.0f}, {x.startup_s:.2f}" for x in r.side(side)
+                f"{x.samples_per_s:.0f}, {x.samples_per_cpu_s:.0f}, {x.step_median_s * 1e3:.1f}, {x.startup_s:.2f}"
+                for x in r.side(side)
             )
             lines.append(f"- {r.method} {label}: {runs}")
     lines += [

@@ -331,6 +331,7 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
         learning_rate=spec["learning_rate"],
         kl_coef=spec["kl_coef"],
         temperature=spec["temperature"],
+        old_logprobs=spec.get("old_logprobs", "forward"),
         reward_model_input="tokens",  # the reward model reads the sampled tokens, as TRL's does
         max_grad_norm=0.0,  # TRL 1.12's PPO loop never clips gradients
         save_strategy="no",
@@ -443,8 +444,9 @@ def grid_models(size: str) -> dict:
     return {"policy": str(policy), "reward": str(reward), "params": params}
 
 
-def grid_key(size: str, length: int, mode: str) -> str:
-    return f"{size}/{length}/{mode}"
+def grid_key(size: str, length: int, mode: str, old_logprobs: str = "forward") -> str:
+    """A cell's key in the results file; ours with old_logprobs=generation is a cell of its own."""
+    return f"{size}/{length}/{mode}" + ("" if old_logprobs == "forward" else f"/{old_logprobs}")
 
 
 def run_grid(args, pythons: dict) -> dict:
@@ -469,8 +471,9 @@ def run_grid(args, pythons: dict) -> dict:
         models = grid_models(size)
         for length in (int(x) for x in args.lengths.split(",")):
             for mode in args.modes.split(","):
-                key = grid_key(size, length, mode)
+                key = grid_key(size, length, mode, args.old_logprobs)
                 spec = {
+                    "old_logprobs": args.old_logprobs,
                     "device": args.device,
                     "threads": args.threads,
                     "episodes": args.grid_episodes,
@@ -556,23 +559,40 @@ def grid_markdown(results: dict, machine: str) -> str:
         "| memory ratio | align split ms | TRL split ms | load avg | episodes | run |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|",
     ]
-    for size in GRID_SIZES:
-        for length in GRID_LENGTHS:
-            for mode in GRID_MODES:
-                cell = results.get(grid_key(size, length, mode))
-                if cell is None:
-                    lines.append(f"| {size} | {length} | {mode} | not run | | | | | | | | | | |")
-                    continue
-                ours, trl = cell["runs"]["ours"], cell["runs"]["trl"]
-                loads = [r["load"] for r in ours + trl]
-                lines.append(
-                    f"| {size} ({cell['params'] / 1e6:.2f}M) | {length} | {mode} | {eps(med(ours, 'eps'))} | "
-                    f"{eps(med(trl, 'eps'))} | **{med(ours, 'eps') / med(trl, 'eps'):.2f}x** | "
-                    f"{med(ours, 'peak_rss_mb'):.0f} | {med(trl, 'peak_rss_mb'):.0f} | "
-                    f"{med(ours, 'peak_rss_mb') / med(trl, 'peak_rss_mb'):.2f}x | {split(ours)} | {split(trl)} | "
-                    f"{min(loads):.1f}-{max(loads):.1f} | {cell.get('spec', {}).get('episodes', '')} | "
-                    f"{cell.get('run_at', 'not recorded')}{' (restored)' if 'source' in cell else ''} |"
-                )
+    header = lines[-2:]
+
+    def row(size: str, length: int, mode: str, cell: dict) -> str:
+        ours, trl = cell["runs"]["ours"], cell["runs"]["trl"]
+        loads = [r["load"] for r in ours + trl]
+        return (
+            f"| {size} ({cell['params'] / 1e6:.2f}M) | {length} | {mode} | {eps(med(ours, 'eps'))} | "
+            f"{eps(med(trl, 'eps'))} | **{med(ours, 'eps') / med(trl, 'eps'):.2f}x** | "
+            f"{med(ours, 'peak_rss_mb'):.0f} | {med(trl, 'peak_rss_mb'):.0f} | "
+            f"{med(ours, 'peak_rss_mb') / med(trl, 'peak_rss_mb'):.2f}x | {split(ours)} | {split(trl)} | "
+            f"{min(loads):.1f}-{max(loads):.1f} | {cell.get('spec', {}).get('episodes', '')} | "
+            f"{cell.get('run_at', 'not recorded')}{' (restored)' if 'source' in cell else ''} |"
+        )
+
+    cells = [(size, length, mode) for size in GRID_SIZES for length in GRID_LENGTHS for mode in GRID_MODES]
+    for size, length, mode in cells:
+        cell = results.get(grid_key(size, length, mode))
+        if cell is None:
+            lines.append(f"| {size} | {length} | {mode} | not run | | | | | | | | | | |")
+        else:
+            lines.append(row(size, length, mode, cell))
+    generation = [
+        (c, results[grid_key(*c, "generation")]) for c in cells if grid_key(*c, "generation") in results
+    ]
+    if generation:
+        lines += [
+            "",
+            "Ours with `method.args.old_logprobs=generation` (log pi_old and the entropy read off generate's "
+            "logits: no policy pass after generation; `--old-logprobs generation`), against TRL in the same run; "
+            "the cells run so far:",
+            "",
+            *header,
+            *(row(*c, cell) for c, cell in generation),
+        ]
     lines += ["", f"Machine, when this table was written (each cell's own run: column `run`): {machine}."]
     if any("source" in cell for cell in results.values()):
         lines += [
@@ -914,6 +934,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lengths", default=",".join(map(str, GRID_LENGTHS)), help="grid response lengths")
     parser.add_argument("--modes", default=",".join(GRID_MODES), help="grid modes, from full,lora")
     parser.add_argument("--grid-episodes", type=int, default=96, help="episodes per grid run (3 rollouts)")
+    parser.add_argument(
+        "--old-logprobs",
+        default="forward",
+        choices=["forward", "generation"],
+        help="ours: method.args.old_logprobs (grid cells with generation are kept and shown apart)",
+    )
     parser.add_argument("--side", choices=["trl", "ours", "ours+gc"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -32,3 +32,24 @@ def test_same_config_check_allows_align_only_options_left_off_and_names_the_rest
     bench.check_same_config(folders["align"], folders["trl"])
     with pytest.raises(bench.BenchError, match="ptx_coef: align=0.5 trl=None"):
         bench.check_same_config(folders["align-ptx"], folders["trl"])
+
+
+def test_the_same_training_check_reads_every_logged_step_not_only_the_loss(monkeypatch):
+    """GRPO's loss is about 0 whatever was sampled: two runs whose rewards or completion lengths
+    differ at some step are not the same training, though their losses agree."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    bench = importlib.import_module("bench_adapter")
+
+    def run(side, history, steps=(0.2, 0.1, 0.1, 0.3)):
+        return bench.Run(
+            side=side, wall_s=10, cpu_s=10, loop_wall_s=2, loop_cpu_s=2, samples=40, samples_per_s=20,
+            train_loss=0.0, plot_s=0, plot_cpu_s=0, own_loop_cpu_s=0, step_wall_s=list(steps), log_history=history,
+        )  # fmt: skip
+
+    same = [{"loss": 0.0, "reward": 0.5, "completions/mean_length": 32.0}, {"train_loss": 0.0}]
+    longer = [{"loss": 0.0, "reward": 0.5, "completions/mean_length": 30.0}, {"train_loss": 0.0}]
+    result = bench.Result("grpo", 1, 4, [run("align", same), run("trl", same, steps=(0.2, 0.1, 0.2, 0.2))])
+    assert result.loss_gap == 0.0
+    assert result.step_ratio() == pytest.approx(0.2 / 0.1)  # medians without the first step
+    assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", longer)]).loss_gap == 2.0
+    assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", same[1:])]).loss_gap == float("inf")

@@ -88,7 +88,7 @@ def test_grid_keeps_the_cells_another_grid_command_saved_meanwhile(tmp_path, mon
     monkeypatch.setattr(bench, "run_side", run_side)
     args = argparse.Namespace(
         sizes="5m", lengths="128", modes="full", device="cpu", threads=1, grid_episodes=64, rollout_batch=32,
-        micro_batch=16, ppo_epochs=4, kl_coef=0.05, temperature=1.0, seed=0, repeats=1,
+        micro_batch=16, ppo_epochs=4, kl_coef=0.05, temperature=1.0, seed=0, repeats=1, old_logprobs="forward",
     )  # fmt: skip
     bench.run_grid(args, {"trl": "python", "ours": "python"})
     results = json.loads(saved.read_text())
@@ -96,3 +96,17 @@ def test_grid_keeps_the_cells_another_grid_command_saved_meanwhile(tmp_path, mon
     cell = results["5m/128/full"]
     assert cell["runs"]["ours"][0]["eps"] == 32.0 and cell["spec"]["episodes"] == 64
     assert " UTC, align at " in cell["run_at"]
+    # Ours with old_logprobs=generation: a cell of its own, beside the default one, in a table of its own.
+    args.old_logprobs = "generation"
+    bench.run_grid(args, {"trl": "python", "ours": "python"})
+    results = json.loads(saved.read_text())
+    assert (
+        "5m/128/full" in results and results["5m/128/full/generation"]["spec"]["old_logprobs"] == "generation"
+    )
+    both = {key: results[key] for key in ("5m/128/full", "5m/128/full/generation")}
+    table = bench.grid_markdown(both, "test machine")
+    main, generation = table.split("old_logprobs=generation` (log pi_old")
+    assert (
+        main.count("| 5m (1.00M) | 128 | full |") == 1
+        and generation.count("| 5m (1.00M) | 128 | full |") == 1
+    )

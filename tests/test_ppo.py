@@ -440,3 +440,29 @@ def test_micro_batches_run_longest_rows_first(tmp_path, monkeypatch, share_rewar
         flat = [n for rows in micro for n in rows]
         assert flat == sorted(flat, reverse=True), micro
     assert any(micro[0][0] > micro[-1][-1] for micro in steps)  # the rows' lengths do differ
+
+
+def test_old_logprobs_from_generation_train_as_the_forward_pass_does(tmp_path, monkeypatch, share_reward):
+    """method.args.old_logprobs=generation drops the policy's pass after generation and changes
+    nothing else: the same seed samples the same responses and logs the same steps (log pi_old,
+    hence KL, entropy, ratios and losses, to float rounding), and the weights end where they do."""
+    common = [*share_reward, *SHORT, "data.eval_ratio=0"]
+    results, starts, steps = {}, {}, {}
+    for mode in ("forward", "generation"):
+        results[mode], starts[mode], steps[mode] = run(
+            tmp_path, [*common, f"method.args.old_logprobs={mode}"], monkeypatch, mode
+        )
+    assert len(steps["forward"]) == len(steps["generation"]) == 2
+    for a, b in zip(steps["forward"], steps["generation"], strict=True):
+        assert a["score"] == b["score"] and a["response_length"] == b["response_length"]
+        for key in ("kl", "entropy", "approx_kl", "policy_loss", "value_loss", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    # The weights moved the same way (Adam's m / sqrt(v) amplifies rounding where a gradient is ~0,
+    # so the whole update is compared, not each weight).
+    start = {mode: loaded["policy"] for mode, loaded in starts.items()}
+    moved = {}
+    for mode, result in results.items():
+        end = params(result.trainer.policy)
+        moved[mode] = torch.cat([(end[n] - start[mode][n]).flatten() for n in sorted(end)])
+    assert moved["forward"].norm() > 0
+    assert (moved["generation"] - moved["forward"]).norm() <= 1e-3 * moved["forward"].norm()

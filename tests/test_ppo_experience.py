@@ -148,3 +148,54 @@ def test_critic_learning_rate_zero_freezes_the_critic_not_the_policy(tmp_path, m
     assert all(torch.equal(critic[n], p) for n, p in start["critic"].items())
     policy = dict(trainer.policy.named_parameters())
     assert any(not torch.equal(policy[n], p) for n, p in start["policy"].items())
+
+
+def test_old_logprobs_from_generation_match_the_forward_pass(made):
+    """old_logprobs=generation: log pi_old and the entropy read off generate's logits equal the
+    forward pass's, at a temperature and with top-k truncating the sampling (the scored distribution
+    is the untruncated softmax(logits / T)), over chunks of different response widths; and the
+    policy runs no forward pass of its own after generation."""
+    from align_cli.ppo.config import PPOConfig
+    from align_cli.ppo.experience import ExperienceMaker
+
+    _, _, maker, prompt_ids, data = made
+    args = PPOConfig(
+        output_dir=maker.args.output_dir, max_new_tokens=8, temperature=0.7, top_k=5,
+        rollout_forward_batch_size=3, old_logprobs="generation", report_to=[],
+    )  # fmt: skip
+    from accelerate import Accelerator
+
+    roles = (maker.policy, maker.critic, maker.ref_model, maker.tokenizer)
+    gen = ExperienceMaker(*roles, [bonus_reward], args, Accelerator(cpu=True))  # after the config
+    # A third of the vocabulary stops a response, so the rows (and the chunks) end at different lengths.
+    gen.generation_config.eos_token_id = list(range(0, len(maker.tokenizer), 3))
+    gen.stop_token_ids = torch.tensor(gen.generation_config.eos_token_id)
+    torch.manual_seed(3)
+    sequences, attention_mask, mask, recorded = gen.sample(prompt_ids * 2, record=True)
+    width = mask.shape[1]
+    lengths = mask.sum(1)
+    assert lengths.min() < width and lengths.max() > 1  # padding columns are in play
+    forward = gen.forward_passes(sequences, attention_mask, width)
+    for key in ("logprobs", "entropy"):
+        torch.testing.assert_close(recorded[key] * mask, forward[key] * mask, atol=1e-5, rtol=1e-5)
+    assert (recorded["entropy"] * mask).sum() > 0
+
+    widths = []  # the columns each policy call reads: a prompt, then one token per generate step
+
+    def note(module, args, kwargs, output):
+        widths.append(kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1])
+
+    hook = maker.policy.register_forward_hook(note, with_kwargs=True)
+    try:
+        experience, metrics = gen.make_experience(prompt_ids, [0, 1, 2, 3], data)
+    finally:
+        hook.remove()
+    assert widths and max(widths) <= experience.prompt_length  # no pass over prompt + response
+    assert metrics["entropy"] > 0 and torch.isfinite(experience.logprobs).all()
+
+
+def test_old_logprobs_must_name_a_source():
+    from align_cli.ppo.config import PPOConfig
+
+    with pytest.raises(ValueError, match="old_logprobs='cache' must be one of forward, generation"):
+        PPOConfig(output_dir="unused", old_logprobs="cache", report_to=[])

@@ -49,9 +49,9 @@ class PPOEvaluation:
                 sampled = maker.sample([prompt_ids[r] for r in rows + filler])
                 if not rows:
                     continue
-                sequences, attention_mask, mask = (t[: len(rows)] for t in sampled)
+                sequences, attention_mask, mask = (t[: len(rows)] for t in sampled[:3])
             else:
-                sequences, attention_mask, mask = maker.sample([prompt_ids[r] for r in rows])
+                sequences, attention_mask, mask, _ = maker.sample([prompt_ids[r] for r in rows])
             score, per_func, texts = maker.score(rows, dataset, sequences, attention_mask, mask)
             # The same score as training's, so eval_score and score compare.
             score, has_eos = maker.penalize_missing_eos(score, sequences, mask.shape[1])

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
 from ..errors import AlignError
 from .config import PPOConfig
@@ -133,6 +134,54 @@ def kl_controller(args: PPOConfig) -> FixedKLController:
     return FixedKLController(args.kl_coef)
 
 
+class StepRecorder:
+    """A logits processor that keeps, per generated token, log softmax(logits / T) of the token
+    sampled and the entropy of softmax(logits / T): log pi_old without a second pass of the policy.
+
+    `generate` runs the processors it is handed before its sampling warpers (temperature, top-k,
+    top-p), so the scores seen here are the model's raw logits: the distribution PPO scores, not the
+    truncated one sampled from (as the forward pass does). Step t's token is only known at step
+    t + 1, so one step's (B, V) is kept between calls; `finish` reads the last token off the output.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []  # (B,) per recorded token
+        self.entropy: list[torch.Tensor] = []
+        self.last: torch.Tensor | None = None  # the step before's logits / T, (B, V) float32
+
+    def _pick(self, tokens: torch.Tensor) -> None:
+        """Records the log-prob, under the last kept step, of `tokens` (B,): that step's samples."""
+        last = self.last
+        self.logprobs.append(last.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(last, dim=1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self._pick(input_ids[:, -1])
+        self.last = scores.float() / self.temperature  # a new tensor: later processors cannot change it
+        self.entropy.append(entropy_from_logits(self.last))
+        return scores
+
+    def finish(self, responses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`responses` (B, R'): generate's new columns. Returns logprobs and entropy, (B, R') each;
+        columns generate padded without calling the processors (sharded runs whose rows had all
+        stopped) are 0."""
+        steps = len(self.entropy)
+        if steps:
+            self._pick(responses[:, steps - 1])
+        self.last = None
+        width = responses.shape[1]
+        out = {}
+        for key, parts in (("logprobs", self.logprobs), ("entropy", self.entropy)):
+            got = (
+                torch.stack(parts, dim=1)
+                if parts
+                else responses.new_zeros((len(responses), 0), dtype=torch.float)
+            )
+            out[key] = nn.functional.pad(got, (0, width - got.shape[1]))
+        return out
+
+
 class ExperienceMaker:
     """Turns prompts into an `Experience`: sample, score, forward passes, shaped rewards, GAE.
 
@@ -237,12 +286,16 @@ class ExperienceMaker:
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, prompt_ids: list[list[int]], record: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
         """Generates one response per prompt.
 
         Returns:
             sequences (B, P + R), attention_mask (B, P + R) and response_mask (B, R) float, with
-            every token after a response's first stop token replaced by padding and masked.
+            every token after a response's first stop token replaced by padding and masked; and with
+            `record`, the sampled tokens' log-probs and the entropies ({"logprobs", "entropy"}, each
+            (B, R)) read off generate's own logits (`StepRecorder`), else None.
         """
         policy = self.policy
         prompts, prompt_mask = self.left_pad(prompt_ids)  # (B, P)
@@ -253,32 +306,43 @@ class ExperienceMaker:
         # Sharded (dist=fsdp): the ranks gather the policy together and step together until every
         # rank's responses have stopped, so each runs the same forward passes (see sharding.py).
         synced = is_sharded(policy) and self.accelerator.num_processes > 1
+        recorded: list[dict[str, torch.Tensor]] = []
         with (
             self.accelerator.autocast(),
             sampling_only(policy, self.generation_config),
             gathered_for_generation(policy),
         ):
             for s in range(0, len(prompt_ids), chunk):
+                recorder = StepRecorder(self.args.temperature) if record else None
                 out = policy.generate(
                     input_ids=prompts[s : s + chunk],
                     attention_mask=prompt_mask[s : s + chunk],
                     generation_config=self.generation_config,
                     synced_gpus=synced,
+                    logits_processor=LogitsProcessorList([recorder]) if record else None,
                 )
                 pieces.append(out[:, prompts.shape[1] :])
+                if record:
+                    recorded.append(recorder.finish(pieces[-1]))
         policy.train(was_training)
         pad = self.tokenizer.pad_token_id
         width = max(p.shape[1] for p in pieces)
         responses = torch.cat(
             [nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces]
         )  # (B, R)
+        steps = None
+        if record:  # (B, R) each; columns past a chunk's last step are padding, masked below
+            steps = {
+                key: torch.cat([nn.functional.pad(r[key], (0, width - r[key].shape[1])) for r in recorded])
+                for key in ("logprobs", "entropy")
+            }
         is_stop = torch.isin(responses, self.stop_token_ids).long()
         after_stop = (is_stop.cumsum(1) - is_stop) > 0  # strictly after the first stop token
         responses = responses.masked_fill(after_stop, pad)
         response_mask = (~after_stop).float()
         sequences = torch.cat([prompts, responses], dim=1)
         attention_mask = torch.cat([prompt_mask, (~after_stop).long()], dim=1)
-        return sequences, attention_mask, response_mask
+        return sequences, attention_mask, response_mask, steps
 
     # --- score ------------------------------------------------------------------------------
 
@@ -390,9 +454,11 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def forward_passes(
-        self, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int, policy_pass: bool = True
     ) -> dict[str, torch.Tensor]:
-        """log pi_old, log pi_ref, V_old and the policy's entropy at the sampled positions, each (B, R)."""
+        """log pi_old, log pi_ref, V_old and the policy's entropy at the sampled positions, each (B, R);
+        with `policy_pass=False` (old_logprobs=generation) the policy's own pass is skipped and
+        log pi_old and the entropy are left out."""
         policy, temperature = self.policy, self.args.temperature
         chunk = self.args.rollout_forward_batch_size or sequences.shape[0]
         outs: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -400,11 +466,12 @@ class ExperienceMaker:
             for s in range(0, sequences.shape[0], chunk):
                 inputs = forward_inputs(sequences[s : s + chunk], attention_mask[s : s + chunk])
                 tokens = sequences[s : s + chunk, -width:]
-                logits = policy(**inputs, logits_to_keep=width, use_cache=False).logits
-                logits = sampling_logits(logits, temperature)
-                outs["logprobs"].append(token_logprobs(logits, tokens))
-                # Measured here, once per rollout, rather than on every micro-batch of every epoch.
-                outs["entropy"].append(entropy_from_logits(logits))
+                if policy_pass:
+                    logits = policy(**inputs, logits_to_keep=width, use_cache=False).logits
+                    logits = sampling_logits(logits, temperature)
+                    outs["logprobs"].append(token_logprobs(logits, tokens))
+                    # Measured here, once per rollout, rather than on every micro-batch of every epoch.
+                    outs["entropy"].append(entropy_from_logits(logits))
                 with reference_context(policy, self.ref_model):
                     ref = reference(policy, self.ref_model)
                     logits = sampling_logits(
@@ -426,11 +493,14 @@ class ExperienceMaker:
             dataset: the prompts' dataset.
         """
         args = self.args
-        sequences, attention_mask, mask = self.sample(prompt_ids)
+        from_generation = args.old_logprobs == "generation"
+        sequences, attention_mask, mask, recorded = self.sample(prompt_ids, record=from_generation)
         width = mask.shape[1]
         scores, per_func, texts = self.score(rows, dataset, sequences, attention_mask, mask)
         scores, has_eos = self.penalize_missing_eos(scores, sequences, width)
-        forward = self.forward_passes(sequences, attention_mask, width)
+        forward = self.forward_passes(sequences, attention_mask, width, policy_pass=not from_generation)
+        if from_generation:
+            forward.update(recorded)
         logprobs, ref_logprobs, values = (
             forward["logprobs"],
             forward["ref_logprobs"],
