@@ -6,7 +6,7 @@
 
 GRPO: align runs `method=grpo reward=length reward.length.target=40`; the TRL side passes
 GRPOTrainer a length reward written out in DIRECT_SCRIPT (1 - |characters - 40| / 40), the
-same rule, so both sides sample, score and train alike (the loss check holds them to it).
+same rule, so both sides sample, score and train alike (the logged-curve check holds them to it).
 
 For each method, both sides train the same tiny model folder on the same rows with the same
 TRL config values, as separate processes, alternating in ABBA order (align, TRL, TRL, align, ...):
@@ -20,7 +20,8 @@ TRL config values, as separate processes, alternating in ABBA order (align, TRL,
   output_dir), and calls SFTTrainer/DPOTrainer/KTOTrainer, evaluate and save_model.
 
 Honesty checks (the run stops if one fails): the TRL side's saved config equals align's
-field for field (output paths aside), and both sides reach the same training loss.
+field for field (output paths aside), and both sides log the same training curve (the training
+loss, and every logged step's loss, reward, completion length and gradient norm).
 
 Reported per method, median per side: training-loop throughput (samples/s over the time
 spent in Trainer.train(); transformers' `train_samples_per_second`) and its ratio align/TRL;

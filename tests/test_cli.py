@@ -12,7 +12,7 @@ ALIGN = shutil.which("align") or "align"
 
 
 def align(*args, cwd=None, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([ALIGN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]

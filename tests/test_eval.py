@@ -207,7 +207,7 @@ def test_reward_model_errors(tmp_path, sft_runs):
 
 
 def align(*args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": ROOT}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     out = subprocess.run(
         [sys.executable, "-m", "align_cli", *args], env=env, capture_output=True, text=True, timeout=300
     )

@@ -251,7 +251,7 @@ def test_every_recipe_opens_with_its_command_and_checks_clean():
 
 def test_a_sweep_over_whole_pipelines_through_the_real_entry_point(tmp_path):
     align = shutil.which("align") or "align"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     argv = [
         align, "pipeline", "-m", "recipe=dpo", "plot=false",
         "sft.method.args.max_steps=1", "sft.data.eval_ratio=0",
