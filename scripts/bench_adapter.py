@@ -519,14 +519,12 @@ class Result:
         pairs = list(zip(self.side("align"), self.side("trl"), strict=True))
         gaps = [abs(a.train_loss - t.train_loss) for a, t in pairs]
         for a, t in pairs:
-            logged = [
-                (x, y)
-                for x, y in zip(a.log_history, t.log_history, strict=False)
-                if "loss" in x and "loss" in y
-            ]
-            if len(logged) != sum("loss" in x for x in a.log_history):
+            steps_a = [x for x in a.log_history if "loss" in x]
+            steps_t = [y for y in t.log_history if "loss" in y]
+            if [x.get("step") for x in steps_a] != [y.get("step") for y in steps_t]:
                 return float("inf")  # the two sides logged different steps
-            gaps += [abs(x[k] - y[k]) for x, y in logged for k in TRAJECTORY_KEYS if k in x and k in y]
+            for x, y in zip(steps_a, steps_t, strict=True):
+                gaps += [abs(x[k] - y[k]) for k in TRAJECTORY_KEYS if k in x and k in y]
         return max(gaps)
 
 

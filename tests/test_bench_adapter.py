@@ -46,10 +46,12 @@ def test_the_same_training_check_reads_every_logged_step_not_only_the_loss(monke
             train_loss=0.0, plot_s=0, plot_cpu_s=0, own_loop_cpu_s=0, step_wall_s=list(steps), log_history=history,
         )  # fmt: skip
 
-    same = [{"loss": 0.0, "reward": 0.5, "completions/mean_length": 32.0}, {"train_loss": 0.0}]
-    longer = [{"loss": 0.0, "reward": 0.5, "completions/mean_length": 30.0}, {"train_loss": 0.0}]
+    same = [{"loss": 0.0, "reward": 0.5, "completions/mean_length": 32.0, "step": 1}, {"train_loss": 0.0}]
+    longer = [{"loss": 0.0, "reward": 0.5, "completions/mean_length": 30.0, "step": 1}, {"train_loss": 0.0}]
+    more = [same[0], {**same[0], "step": 2}, same[1]]
     result = bench.Result("grpo", 1, 4, [run("align", same), run("trl", same, steps=(0.2, 0.1, 0.2, 0.2))])
     assert result.loss_gap == 0.0
     assert result.step_ratio() == pytest.approx(0.2 / 0.1)  # medians without the first step
     assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", longer)]).loss_gap == 2.0
     assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", same[1:])]).loss_gap == float("inf")
+    assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", more)]).loss_gap == float("inf")

@@ -452,6 +452,7 @@ def test_old_logprobs_from_generation_train_as_the_forward_pass_does(tmp_path, m
         results[mode], starts[mode], steps[mode] = run(
             tmp_path, [*common, f"method.args.old_logprobs={mode}"], monkeypatch, mode
         )
+    assert {mode: r.trainer.args.old_logprobs for mode, r in results.items()} == {m: m for m in results}
     assert len(steps["forward"]) == len(steps["generation"]) == 2
     for a, b in zip(steps["forward"], steps["generation"], strict=True):
         assert a["score"] == b["score"] and a["response_length"] == b["response_length"]

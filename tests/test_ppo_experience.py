@@ -175,6 +175,7 @@ def test_old_logprobs_from_generation_match_the_forward_pass(made):
     width = mask.shape[1]
     lengths = mask.sum(1)
     assert lengths.min() < width and lengths.max() > 1  # padding columns are in play
+    assert len({int(lengths[s : s + 3].max()) for s in (0, 3, 6)}) > 1  # chunks of different widths
     forward = gen.forward_passes(sequences, attention_mask, width)
     for key in ("logprobs", "entropy"):
         torch.testing.assert_close(recorded[key] * mask, forward[key] * mask, atol=1e-5, rtol=1e-5)
@@ -199,3 +200,25 @@ def test_old_logprobs_must_name_a_source():
 
     with pytest.raises(ValueError, match="old_logprobs='cache' must be one of forward, generation"):
         PPOConfig(output_dir="unused", old_logprobs="cache", report_to=[])
+
+
+def test_step_recorder_reads_the_sampled_token_of_each_step_and_drops_an_undone_step():
+    """Step t's token is read at step t + 1 (the last off the output); a step generate ran and
+    then undid (transformers' DeferredStopCheck, on MPS: one call more than columns) is cut."""
+    from align_cli.ppo.experience import StepRecorder
+
+    torch.manual_seed(0)
+    scores = [torch.randn(2, 7) for _ in range(4)]
+    tokens = torch.tensor([[1, 4, 0, 6], [5, 5, 2, 3]])
+    want = torch.stack(
+        [(s / 0.5).log_softmax(-1).gather(1, tokens[:, [t]]).squeeze(1) for t, s in enumerate(scores)], 1
+    )
+    for calls, width in ((4, 4), (4, 3)):  # as generate returns it; one step more than it returns
+        recorder = StepRecorder(temperature=0.5)
+        for t in range(calls):
+            ids = torch.cat([torch.zeros(2, 3, dtype=torch.long), tokens[:, :t]], dim=1)
+            assert recorder(ids, scores[t]) is scores[t]  # the scores pass on unchanged
+        out = recorder.finish(tokens[:, :width])
+        assert out["logprobs"].shape == out["entropy"].shape == (2, width)
+        torch.testing.assert_close(out["logprobs"], want[:, :width])
+    assert out["entropy"][0, 0] > 0

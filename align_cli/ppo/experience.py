@@ -163,16 +163,21 @@ class StepRecorder:
         return scores
 
     def finish(self, responses: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`responses` (B, R'): generate's new columns. Returns logprobs and entropy, (B, R') each;
-        columns generate padded without calling the processors (sharded runs whose rows had all
-        stopped) are 0."""
+        """`responses` (B, R'): generate's new columns. Returns logprobs and entropy, (B, R') each.
+
+        Columns come from the output, not from the calls: generate may run one decoding step more
+        than it returns and drop it (transformers' `DeferredStopCheck`, used on MPS), whose
+        entropy is then cut; under `synced_gpus` a rank whose rows have all stopped steps on
+        without calling the processors or adding columns.
+        """
+        width = responses.shape[1]
         steps = len(self.entropy)
-        if steps:
+        if 0 < steps <= width:
             self._pick(responses[:, steps - 1])
         self.last = None
-        width = responses.shape[1]
         out = {}
         for key, parts in (("logprobs", self.logprobs), ("entropy", self.entropy)):
+            parts = parts[:width]
             got = (
                 torch.stack(parts, dim=1)
                 if parts
