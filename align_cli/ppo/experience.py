@@ -152,8 +152,7 @@ class StepRecorder:
 
     def _pick(self, tokens: torch.Tensor) -> None:
         """Records the log-prob, under the last kept step, of `tokens` (B,): that step's samples."""
-        last = self.last
-        self.logprobs.append(last.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(last, dim=1))
+        self.logprobs.append(token_logprobs(self.last.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.last is not None:

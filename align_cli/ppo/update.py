@@ -105,23 +105,19 @@ class PPOUpdate:
             metrics.update(entropy_update=e_metrics["entropy"])
         return loss, {**metrics, **v_metrics, "loss": loss.detach()}
 
-    def ptx_step(self, model: nn.Module, last: bool = False) -> None:
+    def ptx_step(self, policy: nn.Module | EngineLogits, last: bool = False) -> None:
         """ptx_coef x the policy's language-model loss on a batch of ptx rows (see ptx.py), backward.
 
         Run under `no_sync` before the mini-batch's parts: its gradients join theirs and are
         all-reduced with them. Under DeepSpeed it is the last part instead (`last`), through the
         engine's forward: ZeRO-3's first backward of an optimiser step overwrites each gradient
         partition and later ones add to it, so a critic parameter that a first ptx backward
-        does not reach would keep the previous step's gradient.
+        does not reach would keep the previous step's gradient. `policy` is what `ppo_update`
+        made for it: the bare policy, or under DeepSpeed the engine's forward (`EngineLogits`).
         """
         args = self.args
         size = args.ptx_batch_size or args.mini_batch_size
         rows = torch.randint(len(self.ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
-        if getattr(self, "_ptx_policy_of", None) is not model:  # unwrap_model costs ~3 ms a call
-            self._ptx_policy_of, self._ptx_policy = model, self.accelerator.unwrap_model(model).policy
-        policy = self._ptx_policy
-        if last:  # DeepSpeed: through the engine's forward, which keeps ZeRO's accumulation count
-            policy = EngineLogits(model)
         nll = demonstration_nll(
             policy,
             self.ptx_pairs,
@@ -192,6 +188,11 @@ class PPOUpdate:
         lengths = experience.attention_mask.sum(1)  # (B,) real tokens per row
         deepspeed = getattr(self, "is_deepspeed_enabled", False)
         ptx_last = bool(self.ptx_pairs) and deepspeed  # see ptx_step
+        # What the ptx loss runs through, made once per update (unwrap_model costs ~3 ms a call): under
+        # DeepSpeed the engine's forward, which keeps ZeRO's accumulation count; else the bare policy.
+        ptx_policy = None
+        if self.ptx_pairs:
+            ptx_policy = EngineLogits(model) if ptx_last else self.accelerator.unwrap_model(model).policy
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(experience), generator=self._shuffle).to(lengths.device)
             for m in range(args.num_mini_batches):
@@ -203,7 +204,7 @@ class PPOUpdate:
                 tokens = experience.response_mask[mini].sum().clamp(min=1)
                 if self.ptx_pairs and not ptx_last:
                     with self._unsynced(model):  # synced with the last micro-batch below
-                        self.ptx_step(model)
+                        self.ptx_step(ptx_policy)
                 for a in range(accumulation):
                     part = experience.select(mini[a * micro : (a + 1) * micro])
                     # DDP: gradients are all-reduced once per optimiser step, not per micro-batch.
@@ -211,7 +212,7 @@ class PPOUpdate:
                     with nullcontext() if sync else self._unsynced(model):
                         self.training_step(model, part, tokens, last=sync and not ptx_last)
                 if ptx_last:
-                    self.ptx_step(model, last=True)
+                    self.ptx_step(ptx_policy, last=True)
                 if deepspeed:
                     grad_norms += self._deepspeed_step(model)
                     continue
