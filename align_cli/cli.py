@@ -41,6 +41,10 @@ examples:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["pipeline"]):
+        from . import collector
+
+        collector.defer()  # until each run starts loading its models (align_cli/collector.py)
     try:
         _dispatch(argv)
     except KeyboardInterrupt:

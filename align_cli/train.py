@@ -17,12 +17,14 @@ import logging
 import os
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from . import collector
 from . import config as schema
 from .errors import AlignError, TrainingInterrupted
 from .run_checks import checked_config, checked_run_data, preflight_quant
@@ -99,11 +101,20 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from .guard import GracefulStop, LossGuard, StickyInterrupt
 
-    # Until training starts, Ctrl-C stops the run even where a library swallows it (datasets).
-    with StickyInterrupt():
-        plan = plan_run(cfg)
-        stop, loss_guard = GracefulStop(), LossGuard()
-        trainer = build_trainer(plan, [stop, loss_guard, *(callbacks or [])], loss_guard)
+    with ExitStack() as run:
+        # Until training starts, Ctrl-C stops the run even where a library swallows it (datasets).
+        with StickyInterrupt():
+            plan = plan_run(cfg)
+            # The libraries, config and data are in: from here the cyclic collector runs over what
+            # the run makes (align_cli/collector.py).
+            run.enter_context(collector.resumed())
+            stop, loss_guard = GracefulStop(), LossGuard()
+            trainer = build_trainer(plan, [stop, loss_guard, *(callbacks or [])], loss_guard)
+        return _run_built(plan, trainer, stop, loss_guard)
+
+
+def _run_built(plan: RunPlan, trainer: Any, stop, loss_guard) -> RunResult:
+    """Trains a built trainer and writes the run folder (`_train`'s second half)."""
     from .compat import install_atomic_trainer_state
 
     install_atomic_trainer_state()

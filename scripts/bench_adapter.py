@@ -287,6 +287,7 @@ class Run:
     own_loop_cpu_s: float  # align's code inside the loop (callbacks, loss guard, GRPO rewards); 0 for TRL
     step_wall_s: list[float]  # each training_step call, in order
     log_history: list[dict]  # the trainer's logged entries (numbers only)
+    steal_s: float | None = None  # the host's steal time on this machine's CPUs during the run
 
     @property
     def step_median_s(self) -> float:
@@ -312,6 +313,17 @@ class Run:
         return self.cpu_s - self.loop_cpu_s
 
 
+def steal_s() -> float | None:
+    """CPU time the hypervisor gave other guests while this machine's CPUs wanted it ("steal" in
+    /proc/stat, all CPUs), in seconds since boot; None where the kernel does not report it."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class BenchError(RuntimeError):
     """A run failed or a check did not hold; the message says which."""
 
@@ -321,11 +333,13 @@ def run_side(side: str, args: list[str], out: Path, work: Path, env: dict[str, s
     times_path = out.with_suffix(".times.json")
     cmd = [sys.executable, str(work / "timer.py"), *args]
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stolen = steal_s()
     started = time.perf_counter()
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**env, "BENCH_TIMES": str(times_path)}, capture_output=True, text=True
     )
     wall = time.perf_counter() - started
+    stolen_after = steal_s()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the runs are sequential: this one's usage
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-40:])
@@ -352,6 +366,7 @@ def run_side(side: str, args: list[str], out: Path, work: Path, env: dict[str, s
         own_loop_cpu_s=times["own_loop_cpu_s"],
         step_wall_s=times["step_wall_s"],
         log_history=times["log_history"],
+        steal_s=None if stolen is None or stolen_after is None else stolen_after - stolen,
     )
 
 
@@ -511,6 +526,20 @@ class Result:
         """TRL's median training step over align's (above 1: align's steps are shorter)."""
         return self.median("trl", "step_median_s") / self.median("align", "step_median_s")
 
+    def floor_s(self, name: str) -> float:
+        """The sum over training steps (the first left out) of each step's fastest run on this side.
+
+        Both sides take the same steps on the same data (`loss_gap` holds them to it), so step i is
+        the same work in every run of either side. Other jobs, and the host's other guests, can only
+        make a step slower; the fastest of several runs of step i is the closest to its own cost."""
+        runs = [r.step_wall_s for r in self.side(name)]
+        steps = min(len(s) for s in runs)
+        return sum(min(s[i] for s in runs) for i in range(1 if steps > 1 else 0, steps))
+
+    def floor_ratio(self) -> float:
+        """TRL's step floor over align's (above 1: align's steps are shorter)."""
+        return self.floor_s("trl") / self.floor_s("align")
+
     @property
     def loss_gap(self) -> float:
         """The largest gap between paired runs in the training loss and in every logged step's
@@ -598,7 +627,8 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         f"- throughput ratio >= {RATIO_TARGET}: "
         f"{_verdict(results, lambda r: r.ratio(), ratio_ok, '.4f')} (wall clock); "
         f"{_verdict(results, lambda r: r.ratio('samples_per_cpu_s'), ratio_ok, '.4f')} (CPU time); "
-        f"{_verdict(results, lambda r: r.step_ratio(), ratio_ok, '.4f')} (median training step).",
+        f"{_verdict(results, lambda r: r.step_ratio(), ratio_ok, '.4f')} (median training step); "
+        f"{_verdict(results, lambda r: r.floor_ratio(), ratio_ok, '.4f')} (step floor).",
         f"- extra start-up <= {STARTUP_TARGET_S:.0f} s: "
         f"{_verdict(results, lambda r: r.extra(), startup_ok, '+.2f')} (wall clock); "
         f"{_verdict(results, lambda r: r.extra('startup_cpu_s'), startup_ok, '+.2f')} (CPU time).",
@@ -649,7 +679,12 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "  `train_samples_per_second`), and samples per CPU-second, median per side; ratio = align / TRL.",
         "- Training step: the median wall time of one `training_step` call (the first left out) per run,",
         "  median per side; step ratio = TRL / align. A step is short, so a burst of another job on the",
-        "  core spoils few of them: this moves least with the machine's load.",
+        "  core spoils few of them.",
+        "- Step floor: both sides take the same steps on the same data, so step i is the same work in",
+        "  every run. For each step, its fastest run on a side; summed over the steps (the first left",
+        "  out), per side; floor ratio = TRL / align. Load from other jobs, or from the host's other",
+        "  guests (the kernel's steal time, given per run below), only ever makes a step slower: of these",
+        "  measures the floor moves least with it, and it needs several runs per side.",
         "- Start-up: the whole process (wall clock, and CPU time) minus the training loop: interpreter,",
         "  imports, config, data, model loading, final evaluation, saving, exit. Median per side.",
         "",
@@ -663,8 +698,9 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "is timing noise.",
         "",
         "| method | steps | align samples/s | TRL samples/s | ratio | align samples/CPU-s "
-        "| TRL samples/CPU-s | CPU ratio | align step ms | TRL step ms | step ratio | align code in loop | loss gap |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TRL samples/CPU-s | CPU ratio | align step ms | TRL step ms | step ratio "
+        "| align floor s | TRL floor s | floor ratio | align code in loop | loss gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
@@ -674,6 +710,7 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
             f"| {r.ratio('samples_per_cpu_s'):.3f} "
             f"| {r.median('align', 'step_median_s') * 1e3:.1f} | {r.median('trl', 'step_median_s') * 1e3:.1f} "
             f"| {r.step_ratio():.3f} "
+            f"| {r.floor_s('align'):.2f} | {r.floor_s('trl'):.2f} | {r.floor_ratio():.3f} "
             f"| {r.median('align', 'own_loop_cpu_s') * 1e3:.1f} ms ({r.median('align', 'own_loop_share'):.2%}) "
             f"| {r.loss_gap:.1e} |"
         )
@@ -706,13 +743,15 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "checks, data conversion, metrics.jsonl, summary.json, and exiting with more modules loaded).",
         "`plot=false` removes the plot's share.",
         "",
-        "Each run, in the order they ran (samples/s, samples/CPU-s, median step ms, start-up s):",
+        "Each run, in the order they ran (samples/s, samples/CPU-s, median step ms, start-up s, and the",
+        "host's steal time on this machine's CPUs during the run, s):",
         "",
     ]
     for r in results:
         for side, label in (("align", "align"), ("trl", "TRL")):
             runs = "; ".join(
-                f"{x.samples_per_s:.0f}, {x.samples_per_cpu_s:.0f}, {x.step_median_s * 1e3:.1f}, {x.startup_s:.2f}"
+                f"{x.samples_per_s:.0f}, {x.samples_per_cpu_s:.0f}, {x.step_median_s * 1e3:.1f}, {x.startup_s:.2f}, "
+                + ("n/a" if x.steal_s is None else f"{x.steal_s:.1f}")
                 for x in r.side(side)
             )
             lines.append(f"- {r.method} {label}: {runs}")

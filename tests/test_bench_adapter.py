@@ -55,3 +55,31 @@ def test_the_same_training_check_reads_every_logged_step_not_only_the_loss(monke
     assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", longer)]).loss_gap == 2.0
     assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", same[1:])]).loss_gap == float("inf")
     assert bench.Result("grpo", 1, 4, [run("align", same), run("trl", more)]).loss_gap == float("inf")
+
+
+def test_step_floor_takes_each_steps_fastest_run_per_side(monkeypatch):
+    """A burst of load slows one step of one run: the floor keeps the other runs' time for that step."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    bench = importlib.import_module("bench_adapter")
+
+    def run(side, steps):
+        return bench.Run(
+            side=side, wall_s=10, cpu_s=10, loop_wall_s=2, loop_cpu_s=2, samples=40, samples_per_s=20,
+            train_loss=0.0, plot_s=0, plot_cpu_s=0, own_loop_cpu_s=0, step_wall_s=list(steps), log_history=[],
+        )  # fmt: skip
+
+    result = bench.Result(
+        "grpo",
+        4,
+        4,
+        [
+            run("align", (9.0, 0.10, 0.50, 0.20)),  # the first step (warm-up) is left out
+            run("align", (9.0, 0.40, 0.30, 0.20)),
+            run("trl", (1.0, 0.12, 0.30, 0.90)),
+            run("trl", (1.0, 0.20, 0.33, 0.18)),
+        ],
+    )
+    assert result.floor_s("align") == pytest.approx(0.10 + 0.30 + 0.20)
+    assert result.floor_s("trl") == pytest.approx(0.12 + 0.30 + 0.18)
+    assert result.floor_ratio() == pytest.approx(0.60 / 0.60)
+    assert bench.steal_s() is None or bench.steal_s() >= 0
