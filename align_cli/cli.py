@@ -41,10 +41,11 @@ examples:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["train"], ["pipeline"]):
+    # One run (a sweep's launcher may run its jobs in other processes, and this one waits on them).
+    if argv[:1] == ["pipeline"] or (argv[:1] == ["train"] and not {"-m", "--multirun"} & set(argv)):
         from . import collector
 
-        collector.defer()  # until each run starts loading its models (align_cli/collector.py)
+        collector.defer()  # until the run starts loading its models (align_cli/collector.py)
     try:
         _dispatch(argv)
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ while those libraries import (1-2 s of an `align train` start-up on a CPU core, 
 0.3-0.7 s each time one falls inside training. Reference counting frees everything else, so
 nothing but cycles waits: about 15k objects are cyclic garbage after those imports, a few MB.
 
-- `defer()` (the CLI, first thing for `align train` and `align pipeline`): no cyclic collection
+- `defer()` (the CLI, first thing for `align train` (not a sweep) and `align pipeline`): no cyclic collection
   while the libraries import, the config composes and the data is read.
 - `resumed()` (around each run's model loading, training and saving, `align_cli/train.py`): the
   objects made so far move to the permanent generation (`gc.freeze`), the collector runs again,

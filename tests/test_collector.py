@@ -116,13 +116,13 @@ def test_resumed_leaves_a_collector_someone_else_disabled_off(restore_gc):
         assert not gc.isenabled()
 
 
-def test_only_train_and_pipeline_defer_collection(monkeypatch, restore_gc):
+def test_only_a_single_train_run_and_pipeline_defer_collection(monkeypatch, restore_gc):
     from align_cli import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_dispatch", lambda argv: seen.__setitem__(argv[0], gc.isenabled()))
-    for command in ("train", "pipeline", "eval", "data", "chat", "export", "version"):
-        cli.main([command])
+    monkeypatch.setattr(cli, "_dispatch", lambda argv: seen.__setitem__(" ".join(argv), gc.isenabled()))
+    for command in ("train", "pipeline", "eval", "data", "chat", "export", "version", "train -m"):
+        cli.main(command.split())
         gc.enable()
         collector._deferred = False
     assert seen == {
@@ -133,4 +133,5 @@ def test_only_train_and_pipeline_defer_collection(monkeypatch, restore_gc):
         "chat": True,
         "export": True,
         "version": True,
+        "train -m": True,  # a sweep: its jobs may run in other processes while this one waits
     }

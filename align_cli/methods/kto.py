@@ -44,10 +44,17 @@ def check(ctx, rows: list[dict] | None) -> list[str]:
     return beta_problems(ctx.config)
 
 
+def training_order(dataset, sampling_strategy: str, seed: int):
+    """The training rows in the order KTOTrainer reads them: under its default `sequential`
+    sampling the order is fixed (see the module docstring), so the seed picks it here."""
+    if sampling_strategy == "sequential" and dataset:
+        return dataset.shuffle(seed=seed).flatten_indices()
+    return dataset
+
+
 def build(ctx):
     from trl import KTOTrainer
 
-    if getattr(ctx.config, "train_sampling_strategy", "sequential") == "sequential" and ctx.train_dataset:
-        # The trainer's order is fixed (see the module docstring); the seed picks it.
-        ctx.train_dataset = ctx.train_dataset.shuffle(seed=ctx.seed).flatten_indices()
+    strategy = getattr(ctx.config, "train_sampling_strategy", "sequential")
+    ctx.train_dataset = training_order(ctx.train_dataset, strategy, ctx.seed)
     return ctx.trl_trainer(KTOTrainer, config_class())
