@@ -289,6 +289,16 @@ def run_trl(spec: dict) -> dict:
 
 def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
+    from contextlib import ExitStack
+
+    from align_cli import collector
+
+    # Python's cyclic collector as `align train` runs it: off while the libraries import, then on
+    # over what the run makes (align_cli/collector.py). The ablation keeps Python's defaults, so its
+    # two collections per step cost what they cost TRL.
+    as_align_train = not gc_per_step
+    if as_align_train:
+        collector.defer()
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -312,6 +322,9 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
     prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"], encoding="utf-8")]
     dataset = Dataset.from_dict({"prompt": prompts})
+    run = ExitStack()
+    if as_align_train:
+        run.enter_context(collector.resumed())  # where align_cli/train.py enters it: models next
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"])
     critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1)
     reward = ModelReward("reward_model", path=spec["reward"], dtype="float32")
@@ -367,6 +380,7 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
     )
     trainer.train()
     trainer.policy.save_pretrained(spec["out"])
+    run.close()
     return {
         "version": "align_cli",
         **meter.result,
@@ -553,7 +567,9 @@ def grid_markdown(results: dict, machine: str) -> str:
         "Episodes/s over the training loop (model loading excluded); peak RSS during training (VmHWM reset "
         "at the start of training). Time split of one step (milliseconds, median run): generation / reward "
         "model / reference forwards (ours: log pi_old too; TRL takes it from the generation's logits) / "
-        "critic forward / update (the PPO epochs and the rest of the step).",
+        "critic forward / update (the PPO epochs and the rest of the step). Ours runs with Python's cyclic "
+        "garbage collector as `align train` runs it (the libraries' objects frozen from model loading on, "
+        "`align_cli/collector.py`) in cells run from a3f00fc on; TRL's with Python's defaults.",
         "",
         "| size (params) | new tokens | mode | align eps/s | TRL eps/s | ratio | align peak RSS MB | TRL peak RSS MB "
         "| memory ratio | align split ms | TRL split ms | load avg | episodes | run |",
