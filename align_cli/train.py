@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,13 +100,11 @@ def _train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     from .guard import GracefulStop, LossGuard, StickyInterrupt
 
-    with ExitStack() as run:
+    # The cyclic collector: what the run froze goes back to it at the end (align_cli/collector.py).
+    with collector.run_scope():
         # Until training starts, Ctrl-C stops the run even where a library swallows it (datasets).
         with StickyInterrupt():
             plan = plan_run(cfg)
-            # The libraries, config and data are in: from here the cyclic collector runs over what
-            # the run makes (align_cli/collector.py).
-            run.enter_context(collector.resumed())
             stop, loss_guard = GracefulStop(), LossGuard()
             trainer = build_trainer(plan, [stop, loss_guard, *(callbacks or [])], loss_guard)
         return _run_built(plan, trainer, stop, loss_guard)
@@ -166,6 +163,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     preflight_quant(ctx.quant_cfg, ctx.peft_cfg)
     check_free_space(output_dir, modeling.resolve_model_path(ctx.model_cfg), ctx.peft_cfg.method == "none")
 
+    # The checks above imported the libraries (TRL's config class): freeze their objects and let the
+    # cyclic collector run again, so the data, the models and training collect their own garbage.
+    collector.resume()
     # The method's own checks (settings, rewards, the columns they read) too: as validate runs them.
     tokenizer, splits, problems = checked_run_data(module, ctx, data_cfg)
     if problems:

@@ -324,7 +324,8 @@ def run_ours(spec: dict, gc_per_step: bool = False) -> dict:
     dataset = Dataset.from_dict({"prompt": prompts})
     run = ExitStack()
     if as_align_train:
-        run.enter_context(collector.resumed())  # where align_cli/train.py enters it: models next
+        run.enter_context(collector.run_scope())
+        collector.resume()  # where align_cli/train.py resumes it: the libraries are imported
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"])
     critic = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1)
     reward = ModelReward("reward_model", path=spec["reward"], dtype="float32")
@@ -568,7 +569,8 @@ def grid_markdown(results: dict, machine: str) -> str:
         "at the start of training). Time split of one step (milliseconds, median run): generation / reward "
         "model / reference forwards (ours: log pi_old too; TRL takes it from the generation's logits) / "
         "critic forward / update (the PPO epochs and the rest of the step). Ours runs with Python's cyclic "
-        "garbage collector as `align train` runs it (the libraries' objects frozen from model loading on, "
+        "garbage collector as `align train` runs it (off while the libraries import, then on with their "
+        "objects frozen, "
         "`align_cli/collector.py`) in cells run from a3f00fc on; TRL's with Python's defaults.",
         "",
         "| size (params) | new tokens | mode | align eps/s | TRL eps/s | ratio | align peak RSS MB | TRL peak RSS MB "
