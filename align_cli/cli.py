@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["pipeline"] or (argv[:1] == ["train"] and not {"-m", "--multirun"} & set(argv)):
         from . import collector
 
-        collector.defer()  # until the run starts loading its models (align_cli/collector.py)
+        collector.defer()  # until the run's checks have imported the libraries (align_cli/collector.py)
     try:
         _dispatch(argv)
     except KeyboardInterrupt:

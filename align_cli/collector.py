@@ -35,23 +35,24 @@ def defer() -> None:
         _deferred = True
 
 
-def resume() -> None:
-    """Freezes the objects made so far; turns collection back on if `defer()` turned it off."""
+def _end_deferral() -> None:
     global _deferred
-    gc.freeze()
     if _deferred:
         _deferred = False
         gc.enable()
 
 
+def resume() -> None:
+    """Freezes the objects made so far; turns collection back on if `defer()` turned it off."""
+    gc.freeze()
+    _end_deferral()
+
+
 @contextmanager
 def run_scope() -> Iterator[None]:
     """One run: what it froze goes back to the collector when it ends, and a deferred collector is on."""
-    global _deferred
     try:
         yield
     finally:
-        if _deferred:
-            _deferred = False
-            gc.enable()
+        _end_deferral()
         gc.unfreeze()
