@@ -40,12 +40,50 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> None:
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     # One run (a sweep's launcher may run its jobs in other processes, and this one waits on them).
     if argv[:1] == ["pipeline"] or (argv[:1] == ["train"] and not {"-m", "--multirun"} & set(argv)):
         from . import collector
 
         collector.defer()  # until the run's checks have imported the libraries (align_cli/collector.py)
+    if not as_program:
+        _run(argv)
+        return
+    # The `align` program: as a rank of a torchrun launch it ends without the interpreter's
+    # teardown, which can abort a finished rank (align_cli/dist.py, end_rank).
+    try:
+        _run(argv)
+    except SystemExit as done:
+        _end_rank(done.code)
+        raise
+    except BaseException:
+        if _a_rank():
+            import traceback
+
+            traceback.print_exc()
+            _end_rank(1)
+        raise
+    _end_rank(0)
+
+
+def _a_rank() -> bool:
+    if "torch.distributed" not in sys.modules:  # nothing distributed ran in this process
+        return False
+    from .dist import rank_with_group
+
+    return rank_with_group()
+
+
+def _end_rank(code: int | str | None) -> None:
+    """Returns at once unless this process is a rank with a process group (then it exits)."""
+    if _a_rank():
+        from .dist import end_rank
+
+        end_rank(code)
+
+
+def _run(argv: list[str]) -> None:
     try:
         _dispatch(argv)
     except KeyboardInterrupt:

@@ -233,3 +233,54 @@ def prepare(dist: DistConfig) -> None:
         from .compat import fsdp_on_cpu
 
         fsdp_on_cpu()
+
+
+def rank_with_group() -> bool:
+    """Whether this process is a rank of a launch with a process group set up."""
+    import sys
+
+    torch_dist = sys.modules.get("torch.distributed")
+    return launched() and torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def end_rank(code: int | str | None = 0) -> None:
+    """End this rank of a distributed launch without Python's interpreter teardown; other
+    processes return at once.
+
+    A process group's gloo worker threads free each finished collective's tensors a moment
+    after the caller's wait returns, and freeing a tensor Python once held takes the GIL. When
+    that moment falls after the main thread has begun tearing the interpreter down (a loaded
+    CPU delays the worker), Python ends the worker thread inside C++ code that may not unwind,
+    and the whole rank aborts ("terminate called without an active exception", exit -6) after
+    a run that finished, so torchrun reports the launch as failed. torch does not destroy
+    process groups at exit (pytorch/pytorch#190489), and destroying them would not stop the
+    threads while the trained model still holds the group. So a rank does what the teardown's
+    first steps do (waits for its non-daemon threads, runs the atexit handlers, flushes its
+    streams) and then leaves with `os._exit`, which skips the rest.
+
+    `align` calls this itself when it runs as a rank; a Python script that trains under torchrun
+    calls it last: `align_cli.dist.end_rank()`.
+    """
+    import atexit
+    import sys
+    import threading
+
+    if not rank_with_group():
+        return
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): Python prints the message and exits 1
+        print(code, file=sys.stderr)
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging.shutdown, tensorboard writers, temp folders, ...
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

@@ -43,6 +43,11 @@ with open(os.path.join(sys.argv[3], f"rank{info['rank']}.json"), "w") as f:
 """
 
 
+# How a script that trains under torchrun ends (align_cli.dist.end_rank): without it, a rank can
+# abort in the interpreter's teardown after a finished run.
+END_RANK = "\nfrom align_cli.dist import end_rank\nend_rank()\n"
+
+
 def fsdp_on_two_ranks(tmp_path, overrides: list[str], script: str = PROBE) -> list[dict]:
     return on_two_ranks(tmp_path, ["dist=fsdp", *overrides], script)
 
@@ -50,7 +55,7 @@ def fsdp_on_two_ranks(tmp_path, overrides: list[str], script: str = PROBE) -> li
 def on_two_ranks(tmp_path, overrides: list[str], script: str) -> list[dict]:
     """`script` run by both ranks of a 2-process torchrun launch (gloo), with the overrides; each rank's report."""
     probe = tmp_path / "probe.py"
-    probe.write_text(script)
+    probe.write_text(script + END_RANK)
     reports = tmp_path / "reports"
     shutil.rmtree(reports, ignore_errors=True)
     reports.mkdir()
@@ -294,7 +299,7 @@ def test_tiny_model_built_first_by_a_rank_other_than_0_is_complete(tmp_path):
         "from align_cli.modeling import build_tiny_model\n"
         "if dist.get_rank() == 1:\n"
         "    print(sorted(os.listdir(build_tiny_model())))\n"
-        "dist.barrier()\n"
+        "dist.barrier()\n" + END_RANK
     )
     env = {
         **os.environ,
@@ -490,3 +495,39 @@ def test_fsdp_activation_checkpointing_defaults_as_ddp_does():
     _, ctx, _ = checked_config(compose(["method=sft", "dist=fsdp"]))
     assert ctx.dist.activation_checkpointing is None
     assert ctx.config.fsdp_plugin_args["activation_checkpointing"] is torch.cuda.is_available()
+
+
+END_RANK_SCRIPT = """
+import atexit, sys, threading, time
+import torch, torch.distributed as dist
+from align_cli.dist import end_rank
+
+out = sys.argv[1]
+if sys.argv[2] == "group":
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=0, world_size=1)
+    dist.all_reduce(torch.ones(4))
+atexit.register(lambda: open(f"{out}/atexit", "w").write("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), open(f"{out}/thread", "w").write("done"))).start()
+sys.stdout.write("buffered")  # a pipe: block-buffered, not yet written
+end_rank(3)
+print(" returned")
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_end_rank_leaves_after_the_teardown_steps_only_from_a_rank_with_a_process_group(tmp_path, group):
+    """A rank with a process group leaves with the code given, after its threads, its atexit
+    handlers and its buffered output; anywhere else end_rank returns and Python exits as usual."""
+    script = tmp_path / "end.py"
+    script.write_text(END_RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+    mode = "group" if group else "none"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "done"
+    if group:
+        assert out.returncode == 3 and out.stdout == "buffered", out.stderr[-2000:]
+    else:
+        assert out.returncode == 0 and out.stdout == "buffered returned\n", out.stderr[-2000:]

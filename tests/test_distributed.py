@@ -18,7 +18,10 @@ r = train(compose(json.loads(sys.argv[2]), sys.argv[1]))
 total = float(sum(p.double().sum() for p in r.trainer.model.parameters()))
 info = {"rank": int(os.environ["RANK"]), "world": r.trainer.args.world_size,
         "wrapped": type(r.trainer.model_wrapped).__name__, "checksum": total}
-print("RANKINFO", json.dumps(info))
+print("RANKINFO", json.dumps(info))  # end_rank flushes it
+
+from align_cli.dist import end_rank
+end_rank()
 """
 
 
