@@ -523,7 +523,11 @@ def test_end_rank_leaves_after_the_teardown_steps_only_from_a_rank_with_a_proces
     env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
     mode = "group" if group else "none"
     out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(tmp_path), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert (tmp_path / "atexit").read_text() == "ran"
     assert (tmp_path / "thread").read_text() == "done"
