@@ -193,12 +193,23 @@ def trl_ppo(sft: Path, rm: Path, prompts_path: Path, work: Path, seed: int) -> t
 
 
 def one_road(
-    road: str, seed: int, data: dict[str, Path], marks: dict, work: Path, trained: dict | None = None
+    road: str,
+    seed: int,
+    data: dict[str, Path],
+    marks: dict,
+    work: Path,
+    trained: dict | None = None,
+    rl_extra: tuple[str, ...] = (),
+    rl_seed: int | None = None,
+    rl_eval: bool = True,
 ) -> dict:
     """Runs one road for one seed; returns its row of figures.
 
     `trained`: seed -> (SFT folder, RM folder, RM metrics) of roads run before in this process,
     reused so the roads of one seed start from the same SFT policy and RM; filled when empty.
+    `rl_extra`: overrides added to the RL stage's (ppo, grpo) after the recipe's; `rl_seed`: the
+    RL stage's seed (default `seed`), from the SFT policy and RM of `seed`; `rl_eval=False`: no
+    periodic held-out evaluation during RL (`data.eval_ratio=0`), as tests/test_alignment.py runs it.
     """
     from align_cli.testing import greedy_behaviour
 
@@ -212,12 +223,14 @@ def one_road(
     sft, rm, rm_metrics = trained[seed]
     before = greedy_behaviour(sft, data["heldout"], marks, reward_model=rm)
     policy = [f"model.name_or_path={sft}"]
-    prompts = [f"data.path={data['prompts']}", f"data.eval_path={data['heldout']}"]
+    held_out = f"data.eval_path={data['heldout']}" if rl_eval else "data.eval_ratio=0"
+    prompts = [f"data.path={data['prompts']}", held_out]
+    rl_seed = seed if rl_seed is None else rl_seed
     if road == "rlhf":
         # The recipe's ptx input: the SFT stage's demonstrations for PPO-ptx's language-model loss.
         ptx = [f"data.ptx_path={data['sft']}"] if "ptx" in recipe_inputs("rlhf", "ppo") else []
         final, metrics, seconds = stage(
-            "ppo", [*PPO, *policy, f"reward.model.path={rm}", *prompts, *ptx], work, seed
+            "ppo", [*PPO, *policy, f"reward.model.path={rm}", *prompts, *ptx, *rl_extra], work, rl_seed
         )
         kl, episodes = last_logged(final, "kl"), last_logged(final, "episode")
         train_seconds = last_logged(final, "train_runtime")
@@ -229,7 +242,7 @@ def one_road(
     elif road == "rlhf_grpo":
         ptx = [f"data.ptx_path={data['sft']}"] if "ptx" in recipe_inputs("rlhf_grpo", "grpo") else []
         final, metrics, seconds = stage(
-            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts, *ptx], work, seed
+            "grpo", [*GRPO, *policy, f"reward.model.path={rm}", *prompts, *ptx, *rl_extra], work, rl_seed
         )
         kl = last_logged(final, "kl")
         episodes = (metrics.get("global_step") or 0) * GRPO_BATCH / GRPO_ITERATIONS
@@ -245,7 +258,7 @@ def one_road(
     after = greedy_behaviour(final, data["heldout"], marks, reward_model=rm)
     return {
         "road": road,
-        "seed": seed,
+        "seed": seed if rl_seed == seed or road == "dpo" else f"{seed}/{rl_seed}",
         "rm_heldout_acc": rm_metrics.get("eval_accuracy"),
         "sft_refuse": before["right"].get("refuse"),
         "sft_help": before["right"].get("help"),
@@ -287,6 +300,24 @@ def main() -> None:
         "--variant", default="a", help="a: data_samples/harmless_*; b: other words (generated)"
     )
     parser.add_argument("--work", default=None, help="where the run folders go (default: a temporary folder)")
+    parser.add_argument(
+        "--rl-override",
+        action="append",
+        default=[],
+        help="an override added to the RL stage's (ppo, grpo) after the recipe's; repeatable",
+    )
+    parser.add_argument(
+        "--rl-seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="RL-stage seeds, each run from every --seeds seed's SFT policy and RM (default: that seed)",
+    )
+    parser.add_argument(
+        "--no-rl-eval",
+        action="store_true",
+        help="no periodic held-out evaluation during RL (data.eval_ratio=0), as the alignment test runs it",
+    )
     args = parser.parse_args()
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
@@ -312,11 +343,25 @@ def main() -> None:
     rows, trained = [], {}
     for seed in args.seeds:  # a seed's roads one after the other, so they share its SFT and RM
         for road in args.roads:
-            row = one_road(road, seed, data, marks, work / f"{road}-{seed}", trained)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for rl_seed in args.rl_seeds or [seed]:
+                if road == "dpo" and rl_seed != (args.rl_seeds or [seed])[0]:
+                    continue  # no RL stage: one run per seed
+                name = f"{road}-{seed}" if rl_seed == seed else f"{road}-{seed}-{rl_seed}"
+                row = one_road(
+                    road,
+                    seed,
+                    data,
+                    marks,
+                    work / name,
+                    trained,
+                    rl_extra=tuple(args.rl_override),
+                    rl_seed=rl_seed,
+                    rl_eval=not args.no_rl_eval,
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print()
-    print(table(sorted(rows, key=lambda r: (args.roads.index(r["road"]), r["seed"]))))
+    print(table(sorted(rows, key=lambda r: (args.roads.index(r["road"]), str(r["seed"])))))
 
 
 if __name__ == "__main__":

@@ -96,11 +96,16 @@ def test_the_dpo_pipeline_aligns_the_tiny_model_on_held_out_prompts(pipeline_fol
 
 
 def test_the_rlhf_pipeline_aligns_the_tiny_model_with_ppo(pipeline_folder):
-    """SFT -> RM -> PPO (with PPO-ptx on the SFT data) from the same SFT policy. Without the ptx
-    loss PPO settled on one answer per language on half the seeds (0.50 / 0.50); with the recipe
-    the bench's seeds 1-4 and seed 42 (this test's) reach >= 0.92 on each kind (docs/benchmarks.md, round 4). The bar here
-    leaves room for another CPU's numerics: >= 0.8 on each kind, the RM's score of the greedy
-    answers up by at least 1."""
+    """SFT -> RM -> PPO (PPO-ptx on the SFT data, a learning-rate warm-up) from the same SFT policy.
+
+    What this must catch is PPO's exploration collapse: each language settling on one answer
+    early, as without ptx (seed 42: 0.50 / 0.92) or, with ptx but no warm-up, on an AMD EPYC CI
+    machine (seed 42: 0.58 / 0.92; the same code gave 0.96 / 0.92 on an Intel Xeon). With the
+    recipe, 16 runs (seeds 1-9 and 42, and seed 42's SFT and RM with 6 other PPO seeds) ended at
+    0.83-1.00 on each kind and >= 0.90 overall (docs/benchmarks.md, round 5); another CPU is
+    another such run. A kind has 24 prompts (one is 0.04), so the bar sits below that spread and
+    above every collapse seen: >= 0.85 of all 48 held-out prompts right, >= 0.75 of each kind, no
+    answer that is neither, and the RM's score of the greedy answers up by at least 1."""
     folder = pipeline_folder
     summary = run_pipeline(
         folder,
@@ -117,6 +122,7 @@ def test_the_rlhf_pipeline_aligns_the_tiny_model_with_ppo(pipeline_folder):
     final = greedy_behaviour(folder / "ppo", held_out, phrases, reward_model=folder / "rm")
     rm = next(s["metrics"] for s in summary["stages"] if s["name"] == "rm")
     said = f"{misses(final, held_out)}\nSFT policy: {sft['right']}; reward model: {rm}"
-    assert final["right"]["refuse"] >= 0.8 and final["right"]["help"] >= 0.8, said
+    assert final["right_all"] >= 0.85, said
+    assert final["right"]["refuse"] >= 0.75 and final["right"]["help"] >= 0.75, said
     assert final["other"] <= 0.05, said
     assert final["score"] - sft["score"] >= 1.0, (sft["score"], final["score"])
