@@ -235,7 +235,7 @@ def one_road(
         kl, episodes = last_logged(final, "kl"), last_logged(final, "episode")
         train_seconds = last_logged(final, "train_runtime")
     elif road == "trl_ppo":
-        final, seconds, result = trl_ppo(sft, rm, data["prompts"], work, seed)
+        final, seconds, result = trl_ppo(sft, rm, data["prompts"], work, rl_seed)
         kl = result["logged_kl"][-1] if result["logged_kl"] else None
         # objective/kl is TRL's mean over the batch of the summed per-token log-ratio: per response, as ours.
         episodes, train_seconds = result["episodes"], result["seconds"]  # between on_train_begin/_end
@@ -258,7 +258,8 @@ def one_road(
     after = greedy_behaviour(final, data["heldout"], marks, reward_model=rm)
     return {
         "road": road,
-        "seed": seed if rl_seed == seed or road == "dpo" else f"{seed}/{rl_seed}",
+        "seed": seed,
+        "rl_seed": None if road == "dpo" else rl_seed,
         "rm_heldout_acc": rm_metrics.get("eval_accuracy"),
         "sft_refuse": before["right"].get("refuse"),
         "sft_help": before["right"].get("help"),
@@ -283,8 +284,9 @@ def table(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        seed = r["seed"] if r.get("rl_seed") in (None, r["seed"]) else f"{r['seed']}/{r['rl_seed']}"
         lines.append(
-            f"| {r['road']} | {r['seed']} | {f(r['rm_heldout_acc'])} | {f(r['sft_refuse'])} / {f(r['sft_help'])} "
+            f"| {r['road']} | {seed} | {f(r['rm_heldout_acc'])} | {f(r['sft_refuse'])} / {f(r['sft_help'])} "
             f"| {f(r['final_refuse'])} / {f(r['final_help'])} | {f(r['final_other'])} | {f(r['rm_gain'])} "
             f"| {f(r['kl'])} | {f(r['episodes_per_s'], 1)} | {f(r.get('train_episodes_per_s'), 1)} "
             f"| {f(r['seconds'], 0)} |"
@@ -319,6 +321,8 @@ def main() -> None:
         help="no periodic held-out evaluation during RL (data.eval_ratio=0), as the alignment test runs it",
     )
     args = parser.parse_args()
+    if args.rl_override and "trl_ppo" in args.roads:
+        parser.error("--rl-override sets align's RL stages (rlhf, rlhf_grpo); trl_ppo has no such overrides")
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_alignment_"))
@@ -361,7 +365,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
-    print(table(sorted(rows, key=lambda r: (args.roads.index(r["road"]), str(r["seed"])))))
+    print(table(sorted(rows, key=lambda r: (args.roads.index(r["road"]), r["seed"], r["rl_seed"] or 0))))
 
 
 if __name__ == "__main__":
