@@ -347,9 +347,8 @@ def main() -> None:
     rows, trained = [], {}
     for seed in args.seeds:  # a seed's roads one after the other, so they share its SFT and RM
         for road in args.roads:
-            for rl_seed in args.rl_seeds or [seed]:
-                if road == "dpo" and rl_seed != (args.rl_seeds or [seed])[0]:
-                    continue  # no RL stage: one run per seed
+            # dpo has no RL stage: one run per seed, whatever --rl-seeds says.
+            for rl_seed in [seed] if road == "dpo" else args.rl_seeds or [seed]:
                 name = f"{road}-{seed}" if rl_seed == seed else f"{road}-{seed}-{rl_seed}"
                 row = one_road(
                     road,
