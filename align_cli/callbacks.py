@@ -57,7 +57,7 @@ class CollapseCallback(TrainerCallback):
         self.keys = keys
         self.settings = settings or CollapseSettings()
         self.stop = bool(stop)
-        self.history: list[dict] = []
+        self.tracker = None  # a diagnostics.CollapseTracker from the first training record on
         self.found: list = []
         self.notes: list[str] = []
         self.stopped = None  # the Collapse that stopped training
@@ -69,23 +69,21 @@ class CollapseCallback(TrainerCallback):
             print(f"align: {kind}: {text}", file=sys.stderr, flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from .diagnostics import find_collapse, shows_signature, start_notes
+        from .diagnostics import CollapseTracker, start_notes
 
         if not logs or self.keys.reward not in logs:  # evaluation and end-of-training records
             return
-        self.history.append({"step": state.global_step, **logs})
-        if len(self.history) == 1:
-            self.notes = start_notes(self.history[0], self.vocab_size, self.settings, self.keys)
+        record = {"step": state.global_step, **logs}
+        if self.tracker is None:  # the first training record: what the policy started as
+            self.tracker = CollapseTracker(record, self.vocab_size, self.settings, self.keys)
+            self.notes = start_notes(record, self.vocab_size, self.settings, self.keys)
             for note in self.notes:
                 self._say(state, note, "note")
-        known = {c.kind for c in self.found}
-        for collapse in find_collapse(self.history, self.vocab_size, self.settings, self.keys):
-            if collapse.kind not in known:
-                self.found.append(collapse)
-                self._say(
-                    state,
-                    f"collapse at step {collapse.step} (since step {collapse.onset}): {collapse.message}",
-                )
+        for collapse in self.tracker.add(record):  # constant work per record, however long the run
+            self.found.append(collapse)
+            self._say(
+                state, f"collapse at step {collapse.step} (since step {collapse.onset}): {collapse.message}"
+            )
         if not self.stop:
             return
         if self.found:
@@ -94,7 +92,7 @@ class CollapseCallback(TrainerCallback):
             control.should_save = False  # the collapsed state is not worth a checkpoint
         else:
             # A checkpoint of every healthy logged step; none of a step that shows a signature.
-            control.should_save = not shows_signature(self.history, self.vocab_size, self.settings, self.keys)
+            control.should_save = not self.tracker.shows_signature
 
     def summary(self) -> dict:
         """What summary.json says about collapse ({} when nothing was found)."""

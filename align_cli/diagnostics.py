@@ -5,7 +5,7 @@
 
 Everything here is a pure function of texts or of a metric history (no torch, no model), so
 it is unit-tested on hand-made inputs; PPO and GRPO log these metrics every step and the
-`CollapseCallback` (align_cli/callbacks.py) runs `find_collapse` on the logged history.
+`CollapseCallback` (align_cli/callbacks.py) feeds each logged record to a `CollapseTracker`.
 
 Batch metrics (also used by `align eval`):
 
@@ -71,7 +71,9 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def _distinct(unit_lists: Sequence[list[str]], n: int) -> float:
     total, seen = 0, set()
     for units in unit_lists:
-        grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+        grams = (
+            units if n == 1 else list(zip(*(units[i:] for i in range(n)), strict=False))
+        )  # shifted copies: shortest ends it
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else float("nan")
@@ -85,7 +87,11 @@ def prompt_id(prompt: Any) -> str:
 def _pairs(prompts: Sequence[Any], completions: Sequence[str]) -> list[tuple[str, str]]:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    return [(prompt_id(p), (c or "").strip()) for p, c in zip(prompts, completions, strict=True)]
+    keys: dict[int, str] = {}  # GRPO repeats each prompt object K times: key it once
+    return [
+        (keys[id(p)] if id(p) in keys else keys.setdefault(id(p), prompt_id(p)), (c or "").strip())
+        for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
 def _prompts_of(pairs: list[tuple[str, str]]) -> dict[str, set[str]]:
@@ -308,6 +314,59 @@ def _checks(first: dict, vocab_size: int, s: CollapseSettings, k: MetricKeys):
     ]
 
 
+class CollapseTracker:
+    """Finds the collapse signatures one logged record at a time, in constant time per record.
+
+    It keeps, per signature, the run of consecutive records that show it, so a long run's
+    watch does not re-read its whole history at every logging step. `find_collapse` is this
+    tracker fed a whole history.
+
+    Args:
+        first: the first logged training record (entropy and one-completion signatures only
+            count when it did not have them; reward hacking needs a reward above its reward).
+        vocab_size: the policy's vocabulary size V (the uniform entropy is log V).
+        settings: thresholds (defaults: `CollapseSettings()`).
+        keys: which logged keys hold reward, entropy, KL, top-completion share and probe.
+    """
+
+    def __init__(
+        self,
+        first: dict,
+        vocab_size: int,
+        settings: CollapseSettings | None = None,
+        keys: MetricKeys = PPO_KEYS,
+    ):
+        self.settings = settings or CollapseSettings()
+        self.checks = _checks(first, vocab_size, self.settings, keys)
+        self.runs: dict[str, tuple[int, int]] = {}  # kind -> (onset step, records in a row)
+        self.found: list[Collapse] = []
+        self.shows_signature = False  # whether the last record showed any (confirmed or not)
+        self.records = 0  # records taken so far
+
+    def add(self, record: dict) -> list[Collapse]:
+        """Takes the next record in step order; returns the signatures it confirmed."""
+        self.records += 1
+        done = {c.kind for c in self.found}
+        step = int(record.get("step", 0))
+        new: list[Collapse] = []
+        shows = False
+        for kind, test, message in self.checks:
+            value = test(record)
+            shows = shows or value is not None
+            if kind in done:
+                continue
+            if value is None:
+                self.runs.pop(kind, None)
+                continue
+            onset, length = self.runs.get(kind, (step, 0))
+            self.runs[kind] = (onset, length + 1)
+            if length + 1 >= self.settings.patience:
+                new.append(Collapse(kind, step, onset, value, message(value)))
+        self.shows_signature = shows
+        self.found += new
+        return new
+
+
 def find_collapse(
     history: Sequence[dict],
     vocab_size: int,
@@ -326,19 +385,12 @@ def find_collapse(
     Returns:
         One `Collapse` per signature found, in order of the step that confirmed it.
     """
-    s = settings or CollapseSettings()
     if not history:
         return []
-    found: list[Collapse] = []
-    for kind, test, message in _checks(history[0], vocab_size, s, k=keys):
-        run: list[tuple[int, float]] = []
-        for record in history:
-            value = test(record)
-            run = [*run, (int(record.get("step", 0)), value)] if value is not None else []
-            if len(run) >= s.patience:
-                found.append(Collapse(kind, run[-1][0], run[0][0], run[-1][1], message(run[-1][1])))
-                break
-    return sorted(found, key=lambda c: c.step)
+    tracker = CollapseTracker(history[0], vocab_size, settings, keys)
+    for record in history:
+        tracker.add(record)
+    return tracker.found
 
 
 def shows_signature(

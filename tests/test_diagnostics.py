@@ -15,8 +15,10 @@ import torch
 from align_cli.diagnostics import (
     GRPO_KEYS,
     CollapseSettings,
+    CollapseTracker,
     MetricKeys,
     Probe,
+    _checks,
     batch_metrics,
     distinct_n,
     explained_variance,
@@ -235,6 +237,55 @@ def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_tracker_finds_what_the_whole_history_shows_one_record_at_a_time():
+    """Random histories: the tracker fed record by record confirms each signature at the step a
+    scan of the whole history finds it, and tests each record once per signature, not the
+    history again at every step (a long run's watch costs the same at step 10 and 10,000)."""
+    import random
+
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 30)
+        h = history(
+            score=[rng.uniform(-1, 3) for _ in range(n)],
+            entropy=[rng.choice([2.0, 6.8, 0.01, None]) for _ in range(n)],
+            kl_per_token=[rng.choice([0.1, 2.0]) for _ in range(n)],
+            top_completion_share=[rng.choice([0.2, 0.95]) for _ in range(n)],
+            probe_reward=[rng.uniform(-1, 3) for _ in range(n)],
+        )
+        settings = CollapseSettings(patience=rng.randint(1, 3))
+        tracker, confirmed = CollapseTracker(h[0], V, settings), []
+        for record in h:
+            confirmed += tracker.add(record)
+            assert tracker.shows_signature == shows_signature(h[: h.index(record) + 1], V, settings)
+        expected = []  # each signature's first run of `patience` records in a row, by brute force
+        for kind, test, _ in _checks(h[0], V, settings, MetricKeys()):
+            for end in range(settings.patience, n + 1):
+                window = h[end - settings.patience : end]
+                if all(test(r) is not None for r in window):
+                    expected.append((end, kind, window[0]["step"], test(window[-1])))
+                    break
+        got = [(c.step, c.kind, c.onset, c.value) for c in confirmed]
+        assert got == sorted(expected, key=lambda e: e[0]), trial
+        assert tracker.found == confirmed == find_collapse(h, V, settings)
+
+    calls = 0
+    tracker = CollapseTracker({"step": 1, "score": 0.0}, V)
+
+    def counted(test):
+        def call(record):
+            nonlocal calls
+            calls += 1
+            return test(record)
+
+        return call
+
+    tracker.checks = [(kind, counted(test), message) for kind, test, message in tracker.checks]
+    for step in range(1, 10_001):
+        tracker.add({"step": step, "score": 0.0, "entropy": 2.0, "kl_per_token": 0.1})
+    assert calls == 10_000 * len(tracker.checks) and tracker.found == []
+
+
 def test_the_callback_warns_always_and_stops_only_when_asked(capsys):
     from transformers import TrainerControl, TrainerState
 
@@ -253,7 +304,7 @@ def test_the_callback_warns_always_and_stops_only_when_asked(capsys):
             watch.on_log(None, state, control, logs=record)
             saves.append(control.should_save)
         watch.on_log(None, state, control, logs={"eval_score": 5.0})  # evaluation records are not watched
-        assert [c.kind for c in watch.found] == ["kl_runaway"] and len(watch.history) == 3
+        assert [c.kind for c in watch.found] == ["kl_runaway"] and watch.tracker.records == 3
         assert control.should_training_stop is stop
         assert watch.summary()["collapse"][0]["onset"] == 2
         # With stop_on_collapse: a checkpoint of the healthy step 1 only; without: the schedule decides.

@@ -41,7 +41,14 @@ def _normalise(text: str, ignore_case: bool) -> str:
     return text.casefold() if ignore_case else text
 
 
-class LengthReward(Reward):
+class Rule(Reward):
+    """A built-in rule: pure Python over each completion's text (and its row), bounded by the
+    text's length, so it runs on the calling thread without `reward.timeout`'s watchdog."""
+
+    runs_inline = True
+
+
+class LengthReward(Rule):
     """Rewards a response length close to `target`: 1 - |length - target| / target.
 
     1.0 exactly at the target, falling linearly on both sides (negative beyond twice the
@@ -66,7 +73,7 @@ class LengthReward(Reward):
         return 1.0 - abs(length - self.target) / self.target
 
 
-class RegexReward(Reward):
+class RegexReward(Rule):
     """1.0 when the completion matches `pattern`, else 0.0 (a format check).
 
     `.` matches newlines too. `fullmatch: true` requires the whole (stripped) completion to
@@ -90,7 +97,7 @@ class RegexReward(Reward):
         return 1.0 if match else 0.0
 
 
-class MatchReward(Reward):
+class MatchReward(Rule):
     """1.0 when the completion agrees with the dataset column `column` (default `answer`), else 0.0.
 
     `mode`:
@@ -166,7 +173,7 @@ class MatchReward(Reward):
         return 1.0 if ok else 0.0
 
 
-class KeywordReward(Reward):
+class KeywordReward(Rule):
     """Rewards words that should appear and penalises words that should not.
 
     Score = (share of `include` keywords present) - (share of `exclude` keywords present),
@@ -219,7 +226,7 @@ def behaviour_of(text: str, phrases: dict[str, list[str]]) -> str | None:
     return None
 
 
-class BehaviourReward(Reward):
+class BehaviourReward(Rule):
     """1.0 when the completion shows the behaviour the dataset column `column` expects, else 0.0.
 
     The behaviour is read from how the completion opens (`behaviour_of` with `phrases`, a map
