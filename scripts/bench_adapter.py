@@ -698,7 +698,7 @@ def render(results: list[Result], rounds: int, threads: int, elapsed_s: float) -
         "move: the run-by-run figures at the end show by how much. Inside the training loop, align's",
         "own code is its callbacks (metrics.jsonl, the SIGINT/SIGTERM checkpoint, the NaN/inf loss",
         "and gradient guard), the guard's `training_step` wrapper and, under GRPO, its reward functions",
-        "(the collapse watch's batch metrics and the timeout guard); column `align code in loop`",
+        "(the collapse watch's batch metrics; the timeout guard of user functions and reward models); column `align code in loop`",
         "gives their CPU time and share of the loop. The rest of the loop is TRL's trainer with an",
         "identical config on both sides, so a ratio further from 1 than that share",
         "is timing noise.",
