@@ -101,6 +101,51 @@ def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path, method):
     assert not any("ptx_loss" in r for r in logged)
 
 
+def test_grpo_ptx_weighs_a_step_the_same_however_it_is_split_into_micro_batches(tmp_path, monkeypatch):
+    """method.args.ptx_batch_size is ptx rows per optimiser step for GRPO, as for PPO: one step of
+    4 rows in one micro-batch and the same 4 rows in two micro-batches of 2 move the weights alike.
+    A constant reward leaves GRPO's own loss without a gradient, so the step is the ptx loss's
+    alone (plain SGD: the update is the gradient); each micro-batch's share is weighted so that
+    gradient accumulation does not multiply ptx_coef."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "flat_reward.py").write_text(
+        "def flat(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = demos(tmp_path)
+    base = [
+        "method=grpo",
+        "reward=function",
+        "reward.function.path=flat_reward:flat",
+        *GRPO_SHORT,
+        "method.args.max_steps=1",
+        "method.args.optim=sgd",
+        "method.args.learning_rate=0.5",
+        "method.args.weight_decay=0",
+        "method.args.max_grad_norm=0",
+        f"data.ptx_path={path}",
+        "method.args.ptx_coef=1.0",
+        "method.args.ptx_batch_size=4",
+    ]
+    moved, drawn = {}, {}
+    for name, split in (("one", ["method.args.per_device_train_batch_size=4"]),
+                        ("two", ["method.args.per_device_train_batch_size=2", "method.args.gradient_accumulation_steps=2"])):  # fmt: skip
+        trainer = train(compose([*base, *split], tmp_path / name)).trainer
+        assert trainer.args.gradient_accumulation_steps == (1 if name == "one" else 2)
+        assert [len(p) for p in trainer._ptx_parts] == ([4] if name == "one" else [2, 2])
+        drawn[name] = sum(trainer._ptx_parts, [])
+        start = AutoModelForCausalLM.from_pretrained(trainer.model.config._name_or_path).state_dict()
+        moved[name] = {k: v.detach() - start[k] for k, v in trainer.model.state_dict().items()}
+        # Every demonstration has as many completion tokens, so a mean over each half is a mean over all.
+        assert len({len(c) for _, c in trainer.ptx_pairs}) == 1
+    assert drawn["one"] == drawn["two"]  # the same rows: drawn per step, then shared out
+    norm = sum(float(d.norm()) for d in moved["one"].values())
+    assert norm > 1e-3  # the ptx loss moved the weights
+    diff = sum(float((moved["one"][k] - moved["two"][k]).norm()) for k in moved["one"])
+    assert diff < 1e-4 * norm, (diff, norm)
+
+
 def test_ptx_settings_are_checked_before_loading(tmp_path, caplog):
     path = demos(tmp_path)
     base = ["method=ppo", "reward=length", *SHORT, "method.args.max_steps=1"]

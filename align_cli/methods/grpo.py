@@ -104,16 +104,25 @@ def ptx_trainer(base: type) -> type:
             if not self.ptx_pairs or not model.training:
                 return loss
             step = self.state.global_step
-            if (
-                getattr(self, "_ptx_step", None) != step
-            ):  # reseeded per step: a resumed run draws the same rows
+            if getattr(self, "_ptx_step", None) != step:
+                # The step's rows, drawn once: reseeded per step, so a resumed run draws the same
+                # ones; each of the step's micro-batches takes its share of them, in order.
                 rank = self.accelerator.process_index
                 self._ptx_step = step
-                self._ptx_shuffle = torch.Generator().manual_seed(
-                    self.args.seed * 1_000_033 + 7919 * step + rank
+                shuffle = torch.Generator().manual_seed(self.args.seed * 1_000_033 + 7919 * step + rank)
+                parts = max(
+                    1,
+                    int(getattr(self, "current_gradient_accumulation_steps", 0) or 0)
+                    or self.args.gradient_accumulation_steps,
                 )
-            size = self.args.ptx_batch_size or self.args.per_device_train_batch_size
-            rows = torch.randint(len(self.ptx_pairs), (size,), generator=self._ptx_shuffle).tolist()
+                total = self.args.ptx_batch_size or self.args.per_device_train_batch_size * parts
+                rows = torch.randint(len(self.ptx_pairs), (total,), generator=shuffle).tolist()
+                self._ptx_parts = [rows[i * total // parts : (i + 1) * total // parts] for i in range(parts)]
+                self._ptx_part, self._ptx_total = 0, total
+            rows = self._ptx_parts[self._ptx_part % len(self._ptx_parts)]
+            self._ptx_part += 1
+            if not rows:  # fewer ptx rows in the step than micro-batches: this one has none
+                return loss
             nll = demonstration_nll(
                 self.accelerator.unwrap_model(model),
                 self.ptx_pairs,
@@ -122,8 +131,12 @@ def ptx_trainer(base: type) -> type:
                 None,
                 self.accelerator.device,
             )
+            # GRPOTrainer scales its own loss for gradient accumulation (loss_is_scaled_for_ga), so
+            # the Trainer adds the micro-batches' losses as they are: weighted by its share of the
+            # step's rows, the step minimises ptx_coef x their mean loss, however they are split.
+            share = len(rows) / self._ptx_total
             trl_logged_metrics(self, "train")["ptx_loss"].append(float(nll.detach()))
-            return loss + self.args.ptx_coef * nll
+            return loss + self.args.ptx_coef * share * nll
 
     return PtxGRPOTrainer
 

@@ -23,7 +23,11 @@ class GRPOConfig(trl.GRPOConfig):
         },
     )
     ptx_batch_size: int | None = field(
-        default=None, metadata={"help": "ptx rows per micro-batch; null: per_device_train_batch_size."}
+        default=None,
+        metadata={
+            "help": "ptx rows per optimiser step, shared among its gradient_accumulation_steps micro-batches "
+            "(as PPO's ptx_batch_size); null: per_device_train_batch_size per micro-batch."
+        },
     )
 
     def __post_init__(self):
