@@ -231,6 +231,7 @@ def checked_run_data(module, ctx, data_cfg, problems=None):
     from .methods import method_problems
 
     tokenizer = modeling.load_tokenizer(ctx.model_cfg)
+    ctx.tokenizer = tokenizer  # the checks read extra data (data.ptx_path) as training will
     splits = read_run_data(module, ctx, data_cfg, tokenizer, problems=problems)
     rows = splits.train.rows if splits.train is not None else None
     return tokenizer, splits, method_problems(module, ctx, rows)

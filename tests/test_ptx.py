@@ -146,6 +146,32 @@ def test_grpo_ptx_weighs_a_step_the_same_however_it_is_split_into_micro_batches(
     assert diff < 1e-4 * norm, (diff, norm)
 
 
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_the_ptx_data_is_read_once_per_run(tmp_path, monkeypatch, method):
+    """The check before loading reads data.ptx_path (every bad row named) and the trainer trains
+    on those rows: the file is not read a second time (a large SFT set would cost its load twice)."""
+    from align_cli.data import convert
+
+    path = demos(tmp_path)
+    reads = []
+    read = convert.read_and_convert
+
+    def counted(data_cfg, *args, **kwargs):
+        if str(data_cfg.path) == str(path):
+            reads.append(args)
+        return read(data_cfg, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "read_and_convert", counted)
+    overrides = [f"method={method}", "reward=length", *(SHORT if method == "ppo" else GRPO_SHORT)]
+    result = train(
+        compose(
+            [*overrides, "method.args.max_steps=1", f"data.ptx_path={path}", "method.args.ptx_coef=1.0"],
+            tmp_path / "run",
+        )
+    )
+    assert len(reads) == 1 and len(result.trainer.ptx_pairs) == 8
+
+
 def test_ptx_settings_are_checked_before_loading(tmp_path, caplog):
     path = demos(tmp_path)
     base = ["method=ppo", "reward=length", *SHORT, "method.args.max_steps=1"]

@@ -170,6 +170,7 @@ class MethodContext:
     config: Any = None  # the method's config built from method.args once up front, for `check`
     dist: DistConfig = field(default_factory=DistConfig)  # dist=: DDP, FSDP or DeepSpeed (align_cli/dist.py)
     data_cfg: DataConfig | None = None  # the `data` group (for a method's extra data: PPO's data.ptx_path)
+    ptx_read: Any = None  # (conversational, data.Loaded): data.ptx_path as the check read it, for the build
 
     def trl_config(self, cls: type, **defaults: Any):
         """Builds a TRL/transformers config dataclass: our run defaults < `defaults` < method.args.

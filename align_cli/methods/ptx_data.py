@@ -69,6 +69,11 @@ def _as_ptx(message: str) -> str:
     return message
 
 
+def _conversational(ctx) -> bool:
+    """Whether the demonstrations become chat messages: the policy's tokenizer has a chat template."""
+    return getattr(ctx.tokenizer, "chat_template", None) is not None
+
+
 def ptx_problems(ctx) -> list[str]:
     """What is wrong with the PPO-ptx settings (method.args.ptx_coef, data.ptx_path), reading the data."""
     coef = float(getattr(ctx.config, "ptx_coef", 0.0) or 0.0)
@@ -92,10 +97,12 @@ def ptx_problems(ctx) -> list[str]:
 
     found = Problems()
     try:
-        loaded = read_ptx(ctx.data_cfg, conversational=False, problems=found)
+        loaded = read_ptx(ctx.data_cfg, _conversational(ctx), problems=found)
     except AlignError as err:
         return [_as_ptx(f"data.ptx_path: {err}")]
     out = [_as_ptx(f"data.ptx_path: {line}") for line in found.items]
+    if not out:
+        ctx.ptx_read = (_conversational(ctx), loaded)  # read once: the build trains on these rows
     if not out and not [r for r in loaded.rows if "completion" in r]:
         out.append(
             f"data.ptx_path: {loaded.source} holds no prompt/completion demonstrations (e.g. instruction/output)"
@@ -109,7 +116,9 @@ def ptx_dataset(ctx, args):
         return None
     from ..data import _to_dataset
 
-    loaded = read_ptx(ctx.data_cfg, ctx.tokenizer.chat_template is not None)
+    conversational, loaded = ctx.ptx_read or (None, None)
+    if loaded is None or conversational != _conversational(ctx):
+        loaded = read_ptx(ctx.data_cfg, _conversational(ctx))
     log.info("ptx: %d demonstrations from %s, ptx_coef %s", len(loaded.rows), loaded.source, args.ptx_coef)
     return _to_dataset(loaded.rows)
 
