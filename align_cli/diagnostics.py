@@ -421,6 +421,11 @@ def start_notes(
     t = _number(first, keys.top)
     if t is not None and t >= s.identical:
         notes.append(f"the starting policy gives {t:.0%} of the prompts one and the same completion")
+    if keys.kl not in first:
+        notes.append(
+            f"no KL to the reference is logged ('{keys.kl}'; GRPO logs it only with method.args.beta > 0, "
+            "when it keeps a reference model), so the kl_runaway signature is not watched"
+        )
     return notes
 
 

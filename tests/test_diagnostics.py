@@ -157,7 +157,10 @@ def test_a_policy_that_starts_degenerate_is_noted_not_collapsing():
     h = history(score=[0, 1, 2], entropy=[6.9, 6.9, 6.85], top_completion_share=[1.0, 1.0, 1.0])
     assert find_collapse(h, V) == []
     notes = start_notes(h[0], V)
-    assert len(notes) == 2 and "untrained" in notes[0]
+    assert len(notes) == 3 and "untrained" in notes[0]
+    # A history without the KL key (GRPO with beta=0) cannot show kl_runaway: said, not skipped silently.
+    assert "'kl_per_token'" in notes[2] and "kl_runaway signature is not watched" in notes[2]
+    assert start_notes({"step": 1, "reward": 0.0, "kl": 0.0}, V, keys=GRPO_KEYS) == []
 
 
 def test_other_metric_names_and_missing_values():

@@ -162,6 +162,9 @@ def test_rule_rewards_full_finetune(tmp_path, monkeypatch):
     # GRPO optimises 1.0 * correct + 0.5 * brevity + 0.2 * politeness (conf/reward/mix.yaml).
     assert result.trainer.reward_weights.tolist() == pytest.approx([1.0, 0.5, 0.2])
     assert (tmp_path / "run" / "model.safetensors").exists()
+    # beta=0 (the default) keeps no reference, so no KL: the collapse watch says what it cannot see.
+    notes = json.loads((tmp_path / "run" / "summary.json").read_text())["diagnostic_notes"]
+    assert any("kl_runaway signature is not watched" in n for n in notes), notes
     card = (tmp_path / "run" / "README.md").read_text()  # ours, with the rewards it was trained on
     assert "Group Relative Policy Optimization" in card and "| `reward.correct.weight` | 1 |" in card
 
