@@ -65,6 +65,8 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
     Example: ["a b a", "a b"] has the bigrams (a b), (b a), (a b): 2 distinct of 3.
     """
+    if n < 1:
+        raise ValueError(f"distinct_n needs n >= 1, got {n}")
     return _distinct([text_units(t) for t in texts], n)
 
 
@@ -390,7 +392,8 @@ def find_collapse(
     tracker = CollapseTracker(history[0], vocab_size, settings, keys)
     for record in history:
         tracker.add(record)
-    return tracker.found
+    order = {kind: i for i, (kind, _, _) in enumerate(tracker.checks)}
+    return sorted(tracker.found, key=lambda c: (c.step, order[c.kind]))  # by step, ties in check order
 
 
 def shows_signature(

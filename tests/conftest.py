@@ -54,6 +54,18 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _library_log_handlers():
+    """transformers makes its log handler on first use, bound to the sys.stderr of that moment.
+    Made inside a test that captures stderr (capsys), it would write to that test's stream,
+    closed once the test ends, and a later test's warnings would print "--- Logging error ---"
+    tracebacks into its own captured output. Made here, it writes to the session's stream."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _align_cache(tmp_path_factory):
     """Builds the tiny model into a per-session cache, so tests never depend on ~/.cache."""
     os.environ["ALIGN_CACHE"] = str(tmp_path_factory.mktemp("align-cache"))

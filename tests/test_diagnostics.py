@@ -270,7 +270,13 @@ def test_the_tracker_finds_what_the_whole_history_shows_one_record_at_a_time():
                     break
         got = [(c.step, c.kind, c.onset, c.value) for c in confirmed]
         assert got == sorted(expected, key=lambda e: e[0]), trial
-        assert tracker.found == confirmed == find_collapse(h, V, settings)
+        assert tracker.found == confirmed == find_collapse(h, V, settings)  # steps rise: the same order
+
+    # Records without a step (all at step 0): ordered by step, ties in the signatures' order.
+    h = [{"score": 0.0, "entropy": 1.5, "top_completion_share": 0.1}] + [
+        {"score": 1.0, "entropy": 0.01 if i else 1.0, "top_completion_share": 0.95} for i in range(3)
+    ]
+    assert kinds(find_collapse(h, V)) == ["entropy_zero", "one_completion"]
 
     calls = 0
     tracker = CollapseTracker({"step": 1, "score": 0.0}, V)

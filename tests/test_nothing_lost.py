@@ -426,16 +426,14 @@ def test_reward_timeout_is_a_setting_not_a_reward(tmp_path):
     assert build_reward_functions({"length": 10, "timeout": None})[0][0].timeout is None
 
 
-def test_rules_run_on_the_calling_thread_and_a_timeout_only_they_would_get_is_said(
-    user_rewards, caplog, monkeypatch
-):
-    """The built-in rules skip the watchdog thread (a hand-off per call, and the regex engine
-    holds the interpreter lock, so it could not stop them); user functions keep it. A
-    `reward.timeout` that bounds nothing in the run is said, not silently ignored."""
+def test_rules_run_on_the_calling_thread_and_keep_the_time_limit(user_rewards, monkeypatch):
+    """The built-in rules skip the watchdog thread (a hand-off per call); reward.timeout still
+    holds for them, checked between completions: a user's regex that backtracks for long stops
+    the run naming the reward after the completion it was on. User functions keep the thread."""
     import threading
 
-    from align_cli.rewards import build_reward_functions
-    from align_cli.rewards.rules import LengthReward
+    from align_cli.rewards import RewardFailed, build_reward_functions
+    from align_cli.rewards.rules import LengthReward, RegexReward
 
     threads = []
     score = LengthReward.score
@@ -444,20 +442,26 @@ def test_rules_run_on_the_calling_thread_and_a_timeout_only_they_would_get_is_sa
         "score",
         lambda self, text, row: threads.append(threading.current_thread()) or score(self, text, row),
     )
-    with caplog.at_level("WARNING", logger="align"):
-        funcs, _ = build_reward_functions({"length": 10, "keyword": {"include": ["yes"]}, "timeout": 30})
+    funcs, _ = build_reward_functions({"length": 10, "timeout": 30})
     assert funcs[0](["p", "q"], ["abc", "abcdefghij"]) == [pytest.approx(0.3), 1.0]
     assert threads == [threading.main_thread()] * 2
-    assert "reward.timeout=30 is not used: reward.length, reward.keyword are built-in rules" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="align"):
-        build_reward_functions({"length": 10, "timeout": None})  # no limit asked: nothing to say
-        mixed, _ = build_reward_functions(
-            {"length": 10, "function": {"path": "bad_rewards:hangs"}, "timeout": 0.5}
-        )
-    assert caplog.text == ""
-    with pytest.raises(Exception, match=r"reward.function did not return within reward.timeout=0.5 s"):
-        mixed[1](["p"], ["a"])  # the user function is still guarded
+    # (x+x+)+y against x...x with no y: exponential backtracking, ~0.1-1 s a text here.
+    slow, _ = build_reward_functions({"format": {"type": "regex", "pattern": "(x+x+)+y"}, "timeout": 0.05})
+    matched = []
+    regex_score = RegexReward.score
+    monkeypatch.setattr(
+        RegexReward, "score", lambda self, text, row: matched.append(text) or regex_score(self, text, row)
+    )
+    with pytest.raises(RewardFailed, match=r"reward.format did not return within reward.timeout=0.05 s"):
+        slow[0](["p"] * 8, ["x" * 24] * 8)
+    assert 1 <= len(matched) < 8  # stopped at the first completion that ended past the limit
+    fine, _ = build_reward_functions({"format": {"type": "regex", "pattern": "(x+x+)+y"}, "timeout": None})
+    assert fine[0](["p"], ["x" * 12]) == [0.0]  # no limit: it runs to the end
+    mixed, _ = build_reward_functions(
+        {"length": 10, "function": {"path": "bad_rewards:hangs"}, "timeout": 0.5}
+    )
+    with pytest.raises(RewardFailed, match=r"reward.function did not return within reward.timeout=0.5 s"):
+        mixed[1](["p"], ["a"])  # the user function is still guarded by its thread
 
 
 def test_a_reward_that_exits_or_hangs_is_named(user_rewards):

@@ -103,7 +103,8 @@ def test_the_ptx_loss_trains_the_policy_on_the_demonstrations(tmp_path, method):
 
 def test_grpo_ptx_weighs_a_step_the_same_however_it_is_split_into_micro_batches(tmp_path, monkeypatch):
     """method.args.ptx_batch_size is ptx rows per optimiser step for GRPO, as for PPO: one step of
-    4 rows in one micro-batch and the same 4 rows in two micro-batches of 2 move the weights alike.
+    4 rows in one micro-batch and the same 4 rows in two micro-batches of 2 move the weights alike,
+    with demonstrations of different lengths (each part weighs by its share of the step's tokens).
     A constant reward leaves GRPO's own loss without a gradient, so the step is the ptx loss's
     alone (plain SGD: the update is the gradient); each micro-batch's share is weighted so that
     gradient accumulation does not multiply ptx_coef."""
@@ -113,7 +114,13 @@ def test_grpo_ptx_weighs_a_step_the_same_however_it_is_split_into_micro_batches(
         "def flat(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = demos(tmp_path)
+    path = demos(
+        tmp_path,
+        [
+            {"instruction": f"Count to {i}.", "input": "", "output": " ".join(["one"] * (1 + 3 * i))}
+            for i in range(8)
+        ],
+    )
     base = [
         "method=grpo",
         "reward=function",
@@ -137,9 +144,19 @@ def test_grpo_ptx_weighs_a_step_the_same_however_it_is_split_into_micro_batches(
         drawn[name] = sum(trainer._ptx_parts, [])
         start = AutoModelForCausalLM.from_pretrained(trainer.model.config._name_or_path).state_dict()
         moved[name] = {k: v.detach() - start[k] for k, v in trainer.model.state_dict().items()}
-        # Every demonstration has as many completion tokens, so a mean over each half is a mean over all.
-        assert len({len(c) for _, c in trainer.ptx_pairs}) == 1
+        assert len({len(c) for _, c in trainer.ptx_pairs}) == 8  # lengths differ: token shares matter
     assert drawn["one"] == drawn["two"]  # the same rows: drawn per step, then shared out
+    # Fewer ptx rows than micro-batches: one micro-batch has none, the other trains on the row.
+    few = train(
+        compose(
+            [*base, "method.args.per_device_train_batch_size=2", "method.args.gradient_accumulation_steps=2",
+             "method.args.ptx_batch_size=1"],
+            tmp_path / "few",
+        )
+    ).trainer  # fmt: skip
+    assert [len(p) for p in few._ptx_parts] == [0, 1]
+    logged = [json.loads(line) for line in (tmp_path / "few" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("ptx_loss", 0) > 0 for r in logged)
     norm = sum(float(d.norm()) for d in moved["one"].values())
     assert norm > 1e-3  # the ptx loss moved the weights
     diff = sum(float((moved["one"][k] - moved["two"][k]).norm()) for k in moved["one"])

@@ -118,7 +118,9 @@ def ptx_trainer(base: type) -> type:
                 total = self.args.ptx_batch_size or self.args.per_device_train_batch_size * parts
                 rows = torch.randint(len(self.ptx_pairs), (total,), generator=shuffle).tolist()
                 self._ptx_parts = [rows[i * total // parts : (i + 1) * total // parts] for i in range(parts)]
-                self._ptx_part, self._ptx_total = 0, total
+                self._ptx_part = 0
+                # Completion tokens of the step's rows (nothing is cut: max_length None below).
+                self._ptx_tokens = sum(len(self.ptx_pairs[r][1]) for r in rows)
             rows = self._ptx_parts[self._ptx_part % len(self._ptx_parts)]
             self._ptx_part += 1
             if not rows:  # fewer ptx rows in the step than micro-batches: this one has none
@@ -132,9 +134,10 @@ def ptx_trainer(base: type) -> type:
                 self.accelerator.device,
             )
             # GRPOTrainer scales its own loss for gradient accumulation (loss_is_scaled_for_ga), so
-            # the Trainer adds the micro-batches' losses as they are: weighted by its share of the
-            # step's rows, the step minimises ptx_coef x their mean loss, however they are split.
-            share = len(rows) / self._ptx_total
+            # the Trainer adds the micro-batches' losses as they are. `nll` is a mean over this
+            # part's completion tokens: weighted by its share of the step's tokens, the step
+            # minimises ptx_coef x the mean over all of them, however the rows are split.
+            share = sum(len(self.ptx_pairs[r][1]) for r in rows) / max(1, self._ptx_tokens)
             trl_logged_metrics(self, "train")["ptx_loss"].append(float(nll.detach()))
             return loss + self.args.ptx_coef * share * nll
 

@@ -117,6 +117,7 @@ def ptx_dataset(ctx, args):
     from ..data import _to_dataset
 
     conversational, loaded = ctx.ptx_read or (None, None)
+    ctx.ptx_read = None  # the dataset below holds the rows from here on
     if loaded is None or conversational != _conversational(ctx):
         loaded = read_ptx(ctx.data_cfg, _conversational(ctx))
     log.info("ptx: %d demonstrations from %s, ptx_coef %s", len(loaded.rows), loaded.source, args.ptx_coef)

@@ -21,13 +21,12 @@ An entry set to null is dropped (`reward.keyword=null` removes it from a mix).
 take, 300 by default (null: no limit): a reward that hangs, calls sys.exit, or returns no
 finite value for a whole batch stops the run with a message naming it, after saving the
 last step's state; a few NaN/inf values are dropped and counted (`rewards/<name>/non_finite`).
-The limit guards user functions and reward models; the built-in rules (rules.py) run on the
-training thread without one (a run with only rules says so when `reward.timeout` is set).
+The built-in rules (rules.py) run on the training thread, and the limit is checked between
+completions; user functions and reward models run in a watchdog thread.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -253,15 +252,6 @@ def build_reward_functions(reward_cfg: dict | None) -> tuple[list[Callable], lis
         func.timeout = timeout
         funcs.append(func)
         weights.append(weight)
-    if funcs and timeout and "timeout" in reward_cfg and all(getattr(f, "runs_inline", False) for f in funcs):
-        logging.getLogger("align").warning(
-            "reward.timeout=%s is not used: %s %s built-in rule%s, run without a time limit (it bounds "
-            "function and model rewards)",
-            reward_cfg["timeout"],
-            ", ".join(f"reward.{f.__name__}" for f in funcs),
-            "is a" if len(funcs) == 1 else "are",
-            "" if len(funcs) == 1 else "s",
-        )
     if not funcs:
         raise AlignError(
             "no reward configured: choose one with reward=<file in conf/reward/> (e.g. reward=length, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any
 
 from ..errors import AlignError, nearest
@@ -126,12 +127,13 @@ class Reward:
         return None
 
     timeout: float | None = DEFAULT_TIMEOUT  # seconds one call may take (`reward.timeout`; None: no limit)
-    # align's own rules (rules.py) set this: bounded work on each text, run on the calling
-    # thread with no time limit. A watchdog thread would cost a hand-off per call (about a
-    # tenth of a millisecond, ~0.2 % of a GRPO step of the tiny model) and could not stop
-    # them anyway: the `re` engine holds the interpreter lock while it matches, so the waiting
-    # thread cannot even wake up. `reward.timeout` guards user functions and reward models.
+    # align's own rules (rules.py) set this: they run on the calling thread, and `timeout` is
+    # checked between completions (`compute`). A watchdog thread costs a hand-off per call (about
+    # a tenth of a millisecond, ~0.2 % of a GRPO step of the tiny model) and could not stop a
+    # rule sooner: the `re` engine holds the interpreter lock while it matches one text, so the
+    # waiting thread only wakes between matches too.
     runs_inline: bool = False
+    _deadline: float | None = None  # time.monotonic() by which an inline call must end
     dropped: int = 0  # non-finite values dropped so far
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
@@ -162,14 +164,22 @@ class Reward:
         return values
 
     def _call_guarded(self, call):
-        """Runs `call()` in a daemon thread and waits at most `timeout` seconds for it.
+        """Runs `call()` within `timeout` seconds.
 
-        The main thread keeps handling signals while it waits, so a stop request (SIGINT or
-        SIGTERM) is honoured once the call returns or times out; a hung call is abandoned
-        (a daemon thread does not keep the process alive).
+        A rule (`runs_inline`) runs on this thread, and `compute` stops it between completions
+        once the time is up. Anything else runs in a daemon thread that the main thread waits
+        on, still handling signals, so a stop request (SIGINT or SIGTERM) is honoured once the
+        call returns or times out; a hung call is abandoned (a daemon thread does not keep the
+        process alive).
         """
-        if not self.timeout or self.runs_inline:
+        if not self.timeout:
             return self._exits(call)
+        if self.runs_inline:
+            self._deadline = time.monotonic() + float(self.timeout)
+            try:
+                return self._exits(call)
+            finally:
+                self._deadline = None
         box: dict[str, Any] = {}
         done = threading.Event()
 
@@ -183,13 +193,16 @@ class Reward:
 
         threading.Thread(target=run, name=f"reward-{self.name}", daemon=True).start()
         if not done.wait(float(self.timeout)):
-            raise RewardFailed(
-                f"reward.{self.name} did not return within reward.timeout={self.timeout:g} s: it hangs, or needs "
-                "longer (raise reward.timeout, or reward.timeout=null for no limit)"
-            )
+            raise self._timed_out()
         if "error" in box:
             return self._exits(lambda: _reraise(box["error"]))
         return box["value"]
+
+    def _timed_out(self) -> RewardFailed:
+        return RewardFailed(
+            f"reward.{self.name} did not return within reward.timeout={self.timeout:g} s: it hangs, or needs "
+            "longer (raise reward.timeout, or reward.timeout=null for no limit)"
+        )
 
     def _exits(self, call):
         try:
@@ -207,6 +220,8 @@ class Reward:
         for i, completion in enumerate(completions):
             row = {k: v[i] for k, v in columns.items() if isinstance(v, (list, tuple)) and len(v) > i}
             rewards.append(self.score(message_text(completion), row))
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                raise self._timed_out()  # a rule past reward.timeout, stopped after this completion
         return rewards
 
     def option_error(self, key: str, problem: str) -> AlignError:

@@ -42,8 +42,9 @@ def _normalise(text: str, ignore_case: bool) -> str:
 
 
 class Rule(Reward):
-    """A built-in rule: pure Python over each completion's text (and its row), bounded by the
-    text's length, so it runs on the calling thread without `reward.timeout`'s watchdog."""
+    """A built-in rule: Python over each completion's text (and its row). It runs on the calling
+    thread, without `reward.timeout`'s watchdog thread; the limit is checked between completions
+    (a user's regex that backtracks without end stops the run at the next one)."""
 
     runs_inline = True
 
