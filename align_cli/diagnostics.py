@@ -73,9 +73,8 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def _distinct(unit_lists: Sequence[list[str]], n: int) -> float:
     total, seen = 0, set()
     for units in unit_lists:
-        grams = (
-            units if n == 1 else list(zip(*(units[i:] for i in range(n)), strict=False))
-        )  # shifted copies: shortest ends it
+        # n shifted copies of the units, zipped: the shortest (the last) ends it.
+        grams = units if n == 1 else list(zip(*(units[i:] for i in range(n)), strict=False))
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else float("nan")
@@ -89,11 +88,7 @@ def prompt_id(prompt: Any) -> str:
 def _pairs(prompts: Sequence[Any], completions: Sequence[str]) -> list[tuple[str, str]]:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    keys: dict[int, str] = {}  # GRPO repeats each prompt object K times: key it once
-    return [
-        (keys[id(p)] if id(p) in keys else keys.setdefault(id(p), prompt_id(p)), (c or "").strip())
-        for p, c in zip(prompts, completions, strict=True)
-    ]
+    return [(prompt_id(p), (c or "").strip()) for p, c in zip(prompts, completions, strict=True)]
 
 
 def _prompts_of(pairs: list[tuple[str, str]]) -> dict[str, set[str]]:

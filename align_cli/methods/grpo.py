@@ -110,11 +110,8 @@ def ptx_trainer(base: type) -> type:
                 rank = self.accelerator.process_index
                 self._ptx_step = step
                 shuffle = torch.Generator().manual_seed(self.args.seed * 1_000_033 + 7919 * step + rank)
-                parts = max(
-                    1,
-                    int(getattr(self, "current_gradient_accumulation_steps", 0) or 0)
-                    or self.args.gradient_accumulation_steps,
-                )
+                # The Trainer sets this per optimiser step (fewer at an epoch's end).
+                parts = self.current_gradient_accumulation_steps
                 total = self.args.ptx_batch_size or self.args.per_device_train_batch_size * parts
                 rows = torch.randint(len(self.ptx_pairs), (total,), generator=shuffle).tolist()
                 self._ptx_parts = [rows[i * total // parts : (i + 1) * total // parts] for i in range(parts)]
